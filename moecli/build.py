@@ -1,0 +1,35 @@
+"""``moe build``: a recipe -> an initialised checkpoint and a parameter report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import save_checkpoint
+from .config import Recipe, apply_overrides, load_recipe
+from .fileio import atomic_dir
+from .model import build_model
+from .params import parameter_report
+
+
+def prepare_recipe(recipe_arg: str, overrides: dict | None = None) -> Recipe:
+    recipe = load_recipe(recipe_arg)
+    if overrides:
+        recipe = apply_overrides(recipe, overrides, source=f"{recipe_arg} (overrides)")
+    return recipe
+
+
+def build(recipe_arg: str, output: Path | None, overrides: dict | None = None, force: bool = False) -> dict:
+    recipe = prepare_recipe(recipe_arg, overrides)
+    model = build_model(recipe)
+    report = parameter_report(model)
+    if output is not None:
+        with atomic_dir(Path(output), overwrite=force) as tmp:
+            save_checkpoint(model, tmp, {"params": {k: v for k, v in report.items() if k != "layers"}})
+    return {
+        "recipe": recipe.name,
+        "description": recipe.description,
+        "output": str(output) if output is not None else None,
+        "moe_layers": recipe.moe_layers(),
+        "params": report,
+        "config": recipe.to_dict(),
+    }

@@ -1,0 +1,103 @@
+"""Checkpoints: a directory with ``config.json`` (the recipe) and ``model.safetensors``.
+
+No pickle anywhere: weights are safetensors, everything else JSON. A training
+run writes its checkpoint to ``OUT/checkpoint/`` and swaps it in atomically;
+the loaders accept either that directory or ``OUT`` itself.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import Recipe, recipe_from_dict
+from .errors import UserError
+from .fileio import atomic_write_json
+from .model import Transformer
+
+FORMAT = "moecli-checkpoint"
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def model_state(model: Transformer) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.recipe.model.tie_embeddings:
+        sd.pop("output.weight", None)  # stored once, as tok_embeddings.weight
+    return sd
+
+
+def save_checkpoint(model: Transformer, directory: Path, extra: dict | None = None) -> None:
+    """Write config.json + model.safetensors into an existing (usually temporary) directory."""
+    directory = Path(directory)
+    save_file(model_state(model), str(directory / MODEL_FILE), metadata={"format": "pt"})
+    config = {"format": FORMAT, "version": 1, "recipe": model.recipe.to_dict()}
+    config.update(extra or {})
+    atomic_write_json(directory / CONFIG_FILE, config)
+
+
+def find_checkpoint_dir(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such checkpoint directory")
+    if p.is_file():
+        raise UserError(f"{p}: expected a checkpoint directory (with {CONFIG_FILE} and {MODEL_FILE}), got a file")
+    if (p / CONFIG_FILE).is_file():
+        return p
+    if (p / "checkpoint" / CONFIG_FILE).is_file():
+        return p / "checkpoint"
+    raise UserError(f"{p}: not a checkpoint directory (no {CONFIG_FILE})")
+
+
+def read_config(directory: Path) -> dict:
+    cfg_path = directory / CONFIG_FILE
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{cfg_path}: cannot read JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{cfg_path}: expected a JSON object")
+    return cfg
+
+
+def load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file: {e}") from None
+
+
+def load_checkpoint(path: str | Path) -> tuple[Transformer, dict]:
+    """Load a moecli checkpoint, or a Hugging Face model directory (see hf.py). Returns (model, config)."""
+    directory = find_checkpoint_dir(path)
+    cfg = read_config(directory)
+    if cfg.get("format") != FORMAT:
+        if "model_type" in cfg:
+            from .hf import load_hf_model
+
+            return load_hf_model(directory), cfg
+        raise UserError(f"{directory / CONFIG_FILE}: not a moecli checkpoint (no \"format\": \"{FORMAT}\")")
+    recipe = recipe_from_dict(cfg.get("recipe"), str(directory / CONFIG_FILE) + " recipe")
+    model = Transformer(recipe)
+    load_into(model, load_state_file(directory / MODEL_FILE), directory / MODEL_FILE)
+    model.eval()
+    return model, cfg
+
+
+def load_into(model: Transformer, sd: dict[str, torch.Tensor], source: Path | str) -> None:
+    expected = model_state(model)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise UserError(f"{source}: tensors do not match the config ({what})")
+    for k, v in sd.items():
+        if v.shape != expected[k].shape:
+            raise UserError(f"{source}: {k} has shape {tuple(v.shape)}, config says {tuple(expected[k].shape)}")
+    model.load_state_dict(sd, strict=False)

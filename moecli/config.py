@@ -1,0 +1,347 @@
+"""Recipes: YAML files turned into small typed dataclasses.
+
+A recipe has four sections, each a dataclass below: ``model`` (the transformer's
+sizes), ``moe`` (how the FFN of some layers becomes a mixture of experts),
+``balance`` (the load-balancing losses and the aux-loss-free bias), and
+``train`` (the optimiser and the data). Every field has a default, so a recipe
+only states what differs. Unknown keys and bad values raise ``UserError`` with a
+one-line message naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256  # byte-level tokenizer by default: one token per byte
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    n_kv_heads: int = 2  # grouped-query attention: each kv head serves n_heads/n_kv_heads query heads
+    head_dim: int = 0  # 0 -> d_model // n_heads (Qwen3 sets it explicitly)
+    context: int = 256  # longest sequence RoPE and generation plan for
+    ffn_dim: int = 512  # hidden size of the dense SwiGLU FFN (dense layers only)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 puts biases on q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
+    init_std: float = 0.02
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "context", "ffn_dim"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _check(self.head_dim >= 0, "head_dim", f"must be >= 0, got {self.head_dim}")
+        _check(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
+               f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim == 0:
+            _check(self.d_model % self.n_heads == 0, "n_heads",
+                   f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) unless head_dim is set")
+        _check(self.hd % 2 == 0, "head_dim", f"head dimension must be even for RoPE, got {self.hd}")
+        _check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        _check(0 < self.norm_eps < 1, "norm_eps", f"must be in (0, 1), got {self.norm_eps}")
+        _check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 0  # 0 -> every FFN is dense (a dense baseline)
+    top_k: int = 2  # experts per token: 1 Switch, 2 GShard/Mixtral, 8 DeepSeek-V3
+    expert_ffn: int = 256  # hidden size of one routed expert; fine-grained = many small experts
+    num_shared_experts: int = 0  # always-on experts every token passes through (DeepSeekMoE)
+    shared_ffn: int = 0  # 0 -> expert_ffn * num_shared_experts, fused into one SwiGLU
+    shared_gate: bool = False  # Qwen2-MoE/Qwen3-Next: sigmoid(x.w) scales the shared output
+    score_func: str = "softmax"  # softmax (Switch, Mixtral) | sigmoid (DeepSeek-V3)
+    renormalize: bool = True  # rescale the k chosen weights to sum to 1 (Mixtral, DeepSeek-V3)
+    routed_scaling: float = 1.0  # multiply routed output (DeepSeek-V3 uses 2.5)
+    n_groups: int = 1  # group-limited routing: experts split in n_groups groups ...
+    topk_groups: int = 1  # ... and a token may only use the best topk_groups of them
+    router_jitter: float = 0.0  # Switch: multiply router input by U(1-eps, 1+eps) while training
+    router_noise: float = 0.0  # noisy top-k gating: N(0, std^2) added to logits while training
+    random_routing: bool = False  # GShard: keep the 2nd..k-th expert with probability min(1, 2*gate)
+    capacity_factor: float = 0.0  # 0 -> dropless; else each expert takes ceil(cf*T*k/E) tokens
+    first_k_dense: int = 0  # the first k layers keep a dense FFN (DeepSeek-V3: 3)
+    moe_every_n: int = 1  # after those, every n-th layer is MoE (GLaM, Llama 4: 2)
+
+    def validate(self) -> None:
+        _check(self.num_experts >= 0, "num_experts", f"must be >= 0, got {self.num_experts}")
+        _check(self.score_func in ("softmax", "sigmoid"), "score_func",
+               f"must be 'softmax' or 'sigmoid', got {self.score_func!r}")
+        _check(self.first_k_dense >= 0, "first_k_dense", f"must be >= 0, got {self.first_k_dense}")
+        _check(self.moe_every_n >= 1, "moe_every_n", f"must be >= 1, got {self.moe_every_n}")
+        if self.num_experts == 0:
+            return
+        E = self.num_experts
+        _check(1 <= self.top_k <= E, "top_k", f"must be between 1 and num_experts ({E}), got {self.top_k}")
+        _check(self.expert_ffn >= 1, "expert_ffn", f"must be >= 1, got {self.expert_ffn}")
+        _check(self.num_shared_experts >= 0, "num_shared_experts", f"must be >= 0, got {self.num_shared_experts}")
+        _check(self.shared_ffn >= 0, "shared_ffn", f"must be >= 0, got {self.shared_ffn}")
+        _check(not self.shared_gate or self.num_shared_experts > 0, "shared_gate",
+               "needs num_shared_experts >= 1")
+        _check(self.routed_scaling > 0, "routed_scaling", f"must be > 0, got {self.routed_scaling}")
+        _check(self.n_groups >= 1 and E % self.n_groups == 0, "n_groups",
+               f"must divide num_experts ({E}), got {self.n_groups}")
+        _check(1 <= self.topk_groups <= self.n_groups, "topk_groups",
+               f"must be between 1 and n_groups ({self.n_groups}), got {self.topk_groups}")
+        _check(self.top_k <= self.topk_groups * (E // self.n_groups), "top_k",
+               f"{self.top_k} experts cannot be chosen from {self.topk_groups} groups of {E // self.n_groups}")
+        _check(0 <= self.router_jitter < 1, "router_jitter", f"must be in [0, 1), got {self.router_jitter}")
+        _check(self.router_noise >= 0, "router_noise", f"must be >= 0, got {self.router_noise}")
+        _check(self.capacity_factor >= 0, "capacity_factor", f"must be >= 0 (0 = dropless), got {self.capacity_factor}")
+        _check(not self.random_routing or self.top_k >= 2, "random_routing", "needs top_k >= 2")
+
+    @property
+    def shared_hidden(self) -> int:
+        return self.shared_ffn or self.expert_ffn * self.num_shared_experts
+
+
+@dataclass
+class BalanceConfig:
+    aux_loss_coef: float = 0.0  # Switch/GShard load-balance loss E*sum(f_i*P_i); = DeepSeekMoE expert-level loss
+    z_loss_coef: float = 0.0  # ST-MoE router z-loss mean(logsumexp(logits)^2): keeps logits small
+    seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss (tiny, e.g. 1e-4)
+    device_loss_coef: float = 0.0  # DeepSeekMoE device-level loss over groups of experts
+    num_devices: int = 1  # how many expert groups ("devices") the device-level loss balances
+    bias_update_rate: float = 0.0  # DeepSeek-V3 aux-loss-free balancing: bias += rate*sign(mean load - load)
+
+    def validate(self) -> None:
+        for name in ("aux_loss_coef", "z_loss_coef", "seq_aux_loss_coef", "device_loss_coef", "bias_update_rate"):
+            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        _check(self.num_devices >= 1, "num_devices", f"must be >= 1, got {self.num_devices}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 200
+    batch_size: int = 16  # sequences per step
+    seq_len: int = 128  # tokens per sequence (<= model.context)
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr*min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 -> no clipping
+    eval_interval: int = 50  # steps between validation passes (and a final one)
+    eval_batches: int = 8
+    ckpt_interval: int = 100  # steps between checkpoints (and a final one)
+    val_fraction: float = 0.05  # tail of the token stream held out for validation
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "seq_len", "eval_interval", "eval_batches", "ckpt_interval"):
+            _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
+        _check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
+        _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(0 < self.val_fraction < 0.5, "val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Layer i gets an MoE FFN after the first_k_dense dense layers, on every moe_every_n-th layer."""
+        m = self.moe
+        return m.num_experts > 0 and i >= m.first_k_dense and (i - m.first_k_dense + 1) % m.moe_every_n == 0
+
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.model.n_layers) if self.is_moe_layer(i)]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "balance": BalanceConfig, "train": TrainConfig}
+
+
+class _FieldError(Exception):
+    def __init__(self, field_name: str, msg: str):
+        super().__init__(msg)
+        self.field_name = field_name
+        self.msg = msg
+
+
+def _check(ok: bool, field_name: str, msg: str) -> None:
+    if not ok:
+        raise _FieldError(field_name, msg)
+
+
+def _coerce(value, typ, where: str):
+    """Check one YAML value against a dataclass field type (int, float, bool, str)."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise _FieldError(where, f"must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _FieldError(where, f"must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise _FieldError(where, f"must be a finite number, got {value!r}")
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                v = float(value)
+            except ValueError:
+                pass
+            else:
+                if math.isfinite(v):
+                    return v
+        raise _FieldError(where, f"must be a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise _FieldError(where, f"must be a string, got {value!r}")
+    raise AssertionError(f"unsupported field type {typ}")
+
+
+def _section_from_dict(cls, data, section: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise _FieldError(section, f"must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            hint = _closest(str(key), names)
+            raise _FieldError(f"{section}.{key}", "unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+    obj = cls(**kwargs)
+    try:
+        obj.validate()
+    except _FieldError as e:
+        raise _FieldError(f"{section}.{e.field_name}", e.msg) from None
+    return obj
+
+
+def _closest(key: str, names: list[str]) -> str | None:
+    import difflib
+
+    m = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return m[0] if m else None
+
+
+def recipe_from_dict(data, source: str = "<recipe>") -> Recipe:
+    """Build and validate a Recipe; errors name ``source`` and the dotted field."""
+    try:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise _FieldError("(top level)", "a recipe must be a YAML mapping")
+        for key in data:
+            if key not in ("name", "description", *SECTIONS):
+                hint = _closest(str(key), ["name", "description", *SECTIONS])
+                raise _FieldError(str(key), "unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))
+        kwargs = {sec: _section_from_dict(cls, data.get(sec), sec) for sec, cls in SECTIONS.items()}
+        for key in ("name", "description"):
+            if key in data:
+                kwargs[key] = _coerce(data[key], str, key)
+        recipe = Recipe(**kwargs)
+        _cross_validate(recipe)
+    except _FieldError as e:
+        raise UserError(f"{source}: {e.field_name}: {e.msg}") from None
+    return recipe
+
+
+def _cross_validate(r: Recipe) -> None:
+    _check(r.train.seq_len <= r.model.context, "train.seq_len",
+           f"must be <= model.context ({r.model.context}), got {r.train.seq_len}")
+    if r.moe.num_experts:
+        _check(r.moe.first_k_dense < r.model.n_layers, "moe.first_k_dense",
+               f"leaves no MoE layer among {r.model.n_layers} layers")
+        _check(bool(r.moe_layers()), "moe.moe_every_n", "leaves no MoE layer")
+        _check(r.moe.num_experts % r.balance.num_devices == 0, "balance.num_devices",
+               f"must divide moe.num_experts ({r.moe.num_experts}), got {r.balance.num_devices}")
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a bundled recipe (``mixtral``)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    if p.exists():
+        raise UserError(f"{name_or_path}: not a file")
+    bundled = RECIPE_DIR / f"{name_or_path}.yaml"
+    if "/" not in name_or_path and bundled.is_file():
+        return bundled
+    raise UserError(f"{name_or_path}: no such recipe file (bundled recipes: {', '.join(list_recipes())})")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    path = resolve_recipe_path(name_or_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
+    return recipe_from_dict(data, str(path))
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, object], source: str = "override") -> Recipe:
+    """Return a copy with ``{"train.max_steps": 10, ...}`` applied, validated like the YAML."""
+    data = copy.deepcopy(recipe.to_dict())
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        if len(parts) == 1 and parts[0] in ("name", "description"):
+            data[parts[0]] = value
+            continue
+        if len(parts) != 2 or parts[0] not in SECTIONS:
+            raise UserError(f"{source}: {dotted}: expected SECTION.FIELD with SECTION one of {', '.join(SECTIONS)}")
+        data[parts[0]][parts[1]] = value
+    return recipe_from_dict(data, source)
+
+
+def parse_set_option(item: str) -> tuple[str, object]:
+    """``train.lr=1e-3`` -> ("train.lr", 0.001), values read as YAML scalars."""
+    if "=" not in item:
+        raise UserError(f"--set {item}: expected KEY=VALUE, e.g. --set train.lr=1e-3")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value

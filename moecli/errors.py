@@ -1,0 +1,18 @@
+"""Errors the CLI turns into one-line messages.
+
+``UserError`` means the user gave us something we cannot use (a bad recipe, a
+missing file, a flag out of range): the CLI prints ``error: <message>`` and
+exits with code 2. Anything else that escapes is an unexpected failure (exit 1).
+"""
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit code 2."""
+
+    exit_code = 2
+
+
+class RunFailed(Exception):
+    """A run that started fine but could not finish (e.g. the loss became NaN): exit code 1."""
+
+    exit_code = 1

@@ -1,0 +1,170 @@
+"""A decoder-only transformer whose FFNs are dense or MoE, per the recipe.
+
+RMSNorm -> grouped-query attention with RoPE -> RMSNorm -> FFN, pre-norm
+residual blocks; numerics follow Hugging Face's Llama/Qwen so checkpoints
+convert both ways exactly (see hf.py).
+
+Shape legend: B batch, S sequence, D model dim, H query heads, Hkv kv heads,
+Dh head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .balance import COEFS
+from .config import ModelConfig, Recipe
+from .experts import SwiGLU
+from .moe import MoELayer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    freqs_SF = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    emb = torch.cat([freqs_SF, freqs_SF], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
+    half = x_BHSDh.shape[-1] // 2
+    rotated = torch.cat([-x_BHSDh[..., half:], x_BHSDh[..., :half]], dim=-1)
+    return (x_BHSDh * cos_SDh + rotated * sin_SDh).to(x_BHSDh.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.hd
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.hd, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.hd, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.wq(x_BSD).view(B, S, self.n_heads, self.hd)
+        k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.hd)
+        v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o_BHSDh = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.wo(o_BHSDh.transpose(1, 2).reshape(B, S, self.n_heads * self.hd))
+
+
+class Block(nn.Module):
+    def __init__(self, recipe: Recipe, layer_id: int):
+        super().__init__()
+        cfg = recipe.model
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.is_moe = recipe.is_moe_layer(layer_id)
+        if self.is_moe:
+            self.moe = MoELayer(cfg.d_model, recipe.moe, recipe.balance)
+        else:
+            self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_dim)
+
+    def forward(self, x_BSD, cos, sin):
+        x_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), cos, sin)
+        h = self.ffn_norm(x_BSD)
+        return x_BSD + (self.moe(h) if self.is_moe else self.feed_forward(h))
+
+
+@dataclass
+class ModelOutput:
+    logits_BSV: torch.Tensor
+    balance_loss: torch.Tensor  # weighted sum of all balance losses over MoE layers (0 if none)
+    aux: dict[str, float] = field(default_factory=dict)  # unweighted, averaged over MoE layers
+
+
+class Transformer(nn.Module):
+    def __init__(self, recipe: Recipe):
+        super().__init__()
+        self.recipe = recipe
+        cfg = recipe.model
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(recipe, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self._rope_cache: dict = {}
+
+    @property
+    def moe_layers(self) -> list[tuple[int, MoELayer]]:
+        return [(i, b.moe) for i, b in enumerate(self.layers) if b.is_moe]
+
+    def init_weights(self, seed: int) -> None:
+        """Normal(0, init_std) everywhere, output projections scaled by 1/sqrt(2*n_layers) (GPT-2)."""
+        g = torch.Generator().manual_seed(seed)
+        std = self.recipe.model.init_std
+        out_std = std / math.sqrt(2 * self.recipe.model.n_layers)
+        for name, p in self.named_parameters():
+            if "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                s = out_std if (name.endswith("wo.weight") or name.endswith("w2.weight") or "w2_EFD" in name) else std
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=g) * s)
+
+    def rope(self, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (S, str(device))
+        if key not in self._rope_cache:
+            cfg = self.recipe.model
+            self._rope_cache[key] = rope_cos_sin(S, cfg.hd, cfg.rope_theta, device)
+        return self._rope_cache[key]
+
+    def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
+        B, S = tokens_BS.shape
+        cos, sin = self.rope(S, tokens_BS.device)
+        x = self.tok_embeddings(tokens_BS)
+        for block in self.layers:
+            x = block(x, cos, sin)
+        logits = self.output(self.norm(x))
+        return ModelOutput(logits, *self._collect_balance(logits))
+
+    def _collect_balance(self, logits) -> tuple[torch.Tensor, dict[str, float]]:
+        bal = self.recipe.balance
+        total = logits.new_zeros((), dtype=torch.float32)
+        sums: dict[str, float] = {}
+        layers = self.moe_layers
+        for _, moe in layers:
+            for name, value in moe.aux.items():
+                total = total + getattr(bal, COEFS[name]) * value
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            moe.aux = {}
+        return total, {k: v / len(layers) for k, v in sums.items()}
+
+    @torch.no_grad()
+    def update_router_biases(self, loads: list[torch.Tensor], rate: float) -> None:
+        for (_, moe), load in zip(self.moe_layers, loads):
+            moe.update_bias(load, rate)
+
+
+def build_model(recipe: Recipe, seed: int | None = None) -> Transformer:
+    model = Transformer(recipe)
+    model.init_weights(recipe.train.seed if seed is None else seed)
+    return model

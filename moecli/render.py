@@ -1,0 +1,82 @@
+"""Rendering of command results: rich tables for people, JSON for pipelines.
+
+Library functions return plain dicts; these functions only draw them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console(soft_wrap=True)  # results for people (stdout)
+err = Console(stderr=True)  # progress, logs, errors
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    sys.stdout.flush()
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def human(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def params_table(report: dict, title: str) -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column("layer", justify="right")
+    t.add_column("FFN")
+    t.add_column("experts", justify="right")
+    t.add_column("top-k", justify="right")
+    t.add_column("shared", justify="right")
+    t.add_column("total", justify="right")
+    t.add_column("active", justify="right")
+    for row in report["layers"]:
+        moe = row["kind"] == "moe"
+        t.add_row(
+            str(row["layer"]), "[cyan]MoE[/]" if moe else "dense",
+            str(row["experts"]) if moe else "-", str(row["top_k"]) if moe else "-",
+            str(row["shared"]) if moe else "-", human(row["total"]), human(row["active"]),
+        )
+    t.add_section()
+    t.add_row("all", "", "", "", "", f"[bold]{human(report['total'])}[/]", f"[bold]{human(report['active'])}[/]")
+    return t
+
+
+def render_build(res: dict) -> None:
+    p = res["params"]
+    out.print(params_table(p, f"{res['recipe']}: {res['description']}".rstrip(": ")))
+    out.print(
+        f"parameters: total {human(p['total'])} ({p['total']:,}), active {human(p['active'])} "
+        f"({p['active']:,}, {100 * p['active_fraction']:.1f}%); embeddings {human(p['embedding'])}"
+    )
+    if res.get("output"):
+        out.print(f"checkpoint written to {res['output']}")
+
+
+def render_info(res: dict) -> None:
+    if "recipes" in res:
+        out.print(f"moecli {res['moecli']}  torch {res['torch']}  python {res['python']}  "
+                  f"threads {res['threads']}  cuda {res['cuda']}")
+        t = Table(title="bundled recipes", title_justify="left")
+        t.add_column("name")
+        t.add_column("description")
+        for name, desc in res["recipes"].items():
+            t.add_row(name, desc)
+        out.print(t)
+        return
+    render_build({**res, "output": None})
+    for key in ("step", "tokens_seen", "source"):
+        if key in res:
+            out.print(f"{key}: {res[key]}")
