@@ -34,19 +34,18 @@ def _run(fn: Callable[[], dict], as_json: bool, draw: Callable[[dict], None] | N
     try:
         result = fn()
     except UserError as e:
-        render.err.print(f"[red]error:[/] {e}", highlight=False, markup=True)
+        render.error_line(str(e))
         raise typer.Exit(2)
     except RunFailed as e:
-        render.err.print(f"[red]error:[/] {e}", highlight=False)
+        render.error_line(str(e))
         raise typer.Exit(1)
     except KeyboardInterrupt:
-        render.err.print("interrupted")
+        render.error_line("interrupted")
         raise typer.Exit(130)
     except Exception as e:  # an unexpected failure: short message, traceback only on request
         if os.environ.get("MOE_DEBUG"):
             raise
-        render.err.print(f"[red]error:[/] unexpected {type(e).__name__}: {e} (set MOE_DEBUG=1 for details)",
-                         highlight=False)
+        render.error_line(f"unexpected {type(e).__name__}: {e} (set MOE_DEBUG=1 for details)")
         raise typer.Exit(1)
     if as_json:
         render.print_json(result)

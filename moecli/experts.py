@@ -37,6 +37,8 @@ class GroupedExperts(nn.Module):
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
+        for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD):  # Transformer.init_weights re-initialises with a seed
+            nn.init.normal_(w, std=0.02)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         counts = counts_E.tolist()

@@ -15,6 +15,13 @@ out = Console(soft_wrap=True)  # results for people (stdout)
 err = Console(stderr=True)  # progress, logs, errors
 
 
+def error_line(msg: str) -> None:
+    """One unwrapped line on stderr, whatever the terminal width."""
+    msg = " ".join(str(msg).split())
+    sys.stderr.write(f"error: {msg}\n")
+    sys.stderr.flush()
+
+
 def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
     sys.stdout.flush()

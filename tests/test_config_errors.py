@@ -1,0 +1,87 @@
+"""Bad recipes: one-line error naming the file and field, exit code 2, no traceback."""
+
+import json
+
+import pytest
+
+from moecli.config import apply_overrides, load_recipe
+from moecli.errors import UserError
+
+BAD = [
+    ("moe:\n  num_expert: 8\n", "moe.num_expert: unknown key (did you mean 'num_experts'?)"),
+    ("moe:\n  num_experts: 8\n  top_k: 9\n", "moe.top_k: must be between 1 and num_experts (8), got 9"),
+    ("moe:\n  num_experts: 8\n  score_func: relu\n", "moe.score_func: must be 'softmax' or 'sigmoid'"),
+    ("moe:\n  num_experts: 8\n  top_k: two\n", "moe.top_k: must be an integer, got 'two'"),
+    ("model:\n  n_heads: 4\n  n_kv_heads: 3\n", "model.n_kv_heads: n_heads (4) must be a multiple of n_kv_heads (3)"),
+    ("moe:\n  num_experts: 6\n  n_groups: 4\n", "moe.n_groups: must divide num_experts (6), got 4"),
+    ("train:\n  lr: -1\n", "train.lr: must be > 0"),
+    ("moe:\n  num_experts: 4\n  capacity_factor: -0.5\n", "moe.capacity_factor: must be >= 0"),
+    ("moe: [1, 2]\n", "moe: must be a mapping"),
+    ("trian:\n  lr: 1\n", "trian: unknown key (did you mean 'train'?)"),
+    ("model:\n  context: 64\ntrain:\n  seq_len: 128\n", "train.seq_len: must be <= model.context (64)"),
+    ("moe:\n  num_experts: 4\n  first_k_dense: 4\n", "moe.first_k_dense: leaves no MoE layer"),
+    ("moe: {num_experts: 4, top_k: 1, random_routing: true}\n", "moe.random_routing: needs top_k >= 2"),
+    ("model: {d_model: 128\n", "invalid YAML"),
+    ("balance:\n  aux_loss_coef: yes\n", "balance.aux_loss_coef: must be a number"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD)
+def test_bad_recipe_message(tmp_path, text, message):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError) as e:
+        load_recipe(str(p))
+    assert str(p) in str(e.value)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_scientific_notation_without_dot_is_a_number(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  lr: 1e-3\n")
+    assert load_recipe(str(p)).train.lr == 0.001
+
+
+def test_overrides_are_validated():
+    r = load_recipe("mixtral")
+    assert apply_overrides(r, {"moe.top_k": 1}).moe.top_k == 1
+    with pytest.raises(UserError, match="moe.top_k: must be between 1 and num_experts"):
+        apply_overrides(r, {"moe.top_k": 99})
+    with pytest.raises(UserError, match="expected SECTION.FIELD"):
+        apply_overrides(r, {"top_k": 1})
+
+
+@pytest.mark.parametrize("text,message", BAD[:3])
+def test_cli_bad_recipe_exit_2_one_line(cli, tmp_path, text, message):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    res = cli("build", p)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    lines = [l for l in res.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and message in lines[0] and "bad.yaml" in lines[0]
+    assert res.stdout == ""
+
+
+def test_cli_missing_recipe(cli):
+    res = cli("build", "no-such-recipe")
+    assert res.returncode == 2
+    assert "no-such-recipe: no such recipe file" in res.stderr
+
+
+def test_cli_build_writes_checkpoint_and_json(cli, tmp_path):
+    out = tmp_path / "ckpt"
+    res = cli("build", "mixtral", "-o", out, "--json", "--set", "model.n_layers=2")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["params"]["total"] > data["params"]["active"]
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    # an existing output is never overwritten without --force
+    before = (out / "model.safetensors").read_bytes()
+    res2 = cli("build", "dense", "-o", out)
+    assert res2.returncode == 2 and "not empty" in res2.stderr
+    assert (out / "model.safetensors").read_bytes() == before
+    info = cli("info", out, "--json")
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["params"]["total"] == data["params"]["total"]

@@ -1,0 +1,184 @@
+"""Router, dispatcher and balance-loss math against hand-computed cases."""
+
+import math
+
+import pytest
+import torch
+
+from moecli import balance
+from moecli.config import BalanceConfig, MoEConfig
+from moecli.moe import MoELayer, dispatch, expert_capacity
+from moecli.router import Router
+
+
+def router_with_logits(logits, **cfg):
+    """A router whose gate reproduces `logits` exactly for identity-ish inputs x = I."""
+    logits = torch.tensor(logits, dtype=torch.float32)
+    T, E = logits.shape
+    r = Router(T, MoEConfig(num_experts=E, **cfg))
+    with torch.no_grad():
+        r.gate.weight.copy_(logits.t())  # x = one-hot rows -> logits row t
+    r.eval()
+    return r, torch.eye(T)
+
+
+def test_softmax_top2_renormalised():
+    r, x = router_with_logits([[1.0, 2.0, 0.0, 3.0]], top_k=2, renormalize=True)
+    out = r(x)
+    assert out.idx_TK.tolist() == [[3, 1]]
+    e3, e2 = math.exp(3), math.exp(2)
+    assert out.weight_TK[0].tolist() == pytest.approx([e3 / (e3 + e2), e2 / (e3 + e2)], rel=1e-6)
+
+
+def test_softmax_top1_not_renormalised_keeps_probability():
+    r, x = router_with_logits([[0.0, math.log(3.0)]], top_k=1, renormalize=False)
+    out = r(x)
+    assert out.idx_TK.tolist() == [[1]]
+    assert out.weight_TK.item() == pytest.approx(0.75, rel=1e-6)
+
+
+def test_sigmoid_bias_changes_selection_not_weight_and_scaling():
+    r, x = router_with_logits([[2.0, 1.0, 0.0]], top_k=1, score_func="sigmoid", renormalize=False, routed_scaling=2.5)
+    r.expert_bias.copy_(torch.tensor([0.0, 0.5, 0.0]))  # sigmoid(1)+0.5 > sigmoid(2)
+    out = r(x)
+    assert out.idx_TK.tolist() == [[1]]
+    assert out.weight_TK.item() == pytest.approx(2.5 / (1 + math.exp(-1.0)), rel=1e-6)
+
+
+def test_group_limited_routing():
+    # 4 experts in 2 groups; the single best expert (2) is in group 1, but group 0 has the higher top-2 sum
+    logits = [[2.0, 1.9, 2.1, -5.0]]
+    r, x = router_with_logits(logits, top_k=2, score_func="sigmoid", n_groups=2, topk_groups=1)
+    assert r(x).idx_TK.tolist() == [[0, 1]]
+    r2, x2 = router_with_logits(logits, top_k=2, score_func="sigmoid")
+    assert r2(x2).idx_TK.tolist() == [[2, 0]]
+
+
+def test_random_routing_keeps_second_with_probability_2g():
+    torch.manual_seed(0)
+    T = 20000
+    r = Router(2, MoEConfig(num_experts=2, top_k=2, random_routing=True))
+    with torch.no_grad():
+        r.gate.weight.copy_(torch.tensor([[math.log(0.8)], [math.log(0.2)]]).view(2, 1).repeat(1, 2) / 2)
+    r.train()
+    out = r(torch.ones(T, 2))  # every token: g = (0.8, 0.2) -> keep 2nd with p = 0.4
+    assert out.keep_TK[:, 0].all()
+    assert out.keep_TK[:, 1].float().mean().item() == pytest.approx(0.4, abs=0.02)
+    assert (out.weight_TK[:, 1][~out.keep_TK[:, 1]] == 0).all()
+
+
+def test_dispatch_sorts_by_expert_choice_major():
+    idx_TK = torch.tensor([[1, 0], [0, 1], [1, 2]])
+    d = dispatch(idx_TK, None, num_experts=3)
+    assert d.counts_E.tolist() == [2, 3, 1]
+    # expert 0: token 1 (1st choice), token 0 (2nd); expert 1: tokens 0, 2 (1st), 1 (2nd); expert 2: token 2
+    assert d.token_N.tolist() == [1, 0, 0, 2, 1, 2]
+    assert d.choice_N.tolist() == [0, 1, 0, 0, 1, 1]
+    assert d.dropped == 0
+
+
+def test_capacity_drops_the_right_tokens():
+    # 6 tokens top-1: expert 0 wanted by tokens 0,1,2,4; expert 1 by 3,5; E=2, cf=1.0 -> capacity 3
+    idx_TK = torch.tensor([[0], [0], [0], [1], [0], [1]])
+    cap = expert_capacity(6, 1, 2, 1.0)
+    assert cap == 3
+    d = dispatch(idx_TK, None, 2, cap)
+    assert d.token_N.tolist() == [0, 1, 2, 3, 5]  # token 4 (the 4th for expert 0) is dropped
+    assert d.counts_E.tolist() == [3, 2]
+    assert d.load_E.tolist() == [4, 2]
+    assert d.dropped == 1
+
+
+def test_capacity_prefers_first_choices_over_second():
+    # expert 0 is token 0's 2nd choice and token 1's 1st choice; capacity 1 keeps token 1
+    idx_TK = torch.tensor([[1, 0], [0, 1]])
+    d = dispatch(idx_TK, None, 2, capacity=1)
+    assert list(zip(d.token_N.tolist(), d.choice_N.tolist())) == [(1, 0), (0, 0)]
+    assert d.dropped == 2
+
+
+def test_dropped_token_gets_zero_moe_output():
+    torch.manual_seed(0)
+    layer = MoELayer(8, MoEConfig(num_experts=2, top_k=1, expert_ffn=16, capacity_factor=0.5), BalanceConfig())
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[0] = 1.0  # positive inputs -> everyone wants expert 0
+    layer.eval()
+    x = torch.rand(1, 8, 8) + 0.1
+    y = layer(x)
+    cap = expert_capacity(8, 1, 2, 0.5)  # 2
+    assert (y[0, :cap].abs().sum(-1) > 0).all()
+    assert (y[0, cap:] == 0).all()
+    assert layer.stats["dropped"] == 8 - cap
+
+
+def _identical_experts_layer(E, K, renormalize, shared=0):
+    torch.manual_seed(1)
+    cfg = MoEConfig(num_experts=E, top_k=K, expert_ffn=16, renormalize=renormalize, num_shared_experts=shared)
+    layer = MoELayer(8, cfg, BalanceConfig())
+    with torch.no_grad():
+        for w in (layer.experts.w1_EDF, layer.experts.w3_EDF, layer.experts.w2_EFD):
+            w.copy_(torch.randn_like(w[0]).expand_as(w) * 0.3)
+        layer.router.gate.weight.normal_()
+    return layer.eval()
+
+
+@pytest.mark.parametrize("E,K", [(4, 2), (8, 3), (6, 6)])
+def test_renormalised_identical_experts_equal_single_expert(E, K):
+    layer = _identical_experts_layer(E, K, renormalize=True)
+    x = torch.randn(2, 5, 8)
+    e = layer.experts
+    expected = torch.nn.functional.silu(x @ e.w1_EDF[0]) * (x @ e.w3_EDF[0]) @ e.w2_EFD[0]
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_without_renormalisation_identical_experts_scale_by_gate_mass():
+    layer = _identical_experts_layer(4, 2, renormalize=False)
+    x = torch.randn(1, 3, 8)
+    e = layer.experts
+    single = torch.nn.functional.silu(x @ e.w1_EDF[0]) * (x @ e.w3_EDF[0]) @ e.w2_EFD[0]
+    route = layer.router(x.view(3, 8))
+    mass = route.weight_TK.sum(-1).view(1, 3, 1)
+    torch.testing.assert_close(layer(x), single * mass, rtol=1e-5, atol=1e-6)
+    assert (mass < 1).all()
+
+
+def test_aux_loss_hand_computed():
+    scores = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1]])
+    load = torch.tensor([1, 1, 0, 0])  # top-1 choices
+    # f = [.5,.5,0,0], P = [.4,.4,.1,.1] -> E * sum f*P = 4 * 0.4 = 1.6
+    assert balance.aux_loss(scores, load, 1).item() == pytest.approx(1.6)
+    uniform = torch.full((4, 4), 0.25)
+    assert balance.aux_loss(uniform, torch.tensor([1, 1, 1, 1]), 1).item() == pytest.approx(1.0)
+
+
+def test_z_loss_hand_computed():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    # logsumexp: log 2, log 4 -> mean of squares
+    assert balance.z_loss(logits).item() == pytest.approx((math.log(2) ** 2 + math.log(4) ** 2) / 2)
+
+
+def test_seq_aux_loss_is_per_sequence():
+    # two sequences each entirely on one expert: globally balanced, per sequence collapsed
+    scores = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    idx = torch.tensor([[0], [0], [1], [1]])
+    load = torch.tensor([2, 2])
+    assert balance.aux_loss(scores, load, 1).item() == pytest.approx(1.0)
+    assert balance.seq_aux_loss(scores, idx, B=2, S=2, top_k=1).item() == pytest.approx(2.0)
+
+
+def test_device_loss_hand_computed():
+    scores = torch.full((4, 4), 0.25)
+    load = torch.tensor([2, 2, 0, 0])  # all load on device 0 (experts 0,1)
+    # f_i = E*load/(T*K) = [2,2,0,0]; device means [2, 0]; P' = [0.5, 0.5] -> 1.0
+    assert balance.device_loss(scores, load, 1, 2).item() == pytest.approx(1.0)
+    balanced = torch.tensor([1, 1, 1, 1])
+    assert balance.device_loss(scores, balanced, 1, 2).item() == pytest.approx(1.0)
+    skew_scores = torch.tensor([[0.4, 0.4, 0.1, 0.1]] * 4)
+    assert balance.device_loss(skew_scores, load, 1, 2).item() == pytest.approx(2 * 0.8)
+
+
+def test_bias_update_moves_toward_balance():
+    layer = MoELayer(4, MoEConfig(num_experts=4, top_k=1, expert_ffn=4), BalanceConfig(bias_update_rate=0.1))
+    layer.update_bias(torch.tensor([10, 2, 2, 2]), 0.1)
+    assert layer.router.expert_bias.tolist() == pytest.approx([-0.1, 0.1, 0.1, 0.1])
