@@ -78,6 +78,74 @@ def build(
 
 
 @app.command()
+def train(
+    recipe: Optional[str] = typer.Argument(None, help="Recipe YAML or bundled name (not needed with --resume)."),
+    data: Optional[List[str]] = typer.Argument(None, help="Text files, globs, directories, or - for stdin. "
+                                               "Default: the Python standard library's source (embedded corpus)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Run directory (default runs/RECIPE)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="train.max_steps"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="train.batch_size"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="train.seq_len"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="train.lr"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="train.seed"),
+    eval_interval: Optional[int] = typer.Option(None, "--eval-interval", help="train.eval_interval"),
+    ckpt_interval: Optional[int] = typer.Option(None, "--ckpt-interval", help="train.ckpt_interval"),
+    set_: Optional[List[str]] = SET_OPT,
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="A Hugging Face tokenizer.json (default: bytes)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Start over in an --output that already holds a run."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
+    as_json: bool = JSON_OPT,
+):
+    """Train a model on text files; checkpoints and metrics go to --output."""
+    from .train import TrainArgs, train as train_fn
+
+    ov = _overrides(set_, **{"train.max_steps": max_steps, "train.batch_size": batch_size, "train.seq_len": seq_len,
+                             "train.lr": lr, "train.seed": seed, "train.eval_interval": eval_interval,
+                             "train.ckpt_interval": ckpt_interval})
+    args = TrainArgs(recipe, list(data or []), output, ov, resume, force, tokenizer, quiet)
+
+    def go():
+        with render.TrainProgress(enabled=not quiet) as prog:
+            return train_fn(args, progress=prog.update)
+
+    _run(go, as_json, render.render_train)
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: str = typer.Argument(..., help="Checkpoint directory (or a training run directory)."),
+    data: List[str] = typer.Argument(..., help="Text files, globs, directories, or - for stdin."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length (default: the recipe's)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Score at most this many windows."),
+    as_json: bool = JSON_OPT,
+):
+    """Loss and perplexity of a checkpoint on text."""
+    from .evaluate import evaluate
+
+    _run(lambda: evaluate(checkpoint, data, seq_len, batch_size, max_windows), as_json, render.render_eval)
+
+
+@app.command()
+def generate(
+    checkpoint: str = typer.Argument(..., help="Checkpoint directory (or a training run directory)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text, or - to read it from stdin."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
+    top_k: int = typer.Option(50, "--top-k", help="Sample among the k most likely tokens (0 = all)."),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = JSON_OPT,
+):
+    """Sample a continuation of a prompt."""
+    from .generate import generate as generate_fn
+
+    text = sys.stdin.read() if prompt == "-" else prompt
+    _run(lambda: generate_fn(checkpoint, text, max_new_tokens, temperature, top_k, seed), as_json,
+         render.render_generate)
+
+
+@app.command()
 def info(
     target: Optional[str] = typer.Argument(None, help="A checkpoint directory or a recipe; omit for the environment."),
     as_json: bool = JSON_OPT,

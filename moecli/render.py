@@ -87,3 +87,70 @@ def render_info(res: dict) -> None:
     for key in ("step", "tokens_seen", "source"):
         if key in res:
             out.print(f"{key}: {res[key]}")
+
+
+class TrainProgress:
+    """Per-step progress on stderr: a live bar on a terminal, a log line every ~5% otherwise."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.progress = None
+        self.task = None
+        self.t0 = None
+
+    def __enter__(self):
+        if self.enabled and err.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(), console=err, transient=False,
+            )
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+        return False
+
+    def update(self, rec: dict, total: int) -> None:
+        if not self.enabled:
+            return
+        parts = [f"loss {rec['loss']:.4f}"]
+        if "val_loss" in rec:
+            parts.append(f"val {rec['val_loss']:.4f}")
+        parts.append(f"{rec['tokens_per_s']:.0f} tok/s")
+        if rec.get("max_vio"):
+            parts.append(f"maxvio {max(rec['max_vio']):.2f}")
+        if rec.get("dropped_frac"):
+            parts.append(f"dropped {100 * rec['dropped_frac']:.1f}%")
+        info = "  ".join(parts)
+        if self.progress is not None:
+            if self.task is None:
+                self.task = self.progress.add_task("train", total=total, completed=rec["step"] - 1, info=info)
+            self.progress.update(self.task, completed=rec["step"], info=info)
+        else:
+            every = max(1, total // 20)
+            if rec["step"] % every == 0 or rec["step"] == total or "val_loss" in rec:
+                err.print(f"step {rec['step']}/{total}  {info}", highlight=False, soft_wrap=True)
+
+
+def render_train(res: dict) -> None:
+    t = Table(title=f"trained {res['recipe']}", title_justify="left", show_header=False)
+    t.add_column("")
+    t.add_column("")
+    for key, fmt in (("final_step", "{}"), ("tokens_seen", "{:,}"), ("final_loss", "{:.4f}"), ("val_loss", "{:.4f}"),
+                     ("tokens_per_s", "{:,.0f}"), ("checkpoint", "{}"), ("metrics", "{}")):
+        if res.get(key) is not None:
+            t.add_row(key.replace("_", " "), fmt.format(res[key]))
+    out.print(t)
+
+
+def render_eval(res: dict) -> None:
+    out.print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  "
+              f"({res['tokens']:,} tokens in {res['windows']} windows of {res['seq_len']})")
+
+
+def render_generate(res: dict) -> None:
+    sys.stdout.write(res["prompt"] + res["completion"] + "\n")

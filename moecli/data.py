@@ -1,0 +1,272 @@
+"""Text in, token ids out: tokenizers, corpus discovery, memory-mapped token files.
+
+Text files are tokenised once, streaming, into a flat binary file of token ids
+(uint8 for bytes, uint16/int32 for larger vocabularies) that is then memory-
+mapped, so a multi-GB corpus trains in bounded memory. The tail
+``val_fraction`` of the token stream is the validation split.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .fileio import atomic_write_json
+
+CHUNK = 1 << 20  # bytes read at a time
+DEFAULT_CORPUS_BYTES = 4 << 20  # embedded default: first ~4 MB of the Python standard library's source
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens 0..255: needs no download and handles any text."""
+
+    kind = "byte"
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_bytes(self, data: bytes) -> bytes:
+        return data
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+    def to_config(self) -> dict:
+        return {"type": "byte"}
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` through the optional ``tokenizers`` package."""
+
+    kind = "hf"
+
+    def __init__(self, path: Path):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise UserError(f"{path}: reading tokenizer.json needs the optional 'tokenizers' package "
+                            "(pip install 'moecli[hf]')") from None
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exception subclasses
+            raise UserError(f"{path}: not a readable tokenizer.json: {str(e).splitlines()[0]}") from None
+        self.path = Path(path)
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)
+
+    def to_config(self) -> dict:
+        return {"type": "hf", "file": "tokenizer.json"}
+
+
+def load_tokenizer(path: str | Path | None):
+    return ByteTokenizer() if path is None else HFTokenizer(Path(path))
+
+
+def tokenizer_from_checkpoint(directory: Path, cfg: dict):
+    tcfg = cfg.get("tokenizer") or {"type": "byte"}
+    if tcfg.get("type") == "hf":
+        return HFTokenizer(directory / tcfg.get("file", "tokenizer.json"))
+    if (directory / "tokenizer.json").is_file() and "format" not in cfg:  # a Hugging Face model directory
+        return HFTokenizer(directory / "tokenizer.json")
+    return ByteTokenizer()
+
+
+# ---------------------------------------------------------------- corpus discovery
+
+
+def default_corpus_files(limit_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
+    """The Python standard library's own .py files: present on every machine that runs moecli."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files, total = [], 0
+    for p in sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("*/*.py")):
+        if "site-packages" in p.parts or "test" in p.parts:
+            continue
+        files.append(p)
+        total += p.stat().st_size
+        if total >= limit_bytes:
+            break
+    if not files:
+        raise UserError(f"{stdlib}: no Python source files found for the default corpus; pass DATA files")
+    return files
+
+
+def expand_data_args(args: list[str]) -> list[str | Path]:
+    """Files, globs and directories (recursively, text-like files) -> an ordered list; '-' is stdin."""
+    out: list[str | Path] = []
+    for a in args:
+        if a == "-":
+            out.append("-")
+            continue
+        p = Path(a)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            if not found:
+                raise UserError(f"{a}: directory holds no files")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        elif any(ch in a for ch in "*?["):
+            found = sorted(Path(f) for f in glob.glob(a, recursive=True) if Path(f).is_file())
+            if not found:
+                raise UserError(f"{a}: glob matches no files")
+            out.extend(found)
+        else:
+            raise UserError(f"{a}: no such file or directory")
+    return out
+
+
+def _fingerprint(sources: list[str | Path], tokenizer) -> str:
+    h = hashlib.sha256(json.dumps(tokenizer.to_config()).encode())
+    if isinstance(tokenizer, HFTokenizer):
+        h.update(tokenizer.path.read_bytes())
+    for s in sources:
+        if s == "-":
+            h.update(b"<stdin>")  # stdin is never reused from cache
+            h.update(os.urandom(8))
+        else:
+            st = Path(s).stat()
+            h.update(f"{Path(s).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _dtype_for(vocab_size: int) -> torch.dtype:
+    return torch.uint8 if vocab_size <= 256 else torch.int16 if vocab_size <= 32768 else torch.int32
+
+
+def _read_chunks(src: str | Path):
+    if src == "-":
+        stream = sys.stdin.buffer
+        while chunk := stream.read(CHUNK):
+            yield chunk
+        return
+    try:
+        with open(src, "rb") as f:
+            while chunk := f.read(CHUNK):
+                yield chunk
+    except OSError as e:
+        raise UserError(f"{src}: cannot read: {e.strerror}") from None
+
+
+def _utf8_text_chunks(src):
+    """Decode chunks as UTF-8 without splitting a character (for tokenizers that need text)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for chunk in _read_chunks(src):
+        yield decoder.decode(chunk)
+    yield decoder.decode(b"", final=True)
+
+
+def encode_to_file(sources: list[str | Path], tokenizer, path: Path) -> int:
+    """Stream every source through the tokenizer into ``path``; returns the number of tokens."""
+    dtype = _dtype_for(tokenizer.vocab_size)
+    n = 0
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        for i, src in enumerate(sources):
+            if i:  # documents are separated by a newline
+                sep = tokenizer.encode("\n")
+                f.write(_to_bytes(sep, dtype))
+                n += len(sep)
+            if isinstance(tokenizer, ByteTokenizer):
+                for chunk in _read_chunks(src):
+                    f.write(chunk)
+                    n += len(chunk)
+            else:
+                for text in _utf8_text_chunks(src):
+                    ids = tokenizer.encode(text)
+                    f.write(_to_bytes(ids, dtype))
+                    n += len(ids)
+    os.replace(tmp, path)
+    return n
+
+
+def _to_bytes(ids: list[int], dtype: torch.dtype) -> bytes:
+    t = torch.tensor(ids, dtype=torch.int64).to(dtype)
+    return bytes(t.untyped_storage())
+
+
+def open_tokens(path: Path, n: int, vocab_size: int) -> torch.Tensor:
+    """Memory-map a token file (read-only view, pages loaded on demand)."""
+    if n == 0:
+        return torch.zeros(0, dtype=_dtype_for(vocab_size))
+    return torch.from_file(str(path), shared=False, size=n, dtype=_dtype_for(vocab_size))
+
+
+@dataclass
+class TokenData:
+    train: torch.Tensor  # 1-D token ids (memory-mapped)
+    val: torch.Tensor
+    sources: int
+    fingerprint: str
+
+
+def prepare_tokens(data_args: list[str], tokenizer, cache_dir: Path, val_fraction: float, seq_len: int,
+                   cached_fingerprint: str | None = None) -> TokenData:
+    """Tokenise DATA (or the default corpus) into ``cache_dir``, reusing the cache when unchanged.
+
+    With ``cached_fingerprint`` and no ``data_args`` (a resumed run), the cache is
+    used as it is, provided it still holds exactly those tokens.
+    """
+    meta_path, bin_path = cache_dir / "tokens.json", cache_dir / "tokens.bin"
+    meta = _read_meta(meta_path, bin_path)
+    if cached_fingerprint is not None and not data_args:
+        if not meta or meta.get("fingerprint") != cached_fingerprint:
+            raise UserError(f"{cache_dir}: token cache missing or changed; pass the run's DATA again to resume")
+    else:
+        sources = expand_data_args(data_args) if data_args else default_corpus_files()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fp = _fingerprint(sources, tokenizer)
+        if not meta or meta.get("fingerprint") != fp:
+            n = encode_to_file(sources, tokenizer, bin_path)
+            meta = {"fingerprint": fp, "tokens": n, "bytes": bin_path.stat().st_size, "sources": len(sources)}
+            atomic_write_json(meta_path, meta)
+    n = meta["tokens"]
+    n_val = max(int(n * val_fraction), seq_len + 1)
+    if n - n_val < seq_len + 1:
+        where = ", ".join(str(s) for s in data_args) or "default corpus"
+        raise UserError(f"{where}: only {n} tokens; need at least {2 * (seq_len + 1)} for training and "
+                        f"validation at seq_len {seq_len}")
+    tokens = open_tokens(bin_path, n, tokenizer.vocab_size)
+    return TokenData(tokens[: n - n_val], tokens[n - n_val:], meta["sources"], meta["fingerprint"])
+
+
+def _read_meta(meta_path: Path, bin_path: Path) -> dict | None:
+    if not (meta_path.is_file() and bin_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return meta if bin_path.stat().st_size == meta.get("bytes") else None
+
+
+def sample_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator):
+    """Random windows: inputs x_BS and next-token targets y_BS."""
+    starts = torch.randint(0, tokens.numel() - seq_len - 1 + 1, (batch_size,), generator=generator)
+    xy = torch.stack([tokens[s: s + seq_len + 1].long() for s in starts.tolist()])
+    return xy[:, :-1], xy[:, 1:]
+
+
+def eval_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> list[int]:
+    """Start offsets of non-overlapping windows covering ``tokens`` (evenly thinned to max_windows)."""
+    n_windows = (tokens.numel() - 1) // seq_len
+    starts = [i * seq_len for i in range(n_windows)]
+    if max_windows is not None and len(starts) > max_windows:
+        step = len(starts) / max_windows
+        starts = [starts[int(i * step)] for i in range(max_windows)]
+    return starts

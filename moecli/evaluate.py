@@ -1,0 +1,58 @@
+"""Loss / perplexity of a checkpoint on text (``moe eval``), and the validation pass used in training."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import find_checkpoint_dir, load_checkpoint
+from .data import eval_windows, prepare_tokens, tokenizer_from_checkpoint
+from .errors import UserError
+
+
+@torch.no_grad()
+def evaluate_loss(model, tokens: torch.Tensor, seq_len: int, starts: list[int], batch_size: int) -> tuple[float, int]:
+    """Mean next-token cross-entropy over windows tokens[s : s+seq_len+1]; returns (loss, tokens scored)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        xy = torch.stack([tokens[s: s + seq_len + 1].long() for s in starts[i: i + batch_size]])
+        logits = model(xy[:, :-1]).logits_BSV
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), xy[:, 1:].flatten(), reduction="sum"))
+        count += xy[:, 1:].numel()
+    model.train(was_training)
+    return (total / count if count else float("nan")), count
+
+
+def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: int, max_windows: int | None) -> dict:
+    model, cfg = load_checkpoint(checkpoint)
+    directory = find_checkpoint_dir(checkpoint)
+    tok = tokenizer_from_checkpoint(directory, cfg)
+    context = model.recipe.model.context
+    seq_len = seq_len or min(context, model.recipe.train.seq_len)
+    if not 1 <= seq_len <= context:
+        raise UserError(f"--seq-len: must be between 1 and the model's context ({context}), got {seq_len}")
+    if tok.vocab_size > model.recipe.model.vocab_size:
+        raise UserError(f"{directory}: tokenizer has {tok.vocab_size} tokens but the model only {model.recipe.model.vocab_size}")
+    with tempfile.TemporaryDirectory(prefix="moe-eval-") as tmp:
+        from .data import encode_to_file, expand_data_args, open_tokens
+
+        sources = expand_data_args(data) if data else []
+        if not sources:
+            raise UserError("DATA: give at least one file, directory, glob, or - for stdin")
+        path = Path(tmp) / "tokens.bin"
+        n = encode_to_file(sources, tok, path)
+        if n < seq_len + 1:
+            raise UserError(f"{', '.join(data)}: only {n} tokens; need at least {seq_len + 1} to score one window")
+        tokens = open_tokens(path, n, tok.vocab_size)
+        starts = eval_windows(tokens, seq_len, max_windows)
+        loss, count = evaluate_loss(model, tokens, seq_len, starts, batch_size)
+    return {
+        "checkpoint": str(directory), "loss": loss, "perplexity": math.exp(min(loss, 700)),
+        "bits_per_token": loss / math.log(2), "tokens": count, "windows": len(starts), "seq_len": seq_len,
+    }

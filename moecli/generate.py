@@ -1,0 +1,44 @@
+"""``moe generate``: sample a continuation of a prompt (temperature, top-k, seeded)."""
+
+from __future__ import annotations
+
+import torch
+
+from .checkpoint import find_checkpoint_dir, load_checkpoint
+from .data import tokenizer_from_checkpoint
+from .errors import UserError
+
+
+@torch.no_grad()
+def sample(model, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int,
+           seed: int) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    context = model.recipe.model.context
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    model.eval()
+    for _ in range(max_new_tokens):
+        logits = model(ids[:, -context:]).logits_BSV[0, -1].float()
+        if temperature == 0:
+            nxt = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if 0 < top_k < logits.numel():
+                kth = logits.topk(top_k).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return ids[0, len(prompt_ids):].tolist()
+
+
+def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int) -> dict:
+    if max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens: must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"--temperature: must be >= 0, got {temperature}")
+    model, cfg = load_checkpoint(checkpoint)
+    tok = tokenizer_from_checkpoint(find_checkpoint_dir(checkpoint), cfg)
+    prompt_ids = tok.encode(prompt)
+    if not prompt_ids:
+        raise UserError("--prompt: empty prompt")
+    new_ids = sample(model, prompt_ids, max_new_tokens, temperature, top_k, seed)
+    return {"prompt": prompt, "completion": tok.decode(new_ids), "new_tokens": len(new_ids), "seed": seed}

@@ -1,0 +1,146 @@
+"""moe train / eval / generate: exact resume (also after kill -9), NaN stop, data inputs, CLI errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from moecli.train import TrainArgs, train
+
+TEXT = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}.\n" for i in range(600))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def losses(run_dir):
+    return [(r["step"], r["loss"], r.get("val_loss")) for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").open())]
+
+
+def test_resume_matches_uninterrupted(tmp_path, corpus, tiny_recipe):
+    recipe = str(tiny_recipe(moe={"router_jitter": 0.05, "router_noise": 0.1}, balance={"aux_loss_coef": 0.01}))
+    full = tmp_path / "full"
+    train(TrainArgs(recipe, [str(corpus)], full, {"train.max_steps": 8}, quiet=True))
+    part = tmp_path / "part"
+    train(TrainArgs(recipe, [str(corpus)], part, {"train.max_steps": 8, "train.ckpt_interval": 3}, quiet=True))
+    # pretend the run stopped after step 3: throw away the later checkpoint and metrics by re-running to 3
+    part2 = tmp_path / "part2"
+    train(TrainArgs(recipe, [str(corpus)], part2, {"train.max_steps": 3}, quiet=True))
+    train(TrainArgs(None, [str(corpus)], part2, {"train.max_steps": 8}, resume=True, quiet=True))
+    assert losses(part2) == losses(full)
+    assert len(losses(full)) == 8
+    from safetensors.torch import load_file
+    a = load_file(full / "checkpoint" / "model.safetensors")
+    b = load_file(part2 / "checkpoint" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_9_mid_run_then_resume(tmp_path, corpus, tiny_recipe, cli):
+    recipe = tiny_recipe(moe={"random_routing": True}, train={"max_steps": 60, "ckpt_interval": 4, "eval_interval": 20})
+    ref = tmp_path / "ref"
+    res = cli("train", recipe, corpus, "-o", ref, "-q")
+    assert res.returncode == 0, res.stderr
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "moecli.cli", "train", str(recipe), str(corpus), "-o", str(run), "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parent.parent)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        state = run / "checkpoint" / "train_state.json"
+        if state.exists() and json.loads(state.read_text())["step"] >= 8:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads((run / "checkpoint" / "train_state.json").read_text())["step"] if (run / "checkpoint").exists() else 0
+    assert done < 60, "the run finished before it could be killed; make it longer"
+    res = cli("train", "-o", run, "--resume", "-q", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["start_step"] >= 8
+    assert losses(run) == losses(ref)
+
+
+def test_nan_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path, corpus, tiny_recipe, cli):
+    recipe = tiny_recipe(train={"lr": 1e30, "warmup_steps": 1, "ckpt_interval": 1, "max_steps": 20, "grad_clip": 0})
+    run = tmp_path / "nan"
+    res = cli("train", recipe, corpus, "-o", run, "-q")
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    assert "became" in line and "last good checkpoint" in line
+    step = json.loads((run / "checkpoint" / "train_state.json").read_text())["step"]
+    assert step >= 1
+    ev = cli("eval", run, corpus, "--json")
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["loss"] == pytest.approx(json.loads(ev.stdout)["loss"])  # finite number
+
+
+def test_eval_generate_stdin_and_bias(tmp_path, corpus, tiny_recipe, cli):
+    recipe = tiny_recipe(moe={"score_func": "sigmoid", "num_shared_experts": 1},
+                         balance={"bias_update_rate": 0.01, "seq_aux_loss_coef": 0.001})
+    run = tmp_path / "r"
+    res = cli("train", recipe, "-", "-o", run, "--json", "-q", input=TEXT)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["final_step"] == 6 and summary["val_loss"] > 0
+    from safetensors.torch import load_file
+    sd = load_file(run / "checkpoint" / "model.safetensors")
+    biases = [v for k, v in sd.items() if k.endswith("expert_bias")]
+    assert biases and any(b.abs().sum() > 0 for b in biases), "aux-free bias was never updated"
+    ev = cli("eval", run, corpus, "--json")
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["loss"] > 0
+    ev2 = cli("eval", run, "-", "--json", input=TEXT)
+    assert json.loads(ev2.stdout)["loss"] == pytest.approx(json.loads(ev.stdout)["loss"], rel=1e-6)
+    g1 = cli("generate", run, "--prompt", "Line 1", "-n", "20", "--seed", "3", "--json")
+    g2 = cli("generate", run, "--prompt", "Line 1", "-n", "20", "--seed", "3", "--json")
+    assert g1.returncode == 0, g1.stderr
+    assert json.loads(g1.stdout) == json.loads(g2.stdout)
+    assert json.loads(g1.stdout)["new_tokens"] == 20
+
+
+def test_training_lowers_loss_and_metrics(tmp_path, corpus, tiny_recipe):
+    recipe = str(tiny_recipe(moe={"capacity_factor": 1.0}, balance={"aux_loss_coef": 0.01, "z_loss_coef": 0.001}))
+    run = tmp_path / "m"
+    s = train(TrainArgs(recipe, [str(corpus)], run, {"train.max_steps": 40, "train.lr": 0.01}, quiet=True))
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").open()]
+    assert recs[-1]["loss"] < recs[0]["loss"] - 1.0
+    assert set(recs[0]["aux"]) == {"aux", "z"}
+    assert len(recs[0]["max_vio"]) == 2
+    assert 0 <= recs[0]["dropped_frac"] < 1
+    assert s["val_loss"] == recs[-1]["val_loss"]
+
+
+def test_train_input_errors(tmp_path, corpus, cli, tiny_recipe):
+    r = cli("train", "mixtral", tmp_path / "missing.txt", "-o", tmp_path / "x")
+    assert r.returncode == 2 and "missing.txt: no such file or directory" in r.stderr
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("hi")
+    r = cli("train", "mixtral", tiny, "-o", tmp_path / "y")
+    assert r.returncode == 2 and "only" in r.stderr and "tokens" in r.stderr
+    r = cli("train", "mixtral", corpus, "-o", tmp_path / "z", "--max-steps", "0")
+    assert r.returncode == 2 and "train.max_steps: must be >= 1" in r.stderr
+    r = cli("train", "-o", tmp_path / "nothing", "--resume")
+    assert r.returncode == 2 and "no checkpoint to resume" in r.stderr
+    recipe = tiny_recipe()
+    run = tmp_path / "run"
+    assert cli("train", recipe, corpus, "-o", run, "-q", "--max-steps", "2").returncode == 0
+    r = cli("train", recipe, corpus, "-o", run, "-q")
+    assert r.returncode == 2 and "already holds a run" in r.stderr
+    r = cli("eval", tmp_path / "nope", corpus)
+    assert r.returncode == 2 and "no such checkpoint" in r.stderr
+
+
+def test_default_corpus_is_embedded(tmp_path):
+    from moecli.data import default_corpus_files
+    files = default_corpus_files(200_000)
+    assert files and all(f.suffix == ".py" for f in files)
