@@ -92,7 +92,7 @@ class MoELayer(nn.Module):
         cap = expert_capacity(T, K, E, self.cfg.capacity_factor) if self.cfg.capacity_factor > 0 else 0
         d = dispatch(route.idx_TK, route.keep_TK, E, cap)
 
-        y_ND = self.experts(x_TD[d.token_N], d.counts_E)
+        y_ND = self.experts(x_TD.index_select(0, d.token_N), d.counts_E)
         w_N = route.weight_TK[d.token_N, d.choice_N].to(y_ND.dtype)
         out_TD = torch.zeros_like(x_TD).index_add_(0, d.token_N, y_ND * w_N.unsqueeze(-1))
         if self.shared is not None:

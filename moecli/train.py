@@ -61,8 +61,16 @@ def make_optimizer(model: Transformer, t) -> torch.optim.AdamW:
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr, betas=(t.beta1, t.beta2), foreach=True,
+        lr=t.lr, betas=(t.beta1, t.beta2), **_fused_kwargs(model),
     )
+
+
+def _fused_kwargs(model) -> dict:
+    """The fused AdamW kernel (one pass over memory) where torch supports it for these parameters."""
+    p = next(model.parameters())
+    if p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) and p.device.type in ("cpu", "cuda"):
+        return {"fused": True}
+    return {"foreach": True}
 
 
 def max_vio(load_E: torch.Tensor) -> float:

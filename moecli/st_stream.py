@@ -1,0 +1,127 @@
+"""Streaming safetensors: read tensors lazily, write them one at a time.
+
+The safetensors format is an 8-byte little-endian header length, a JSON header
+(name -> dtype, shape, byte offsets), then the raw tensor bytes. Knowing every
+tensor's name, dtype and shape up front, ``SafetensorsWriter`` writes the header
+first and then each tensor as it is produced, so a converter holds one tensor
+in memory at a time, never the whole file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import UserError
+
+DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def nbytes(dtype: torch.dtype, shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class SafetensorsWriter:
+    """Write ``plan`` = [(name, dtype, shape), ...] to ``path``, tensors supplied in plan order."""
+
+    def __init__(self, path: Path, plan: list[tuple[str, torch.dtype, tuple]], metadata: dict | None = None):
+        self.path = Path(path)
+        self.plan = list(plan)
+        header, offset = {}, 0
+        for name, dtype, shape in self.plan:
+            size = nbytes(dtype, shape)
+            header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        if metadata:
+            header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+        self.f = open(self.path, "wb")
+        self.f.write(struct.pack("<Q", len(raw)))
+        self.f.write(raw)
+        self.i = 0
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        exp_name, dtype, shape = self.plan[self.i]
+        if name != exp_name or t.dtype != dtype or tuple(t.shape) != tuple(shape):
+            raise AssertionError(f"tensor {name} {t.dtype} {tuple(t.shape)} != plan {exp_name} {dtype} {shape}")
+        size = nbytes(dtype, shape)
+        if size:
+            c = t.detach().cpu().contiguous()
+            if c.storage_offset() or c.untyped_storage().nbytes() != size:  # a view into a larger tensor
+                c = c.clone()
+            self.f.write(bytes(c.untyped_storage()))
+        self.i += 1
+
+    def close(self) -> None:
+        if self.i != len(self.plan):
+            self.f.close()
+            raise AssertionError(f"{self.path}: wrote {self.i} of {len(self.plan)} tensors")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+class LazyTensors:
+    """Tensors of one or many safetensors files, read one at a time on demand."""
+
+    def __init__(self, files: list[Path]):
+        self.where: dict[str, Path] = {}
+        self.handles = {}
+        for f in files:
+            try:
+                h = safe_open(str(f), "pt")
+            except (SafetensorError, OSError) as e:
+                raise UserError(f"{f}: not a readable safetensors file: {e}") from None
+            self.handles[f] = h
+            for k in h.keys():
+                self.where[k] = f
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> "LazyTensors":
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise UserError(f"{index}: not a safetensors index ({e})") from None
+            files = sorted({directory / v for v in weight_map.values()})
+            missing = [f for f in files if not f.is_file()]
+            if missing:
+                raise UserError(f"{missing[0]}: shard listed in {index.name} is missing")
+        else:
+            files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{directory}: no *.safetensors weights (pickled .bin checkpoints are not read)")
+        return cls(files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def keys(self):
+        return self.where.keys()
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise UserError(f"tensor {name} not found in the checkpoint")
+        return self.handles[self.where[name]].get_tensor(name)
+
+    def meta(self, name: str) -> tuple[torch.dtype, tuple]:
+        sl = self.handles[self.where[name]].get_slice(name)
+        inv = {v: k for k, v in DTYPES.items()}
+        return inv[sl.get_dtype()], tuple(sl.get_shape())
+
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.handles)
