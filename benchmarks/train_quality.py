@@ -1,6 +1,6 @@
 """Mixtral-style MoE vs the dense recipe with equal active parameters, same data, steps and tokens.
 
-    python benchmarks/train_quality.py [--steps 300] [--data ../shared/data/austen.txt]
+    python benchmarks/train_quality.py [--steps 600] [--data ../shared/data/austen.txt]
 
 Prints both validation losses, the MoE/dense tokens-per-second ratio (both runs
 measured here, in this process, one after the other) and the targets:
@@ -28,7 +28,7 @@ from moecli.train import TrainArgs, train  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "austen.txt"))
     ap.add_argument("--moe", default="mixtral")
     ap.add_argument("--dense", default="dense")

@@ -146,6 +146,46 @@ def generate(
 
 
 @app.command()
+def upcycle(
+    source: str = typer.Argument(..., help="Dense checkpoint: a moecli directory or a Hugging Face model directory."),
+    output: Optional[Path] = OUT_OPT,
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML file of upcycle options (flags win)."),
+    num_experts: Optional[int] = typer.Option(None, "--num-experts", "-e", help="Routed experts per MoE layer."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="Experts per token."),
+    granularity: Optional[int] = typer.Option(None, "--granularity", help="Split each FFN copy into g experts."),
+    shared_experts: Optional[int] = typer.Option(None, "--shared-experts", help="1: keep the dense FFN as shared."),
+    noise: Optional[float] = typer.Option(None, "--noise", help="Relative std of noise added to experts."),
+    drop_ratio: Optional[float] = typer.Option(None, "--drop-ratio", help="Drop-Upcycling re-init ratio r."),
+    router_init: Optional[str] = typer.Option(None, "--router-init", help="random | zero | prompts"),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Text file for --router-init prompts."),
+    first_k_dense: Optional[int] = typer.Option(None, "--first-k-dense", help="Leave the first k layers dense."),
+    moe_every_n: Optional[int] = typer.Option(None, "--moe-every-n", help="Convert every n-th layer."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="auto | moecli | mixtral | qwen3_moe | qwen2_moe"),
+    shard_size_mb: Optional[float] = typer.Option(None, "--shard-size-mb", help="Largest output shard (HF formats)."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (shapes, sizes, memory); write nothing."),
+    allow_inexact: bool = typer.Option(False, "--allow-inexact", help="Convert even if the function changes."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the probe comparison with the dense model."),
+    force: bool = FORCE_OPT,
+    as_json: bool = JSON_OPT,
+):
+    """Turn a dense checkpoint into an MoE checkpoint (sparse upcycling), streaming tensor by tensor."""
+    from .upcycle import load_options, upcycle as upcycle_fn
+
+    def go():
+        opts = load_options(config, {
+            "num_experts": num_experts, "top_k": top_k, "granularity": granularity, "shared_experts": shared_experts,
+            "noise": noise, "drop_ratio": drop_ratio, "router_init": router_init, "prompts": prompts,
+            "first_k_dense": first_k_dense, "moe_every_n": moe_every_n, "format": fmt, "seed": seed,
+            "shard_size_mb": shard_size_mb})
+        with render.TensorProgress(enabled=not dry_run) as prog:
+            return upcycle_fn(source, output, opts, dry_run=dry_run, force=force, allow_inexact=allow_inexact,
+                              verify=not no_verify, progress=prog.update)
+
+    _run(go, as_json, render.render_upcycle)
+
+
+@app.command()
 def info(
     target: Optional[str] = typer.Argument(None, help="A checkpoint directory or a recipe; omit for the environment."),
     as_json: bool = JSON_OPT,

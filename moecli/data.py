@@ -196,8 +196,9 @@ def encode_to_file(sources: list[str | Path], tokenizer, path: Path) -> int:
 
 
 def _to_bytes(ids: list[int], dtype: torch.dtype) -> bytes:
-    t = torch.tensor(ids, dtype=torch.int64).to(dtype)
-    return bytes(t.untyped_storage())
+    from .st_stream import tensor_bytes
+
+    return tensor_bytes(torch.tensor(ids, dtype=torch.int64).to(dtype))
 
 
 def open_tokens(path: Path, n: int, vocab_size: int) -> torch.Tensor:

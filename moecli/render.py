@@ -154,3 +154,70 @@ def render_eval(res: dict) -> None:
 
 def render_generate(res: dict) -> None:
     sys.stdout.write(res["prompt"] + res["completion"] + "\n")
+
+
+class TensorProgress:
+    """A spinner with a tensor count on stderr while a conversion streams (terminal only)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled and err.is_terminal
+        self.progress = None
+        self.n = 0
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                     console=err, transient=True)
+            self.progress.__enter__()
+            self.task = self.progress.add_task("converting")
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+        return False
+
+    def update(self, name: str) -> None:
+        self.n += 1
+        if self.progress is not None:
+            self.progress.update(self.task, description=f"tensor {self.n}: {name}")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def render_upcycle(res: dict) -> None:
+    t = Table(title=("plan" if res["dry_run"] else "upcycled") + f": {res['recipe']}", title_justify="left",
+              show_header=False)
+    t.add_column("")
+    t.add_column("")
+    rows = [("source", f"{res['source']} ({res['source_format']})"), ("format", res["format"]),
+            ("MoE layers", ", ".join(map(str, res["moe_layers"]))),
+            ("experts / top-k", f"{res['num_experts']} / {res['top_k']} (granularity {res['granularity']}, "
+                                f"shared {res['shared_experts']}, router {res['router_init']})"),
+            ("tensors / shards", f"{res['tensors']} / {res['shards']}"),
+            ("input size", _mb(res["input_bytes"])), ("output size", _mb(res["output_bytes"])),
+            ("memory estimate", _mb(res["memory_estimate_bytes"])),
+            ("function-preserving", "yes" if res["exact"] else "no: " + "; ".join(res["inexact_reasons"]))]
+    if "max_abs_logit_diff" in res:
+        rows.append(("max |logit diff| on probe", f"{res['max_abs_logit_diff']:.3g}"))
+    if "seconds" in res:
+        rows.append(("time", f"{res['seconds']:.2f} s"))
+    if res.get("output") and not res["dry_run"]:
+        rows.append(("written to", res["output"]))
+    for k, v in rows:
+        t.add_row(k, str(v))
+    out.print(t)
+    if res["dry_run"]:
+        p = Table(title="output tensors", title_justify="left")
+        p.add_column("name")
+        p.add_column("shape")
+        p.add_column("dtype")
+        for row in res["plan"][:40]:
+            p.add_row(row["name"], "x".join(map(str, row["shape"])), row["dtype"])
+        if len(res["plan"]) > 40:
+            p.add_row(f"... {len(res['plan']) - 40} more", "", "")
+        out.print(p)

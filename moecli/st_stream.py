@@ -9,6 +9,7 @@ in memory at a time, never the whole file.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -31,6 +32,12 @@ def nbytes(dtype: torch.dtype, shape) -> int:
     for s in shape:
         n *= s
     return n * torch.empty((), dtype=dtype).element_size()
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of a contiguous CPU tensor (one memcpy; no numpy needed)."""
+    t = t.detach().cpu().contiguous()
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
 
 
 class SafetensorsWriter:
@@ -59,10 +66,7 @@ class SafetensorsWriter:
             raise AssertionError(f"tensor {name} {t.dtype} {tuple(t.shape)} != plan {exp_name} {dtype} {shape}")
         size = nbytes(dtype, shape)
         if size:
-            c = t.detach().cpu().contiguous()
-            if c.storage_offset() or c.untyped_storage().nbytes() != size:  # a view into a larger tensor
-                c = c.clone()
-            self.f.write(bytes(c.untyped_storage()))
+            self.f.write(tensor_bytes(t))
         self.i += 1
 
     def close(self) -> None:

@@ -1,0 +1,506 @@
+"""``moe upcycle``: a dense checkpoint -> an MoE checkpoint whose experts start as copies of the dense FFN.
+
+Sparse upcycling (Komatsuzaki et al.) with the variants users ask for:
+
+* granular upcycling: each dense FFN copy is split along its hidden dimension
+  into ``granularity`` finer experts (Megatron "virtual groups": the router
+  rows of one copy's segments are identical, selection is group-limited to
+  whole copies, and ``routed_scaling = granularity`` makes the segments sum
+  back to the dense FFN);
+* a shared expert holding the dense FFN (the routed experts' down-projections
+  then start at zero, so the sum is still the dense FFN);
+* Drop-Upcycling: a fraction r of each expert's hidden units re-initialised;
+* weight noise; router init random / zero / from k-means of prompts' hidden states.
+
+Function preservation: with identical experts and renormalised top-k, the MoE
+computes the dense function. ``analyse_exactness`` says which options break
+that; the converter refuses them unless ``allow_inexact`` and, after writing,
+measures the max-abs logit difference on a probe input.
+
+Conversion streams: tensors are read lazily and written one at a time
+(st_stream.SafetensorsWriter), so peak memory is about the largest output
+tensor, not the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from .checkpoint import CONFIG_FILE, FORMAT, MODEL_FILE, find_checkpoint_dir, read_config
+from .config import Recipe, _FieldError, _section_from_dict, recipe_from_dict
+from .errors import RunFailed, UserError
+from .fileio import atomic_dir, atomic_write_json
+from .hf import MOE_TYPES, check_writable, hf_config_for, plain_name_map, read_hf_config, recipe_from_hf
+from .model import Transformer
+from .st_stream import LazyTensors, SafetensorsWriter, nbytes
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "generation_config.json", "chat_template.jinja", "added_tokens.json")
+HF_OUT = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe"}
+
+
+@dataclass
+class UpcycleOptions:
+    num_experts: int = 8  # routed experts in each converted layer (copies x granularity)
+    top_k: int = 2  # experts per token (a multiple of granularity keeps the function)
+    granularity: int = 1  # split each dense FFN copy into this many finer experts
+    shared_experts: int = 0  # 1: keep the dense FFN as an always-on shared expert
+    noise: float = 0.0  # std of Gaussian noise added to expert weights, relative to each weight's std
+    drop_ratio: float = 0.0  # Drop-Upcycling: fraction of each expert's hidden units re-initialised
+    router_init: str = "random"  # random | zero | prompts (k-means of the dense model's hidden states)
+    router_std: float = 0.02  # std of a random router init
+    prompts: str = ""  # text file for router_init: prompts (default: a built-in sample)
+    first_k_dense: int = 0  # leave the first k layers dense ...
+    moe_every_n: int = 1  # ... and convert every n-th layer after them
+    aux_loss_coef: float = 0.01  # balance loss recorded in the new recipe for further training
+    format: str = "auto"  # auto | moecli | mixtral | qwen3_moe | qwen2_moe
+    shard_size_mb: float = 2000.0  # Hugging Face output: largest shard
+    seed: int = 0
+
+    def validate(self) -> None:
+        def check(ok, field, msg):
+            if not ok:
+                raise _FieldError(field, msg)
+
+        check(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
+        check(self.granularity >= 1, "granularity", f"must be >= 1, got {self.granularity}")
+        check(self.num_experts % self.granularity == 0, "num_experts",
+              f"must be a multiple of granularity ({self.granularity}), got {self.num_experts}")
+        check(1 <= self.top_k <= self.num_experts, "top_k",
+              f"must be between 1 and num_experts ({self.num_experts}), got {self.top_k}")
+        check(self.shared_experts in (0, 1), "shared_experts", f"must be 0 or 1, got {self.shared_experts}")
+        check(self.noise >= 0, "noise", f"must be >= 0, got {self.noise}")
+        check(0 <= self.drop_ratio <= 1, "drop_ratio", f"must be in [0, 1], got {self.drop_ratio}")
+        check(self.router_init in ("random", "zero", "prompts"), "router_init",
+              f"must be random, zero or prompts, got {self.router_init!r}")
+        check(self.router_std > 0, "router_std", f"must be > 0, got {self.router_std}")
+        check(self.first_k_dense >= 0, "first_k_dense", f"must be >= 0, got {self.first_k_dense}")
+        check(self.moe_every_n >= 1, "moe_every_n", f"must be >= 1, got {self.moe_every_n}")
+        check(self.format in ("auto", "moecli") + MOE_TYPES, "format",
+              f"must be auto, moecli, {', '.join(MOE_TYPES)}; got {self.format!r}")
+        check(self.shard_size_mb > 0, "shard_size_mb", f"must be > 0, got {self.shard_size_mb}")
+
+
+def load_options(yaml_path: str | None, overrides: dict) -> UpcycleOptions:
+    data = {}
+    source = "command line"
+    if yaml_path:
+        p = Path(yaml_path)
+        source = str(p)
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except OSError as e:
+            raise UserError(f"{p}: cannot read: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"{p}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{p}: expected a YAML mapping of upcycle options")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return _section_from_dict(UpcycleOptions, data, "upcycle")
+    except _FieldError as e:
+        raise UserError(f"{source}: {e.field_name}: {e.msg}") from None
+
+
+# ---------------------------------------------------------------- the source
+
+
+class DenseSource:
+    """A dense checkpoint (moecli or Hugging Face) read tensor by tensor, in moecli's names."""
+
+    def __init__(self, path: str | Path):
+        self.dir = find_checkpoint_dir(path)
+        cfg = read_config(self.dir)
+        self.hf_type = None
+        if cfg.get("format") == FORMAT:
+            self.recipe = recipe_from_dict(cfg.get("recipe"), str(self.dir / CONFIG_FILE) + " recipe")
+            self.tensors = LazyTensors([self.dir / MODEL_FILE])
+            self.names = None
+            self.tokenizer_cfg = cfg.get("tokenizer")
+        else:
+            cfg = read_hf_config(self.dir)
+            self.hf_type = cfg["model_type"]
+            self.recipe = recipe_from_hf(cfg, str(self.dir / CONFIG_FILE))
+            self.tensors = LazyTensors.from_dir(self.dir)
+            self.names = plain_name_map(self.recipe, self.hf_type)
+            self.tokenizer_cfg = {"type": "hf", "file": "tokenizer.json"} if (self.dir / "tokenizer.json").is_file() else None
+        self.hf_config = cfg
+        if self.recipe.moe.num_experts:
+            raise UserError(f"{self.dir}: already a mixture-of-experts model; upcycling needs a dense checkpoint")
+
+    def name(self, ours: str) -> str:
+        return self.names[ours] if self.names is not None else ours
+
+    def get(self, ours: str) -> torch.Tensor:
+        return self.tensors.get(self.name(ours))
+
+    def meta(self, ours: str):
+        return self.tensors.meta(self.name(ours))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.meta("tok_embeddings.weight")[0]
+
+
+def moe_recipe(dense: Recipe, o: UpcycleOptions) -> Recipe:
+    g = o.granularity
+    F = dense.model.ffn_dim
+    if F % g:
+        raise UserError(f"granularity: the dense FFN width {F} is not divisible by {g}")
+    copies = o.num_experts // g
+    exact_groups = g > 1 and o.top_k % g == 0
+    moe = {
+        "num_experts": o.num_experts, "top_k": o.top_k, "expert_ffn": F // g, "renormalize": True,
+        "num_shared_experts": o.shared_experts, "shared_ffn": F if o.shared_experts else 0,
+        "routed_scaling": float(g),
+        "n_groups": copies if exact_groups else 1, "topk_groups": o.top_k // g if exact_groups else 1,
+        "first_k_dense": o.first_k_dense, "moe_every_n": o.moe_every_n,
+    }
+    data = dense.to_dict()
+    data["name"] = f"{dense.name}-upcycled-{o.num_experts}e-top{o.top_k}"
+    data["description"] = f"sparse upcycling of {dense.name}: {o.num_experts} experts, top-{o.top_k}" + (
+        f", granularity {g}" if g > 1 else "")
+    data["moe"] = moe
+    data["balance"] = {**data["balance"], "aux_loss_coef": o.aux_loss_coef}
+    return recipe_from_dict(data, "upcycle options")
+
+
+def analyse_exactness(o: UpcycleOptions, out_format: str) -> list[str]:
+    """Reasons the upcycled model will not compute the dense function (empty = exact)."""
+    why = []
+    if o.granularity > 1 and o.top_k % o.granularity:
+        why.append(f"top_k {o.top_k} is not a multiple of granularity {o.granularity}, so a token cannot get "
+                   "every segment of the dense FFN")
+    if o.noise > 0:
+        why.append(f"noise {o.noise} makes the experts differ from the dense FFN")
+    if o.drop_ratio > 0:
+        why.append(f"drop_ratio {o.drop_ratio} re-initialises part of every expert")
+    if o.shared_experts and out_format == "qwen2_moe":
+        why.append("qwen2_moe scales the shared expert by a sigmoid gate (0.5 at a zero gate), so the output "
+                   "is not the dense FFN")
+    return why
+
+
+# ---------------------------------------------------------------- tensor producers
+
+
+class Producer:
+    """Computes each output tensor (moecli names) from the dense source, one at a time."""
+
+    def __init__(self, src: DenseSource, recipe: Recipe, o: UpcycleOptions, router_rows: dict[int, torch.Tensor]):
+        self.src, self.r, self.o = src, recipe, o
+        self.router_rows = router_rows
+        self.dtype = src.dtype
+        self._cache: tuple[int, dict] | None = None
+
+    def _layer_ffn(self, i: int) -> dict[str, torch.Tensor]:
+        """The dense FFN of layer i as (F, D) gate/up and (D, F) down, cached for the layer's experts."""
+        if self._cache is None or self._cache[0] != i:
+            self._cache = (i, {k: self.src.get(f"layers.{i}.feed_forward.{k}.weight") for k in ("w1", "w3", "w2")})
+        return self._cache[1]
+
+    def expert_weight(self, i: int, e: int, key: str) -> torch.Tensor:
+        """Expert e of layer i, Hugging Face orientation: w1/w3 (F/g, D), w2 (D, F/g); seeded per (layer, expert)."""
+        o = self.o
+        full = self._layer_ffn(i)[key]
+        g = o.granularity
+        hidden_dim = 1 if key == "w2" else 0
+        Fg = full.shape[hidden_dim] // g
+        w = full.narrow(hidden_dim, (e % g) * Fg, Fg).clone()
+        seed = o.seed * 1_000_003 + i * 4099 + e
+        if o.drop_ratio > 0:  # Drop-Upcycling: re-draw a random r of the hidden units from the weight's stats
+            idx = torch.randperm(Fg, generator=torch.Generator().manual_seed(seed))[: int(round(o.drop_ratio * Fg))]
+            gen = torch.Generator().manual_seed(seed * 3 + {"w1": 0, "w3": 1, "w2": 2}[key])
+            ff = full.float()
+            fresh = (torch.randn(w.shape, generator=gen) * ff.std() + ff.mean()).to(w.dtype)
+            w.index_copy_(hidden_dim, idx, fresh.index_select(hidden_dim, idx))
+        if o.noise > 0:
+            gen = torch.Generator().manual_seed(seed * 7 + {"w1": 0, "w3": 1, "w2": 2}[key])
+            w.add_((torch.randn(w.shape, generator=gen) * o.noise * w.float().std()).to(w.dtype))
+        if o.shared_experts and key == "w2":
+            w.zero_()  # the shared expert carries the dense FFN; routed experts start as a zero residual
+        return w
+
+    def moecli_tensor(self, name: str) -> torch.Tensor:
+        parts = name.split(".")
+        if len(parts) > 3 and parts[2] == "moe":
+            i = int(parts[1])
+            what = ".".join(parts[3:])
+            if what == "router.gate.weight":
+                return self.router_rows[i].to(self.dtype)
+            if what == "router.expert_bias":
+                return torch.zeros(self.r.moe.num_experts)
+            if what.startswith("shared."):
+                return self._layer_ffn(i)[parts[4]].clone()
+            if what.startswith("experts."):
+                key = {"w1_EDF": "w1", "w3_EDF": "w3", "w2_EFD": "w2"}[parts[4]]
+                return torch.stack([self.expert_weight(i, e, key).t() for e in range(self.r.moe.num_experts)])
+            raise AssertionError(name)
+        return self.src.get(name)
+
+
+def make_router_rows(src: DenseSource, recipe: Recipe, o: UpcycleOptions) -> dict[int, torch.Tensor]:
+    E, D, g = o.num_experts, recipe.model.d_model, o.granularity
+    copies = E // g
+    layers = recipe.moe_layers()
+    rows = {}
+    if o.router_init == "prompts":
+        centroids = prompt_centroids(src, layers, copies, o)
+    gen = torch.Generator().manual_seed(o.seed)
+    for i in layers:
+        if o.router_init == "zero":
+            base = torch.zeros(copies, D)
+        elif o.router_init == "random":
+            base = torch.randn(copies, D, generator=gen) * o.router_std
+        else:
+            base = centroids[i]
+        rows[i] = base.repeat_interleave(g, dim=0)  # virtual groups: a copy's segments share one router row
+    return rows
+
+
+DEFAULT_PROMPTS = (
+    "The quick brown fox jumps over the lazy dog.\n"
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n"
+    "In 1815 the Congress of Vienna redrew the map of Europe after the Napoleonic wars.\n"
+    "Photosynthesis converts light energy into chemical energy stored in glucose.\n"
+    "SELECT name, count(*) FROM users GROUP BY name ORDER BY 2 DESC;\n"
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife.\n"
+    "Die Würde des Menschen ist unantastbar. La vie est belle. 東京は日本の首都です。\n"
+    "import numpy as np\nx = np.linspace(0, 1, 100)\nprint(x.mean())\n"
+)
+
+
+@torch.no_grad()
+def prompt_centroids(src: DenseSource, layers: list[int], k: int, o: UpcycleOptions) -> dict[int, torch.Tensor]:
+    """k-means (cosine) of each layer's FFN inputs over the prompts; rows scaled to router_std * sqrt(D)."""
+    from .checkpoint import load_checkpoint
+    from .data import tokenizer_from_checkpoint
+
+    model, cfg = load_checkpoint(src.dir)
+    tok = tokenizer_from_checkpoint(src.dir, cfg if src.hf_type is None else {})
+    text = Path(o.prompts).read_text(encoding="utf-8") if o.prompts else DEFAULT_PROMPTS
+    ids = tok.encode(text)[: model.recipe.model.context * 8]
+    if len(ids) < k:
+        raise UserError(f"{o.prompts or 'built-in prompts'}: {len(ids)} tokens, need at least {k} (one per expert)")
+    ctx = model.recipe.model.context
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    hooks = [model.layers[i].ffn_norm.register_forward_hook(
+        lambda mod, inp, out, i=i: captured[i].append(out.reshape(-1, out.shape[-1]).float())) for i in layers]
+    for s in range(0, len(ids), ctx):
+        model(torch.tensor([ids[s: s + ctx]]))
+    for h in hooks:
+        h.remove()
+    gen = torch.Generator().manual_seed(o.seed)
+    D = model.recipe.model.d_model
+    out = {}
+    for i in layers:
+        X = torch.nn.functional.normalize(torch.cat(captured[i]), dim=-1)
+        C = X[torch.randperm(X.shape[0], generator=gen)[:k]].clone()
+        for _ in range(20):
+            assign = (X @ C.t()).argmax(-1)
+            for c in range(k):
+                members = X[assign == c]
+                if len(members):
+                    C[c] = torch.nn.functional.normalize(members.mean(0), dim=0)
+        out[i] = C * o.router_std * math.sqrt(D)
+    return out
+
+
+# ---------------------------------------------------------------- plan and write
+
+
+def output_format(src: DenseSource, o: UpcycleOptions) -> str:
+    """auto: the matching Hugging Face MoE family for a Hugging Face source, moecli's own format otherwise."""
+    if o.format != "auto":
+        return o.format
+    return HF_OUT[src.hf_type] if src.hf_type else "moecli"
+
+
+def plan_moecli(recipe: Recipe, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple]]:
+    with torch.device("meta"):
+        model = Transformer(recipe)
+    sd = model.state_dict()
+    if recipe.model.tie_embeddings:
+        sd.pop("output.weight", None)
+    return [(k, torch.float32 if k.endswith("expert_bias") else dtype, tuple(v.shape)) for k, v in sd.items()]
+
+
+def plan_hf(recipe: Recipe, mt: str, dtype: torch.dtype) -> list[tuple[str, str, torch.dtype, tuple, tuple]]:
+    """(hf_name, kind, dtype, shape, source) for every output tensor, in file order (layer by layer)."""
+    from .hf import _expert_names
+
+    shapes = {k: s for k, _, s in plan_moecli(recipe, dtype)}
+    E, Fe, D = recipe.moe.num_experts, recipe.moe.expert_ffn, recipe.model.d_model
+    first, per_layer, last = [], {i: [] for i in range(recipe.model.n_layers)}, []
+    for ours, theirs in plain_name_map(recipe, mt).items():
+        row = (theirs, "plain", dtype, shapes[ours], (ours,))
+        if ours.startswith("layers."):
+            per_layer[int(ours.split(".")[1])].append(row)
+        else:
+            (first if ours == "tok_embeddings.weight" else last).append(row)
+    for i in recipe.moe_layers():
+        for e in range(E):
+            n1, n3, n2 = _expert_names(mt, i, e)
+            per_layer[i] += [(n1, "expert", dtype, (Fe, D), (i, e, "w1")), (n3, "expert", dtype, (Fe, D), (i, e, "w3")),
+                             (n2, "expert", dtype, (D, Fe), (i, e, "w2"))]
+        if mt == "qwen2_moe" and not recipe.moe.num_shared_experts:  # the architecture always has one: empty
+            P = f"model.layers.{i}.mlp.shared_expert"
+            per_layer[i] += [(f"{P}.gate_proj.weight", "zero", dtype, (0, D), ()),
+                             (f"{P}.up_proj.weight", "zero", dtype, (0, D), ()),
+                             (f"{P}.down_proj.weight", "zero", dtype, (D, 0), ()),
+                             (f"{P}_gate.weight", "zero", dtype, (1, D), ())]
+    return first + [row for i in sorted(per_layer) for row in per_layer[i]] + last
+
+
+def upcycle(source: str, output: Path | None, o: UpcycleOptions, dry_run: bool = False, force: bool = False,
+            allow_inexact: bool = False, verify: bool = True, progress=None) -> dict:
+    src = DenseSource(source)
+    fmt = output_format(src, o)
+    recipe = moe_recipe(src.recipe, o)
+    if fmt != "moecli":
+        check_writable(recipe, fmt)
+    inexact = analyse_exactness(o, fmt)
+    dtype = src.dtype
+    if fmt == "moecli":
+        plan = [(k, "moecli", dt, s, (k,)) for k, dt, s in plan_moecli(recipe, dtype)]
+    else:
+        plan = plan_hf(recipe, fmt, dtype)
+    out_bytes = sum(nbytes(dt, s) for _, _, dt, s, _ in plan)
+    in_bytes = src.tensors.total_bytes()
+    shard_limit = int(o.shard_size_mb * 2**20)
+    shards = _assign_shards(plan, shard_limit) if fmt != "moecli" else [plan]
+    # peak: the dense FFN of one layer (cached) + the largest tensor being produced (+ its per-expert parts)
+    ffn_bytes = 3 * nbytes(dtype, (src.recipe.model.ffn_dim, src.recipe.model.d_model))
+    largest = max(nbytes(dt, s) for _, _, dt, s, _ in plan)
+    result = {
+        "source": str(src.dir), "source_format": src.hf_type or "moecli", "output": str(output) if output else None,
+        "format": fmt, "recipe": recipe.name, "moe_layers": recipe.moe_layers(), "num_experts": o.num_experts,
+        "top_k": o.top_k, "granularity": o.granularity, "shared_experts": o.shared_experts,
+        "router_init": o.router_init, "tensors": len(plan), "shards": len(shards), "input_bytes": in_bytes,
+        "output_bytes": out_bytes, "memory_estimate_bytes": ffn_bytes + 2 * largest,
+        "exact": not inexact, "inexact_reasons": inexact, "dry_run": dry_run,
+        "plan": [{"name": n, "shape": list(s), "dtype": str(dt).replace("torch.", "")} for n, _, dt, s, _ in plan],
+    }
+    if dry_run:
+        return result
+    if inexact and not allow_inexact:
+        raise UserError("this conversion is not function-preserving: " + "; ".join(inexact) +
+                        " (pass --allow-inexact to convert anyway)")
+    if output is None:
+        raise UserError("-o/--output: required (or use --dry-run)")
+    output = Path(output)
+    if output.resolve() == src.dir.resolve() or src.dir.resolve() in output.resolve().parents:
+        raise UserError(f"{output}: must not be the input checkpoint or inside it")
+    router_rows = make_router_rows(src, recipe, o)
+    prod = Producer(src, recipe, o, router_rows)
+    t0 = time.perf_counter()
+    with atomic_dir(output, overwrite=force) as tmp:
+        if fmt == "moecli":
+            _write_moecli(tmp, plan, prod, recipe, src, o, progress)
+        else:
+            _write_hf(tmp, shards, prod, recipe, fmt, src, progress)
+        result["seconds"] = time.perf_counter() - t0
+        if verify:
+            diff, scale = probe_difference(src.dir, tmp)
+            result["max_abs_logit_diff"] = diff
+            if not inexact and not diff <= 1e-4 * max(1.0, scale):
+                raise RunFailed(f"upcycled model differs from the dense model by {diff:.3g} (max |logit| "
+                                f"difference) although the options should preserve it; nothing was written")
+    return result
+
+
+def _assign_shards(plan, limit):
+    shards, cur, size = [], [], 0
+    for row in plan:
+        b = nbytes(row[2], row[3])
+        if cur and size + b > limit:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(row)
+        size += b
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def _tick(progress, name):
+    if progress:
+        progress(name)
+
+
+def _write_moecli(tmp: Path, plan, prod: Producer, recipe: Recipe, src: DenseSource, o: UpcycleOptions, progress):
+    w = SafetensorsWriter(tmp / MODEL_FILE, [(n, dt, s) for n, _, dt, s, _ in plan], {"format": "pt"})
+    for name, _, dt, s, _ in plan:
+        w.write(name, prod.moecli_tensor(name).to(dt))
+        _tick(progress, name)
+    w.close()
+    cfg = {"format": FORMAT, "version": 1, "recipe": recipe.to_dict(),
+           "source": {"path": str(src.dir), "format": src.hf_type or "moecli", "upcycle": dataclasses.asdict(o)}}
+    if src.tokenizer_cfg:
+        cfg["tokenizer"] = src.tokenizer_cfg
+    atomic_write_json(tmp / CONFIG_FILE, cfg)
+    _copy_tokenizer(src.dir, tmp)
+
+
+def _write_hf(tmp: Path, shards, prod: Producer, recipe: Recipe, fmt: str, src: DenseSource, progress):
+    weight_map = {}
+    n = len(shards)
+    for k, shard in enumerate(shards):
+        fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        w = SafetensorsWriter(tmp / fname, [(r[0], r[2], r[3]) for r in shard], {"format": "pt"})
+        for name, kind, dt, s, srcinfo in shard:
+            if kind == "plain":
+                t = prod.moecli_tensor(srcinfo[0])
+            elif kind == "zero":
+                t = torch.zeros(s, dtype=dt)
+            else:
+                i, e, key = srcinfo
+                t = prod.expert_weight(i, e, key)
+            w.write(name, t.to(dt))
+            weight_map[name] = fname
+            _tick(progress, name)
+        w.close()
+    if n > 1:
+        total = sum(nbytes(r[2], r[3]) for sh in shards for r in sh)
+        atomic_write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map})
+    cfg = hf_config_for(recipe, fmt, src.hf_config if src.hf_type else None)
+    cfg["torch_dtype"] = cfg["dtype"] = str(prod.dtype).replace("torch.", "")
+    atomic_write_json(tmp / "config.json", cfg)
+    _copy_tokenizer(src.dir, tmp)
+
+
+def _copy_tokenizer(src_dir: Path, dst: Path) -> None:
+    for f in TOKENIZER_FILES:
+        if (src_dir / f).is_file():
+            shutil.copyfile(src_dir / f, dst / f)
+
+
+PROBE_LEN = 32
+
+
+@torch.no_grad()
+def _probe_logits(directory: Path) -> torch.Tensor:
+    from .checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(directory)
+    model.float()
+    r = model.recipe.model
+    gen = torch.Generator().manual_seed(1234)
+    x = torch.randint(0, r.vocab_size, (2, min(PROBE_LEN, r.context)), generator=gen)
+    return model(x).logits_BSV
+
+
+def probe_difference(dense_dir: Path, moe_dir: Path) -> tuple[float, float]:
+    """(max |logit difference|, max |dense logit|) on a seeded probe input."""
+    a = _probe_logits(dense_dir)
+    b = _probe_logits(moe_dir)
+    return float((a - b).abs().max()), float(a.abs().max())

@@ -1,0 +1,38 @@
+"""Tiny random Hugging Face models made locally with transformers (a test-only dependency)."""
+
+import torch
+
+COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)
+
+
+def make(kind: str, directory, seed: int = 0, **extra):
+    transformers = __import__("pytest").importorskip("transformers")
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {}),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 16}),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,
+                    {"num_local_experts": 4, "num_experts_per_tok": 2}),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM,
+                      {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "norm_topk_prob": True,
+                       "head_dim": 16}),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
+                      {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                       "shared_expert_intermediate_size": 24}),
+    }
+    C, M, kw = classes[kind]
+    torch.manual_seed(seed)
+    model = M(C(**{**COMMON, **kw, **extra})).eval()
+    with torch.no_grad():  # larger-than-default weights so that differences would show
+        for p in model.parameters():
+            p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+    save_kw = {"max_shard_size": extra.pop("_shard", None)} if "_shard" in extra else {}
+    model.save_pretrained(directory, **save_kw)
+    return model
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
