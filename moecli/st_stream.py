@@ -40,6 +40,14 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
 
 
+def write_tensor(f, t: torch.Tensor) -> None:
+    """Write a tensor's bytes to a binary file without an intermediate copy."""
+    t = t.detach().cpu().contiguous()
+    n = t.numel() * t.element_size()
+    if n:
+        f.write((ctypes.c_char * n).from_address(t.data_ptr()))
+
+
 class SafetensorsWriter:
     """Write ``plan`` = [(name, dtype, shape), ...] to ``path``, tensors supplied in plan order."""
 
@@ -66,7 +74,7 @@ class SafetensorsWriter:
             raise AssertionError(f"tensor {name} {t.dtype} {tuple(t.shape)} != plan {exp_name} {dtype} {shape}")
         size = nbytes(dtype, shape)
         if size:
-            self.f.write(tensor_bytes(t))
+            write_tensor(self.f, t)
         self.i += 1
 
     def close(self) -> None:

@@ -391,6 +391,7 @@ def upcycle(source: str, output: Path | None, o: UpcycleOptions, dry_run: bool =
     }
     if dry_run:
         return result
+    del result["plan"]
     if inexact and not allow_inexact:
         raise UserError("this conversion is not function-preserving: " + "; ".join(inexact) +
                         " (pass --allow-inexact to convert anyway)")
