@@ -185,6 +185,43 @@ def upcycle(
     _run(go, as_json, render.render_upcycle)
 
 
+@app.command("inspect-routing")
+def inspect_routing(
+    checkpoint: str = typer.Argument(..., help="moecli checkpoint, or a Hugging Face MoE directory."),
+    data: List[str] = typer.Argument(..., help="Text files, globs, directories, or - for stdin."),
+    max_tokens: int = typer.Option(65536, "--max-tokens", help="Read at most this many tokens."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    capacity_factor: float = typer.Option(1.25, "--capacity-factor", help="For the dropped-token fraction."),
+    top_tokens: int = typer.Option(5, "--top-tokens", help="Tokens listed per expert."),
+    near_dead: float = typer.Option(0.1, "--near-dead", help="Load (x uniform) below which an expert is near-dead."),
+    domain: Optional[List[str]] = typer.Option(None, "--domain", help="NAME=FILE, repeatable: domain specialisation."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="Another checkpoint of the run: router saturation."),
+    layer: Optional[int] = typer.Option(None, "--layer", help="Layer for the per-expert table (default: worst)."),
+    svg: Optional[Path] = typer.Option(None, "--svg", help="Also save the report as an SVG picture."),
+    as_json: bool = JSON_OPT,
+):
+    """Routing balance and specialisation per layer and expert: rich tables, --json, --svg."""
+    from .fileio import atomic_write_text
+    from .routing_stats import inspect_routing as inspect_fn
+
+    def go():
+        if batch_size < 1:
+            raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
+        if capacity_factor < 0:
+            raise UserError(f"--capacity-factor: must be >= 0, got {capacity_factor}")
+        res = inspect_fn(checkpoint, data, max_tokens, seq_len, batch_size, capacity_factor, top_tokens, near_dead,
+                         domain, compare)
+        if layer is not None and str(layer) not in res["layers"]:
+            raise UserError(f"--layer {layer}: not an MoE layer (MoE layers: {', '.join(res['layers'])})")
+        if svg is not None:
+            atomic_write_text(svg, render.routing_svg(res, None if layer is None else str(layer)))
+            res["svg"] = str(svg)
+        return res
+
+    _run(go, as_json, lambda r: render.render_routing(r, None if layer is None else str(layer)))
+
+
 @app.command()
 def info(
     target: Optional[str] = typer.Argument(None, help="A checkpoint directory or a recipe; omit for the environment."),

@@ -87,6 +87,13 @@ def tokenizer_from_checkpoint(directory: Path, cfg: dict):
     return ByteTokenizer()
 
 
+def check_vocab(tok, model, where) -> None:
+    if tok.vocab_size > model.recipe.model.vocab_size:
+        hint = " (no tokenizer.json beside the model, so bytes were assumed)" if tok.kind == "byte" else ""
+        raise UserError(f"{where}: the tokenizer has {tok.vocab_size} tokens but the model only "
+                        f"{model.recipe.model.vocab_size}{hint}")
+
+
 # ---------------------------------------------------------------- corpus discovery
 
 

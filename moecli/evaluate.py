@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import find_checkpoint_dir, load_checkpoint
-from .data import eval_windows, prepare_tokens, tokenizer_from_checkpoint
+from .data import check_vocab, eval_windows, tokenizer_from_checkpoint
 from .errors import UserError
 
 
@@ -37,8 +37,7 @@ def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: 
     seq_len = seq_len or min(context, model.recipe.train.seq_len)
     if not 1 <= seq_len <= context:
         raise UserError(f"--seq-len: must be between 1 and the model's context ({context}), got {seq_len}")
-    if tok.vocab_size > model.recipe.model.vocab_size:
-        raise UserError(f"{directory}: tokenizer has {tok.vocab_size} tokens but the model only {model.recipe.model.vocab_size}")
+    check_vocab(tok, model, directory)
     with tempfile.TemporaryDirectory(prefix="moe-eval-") as tmp:
         from .data import encode_to_file, expand_data_args, open_tokens
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .checkpoint import find_checkpoint_dir, load_checkpoint
-from .data import tokenizer_from_checkpoint
+from .data import check_vocab, tokenizer_from_checkpoint
 from .errors import UserError
 
 
@@ -36,7 +36,9 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: flo
     if temperature < 0:
         raise UserError(f"--temperature: must be >= 0, got {temperature}")
     model, cfg = load_checkpoint(checkpoint)
-    tok = tokenizer_from_checkpoint(find_checkpoint_dir(checkpoint), cfg)
+    directory = find_checkpoint_dir(checkpoint)
+    tok = tokenizer_from_checkpoint(directory, cfg)
+    check_vocab(tok, model, directory)
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise UserError("--prompt: empty prompt")

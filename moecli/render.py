@@ -11,7 +11,8 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-out = Console(soft_wrap=True)  # results for people (stdout)
+# results for people (stdout); wide when piped, since --json is the machine format
+out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)  # progress, logs, errors
 
 
@@ -221,3 +222,107 @@ def render_upcycle(res: dict) -> None:
         if len(res["plan"]) > 40:
             p.add_row(f"... {len(res['plan']) - 40} more", "", "")
         out.print(p)
+
+
+def _vio_style(v: float) -> str:
+    return "green" if v < 0.25 else "yellow" if v < 1.0 else "red"
+
+
+def _load_style(rel: float) -> str:
+    """Colour of one heatmap cell: blue = starved, green = about uniform, red = overloaded."""
+    if rel == 0:
+        return "grey30"
+    if rel < 0.5:
+        return "blue"
+    if rel < 0.8:
+        return "cyan"
+    if rel <= 1.25:
+        return "green"
+    if rel <= 2.0:
+        return "yellow"
+    return "red"
+
+
+def routing_tables(res: dict, detail_layer: str | None = None) -> list:
+    from rich.text import Text
+
+    items = []
+    s = Table(title=f"routing of {res['recipe']} over {res['tokens']:,} tokens "
+                    f"(capacity factor {res['capacity_factor']} for the dropped column)", title_justify="left")
+    for col in ("layer", "E/k", "MaxVio", "CV", "H(route)", "H(load)", "dead/near", "dropped", "gate1", "z mean/max",
+                "vocab", "status"):
+        s.add_column(col, justify="left" if col == "status" else "right", no_wrap=True)
+    for name, L in res["layers"].items():
+        st = {"ok": "green", "imbalanced": "yellow", "collapsed": "bold red"}[L["status"]]
+        s.add_row(name, f"{L['experts_n']}/{L['top_k']}", f"[{_vio_style(L['max_vio'])}]{L['max_vio']:.2f}[/]",
+                  f"{L['cv']:.2f}", f"{L['entropy']:.2f}", f"{L['load_entropy']:.2f}",
+                  f"{len(L['dead'])}/{len(L['near_dead'])}",
+                  "-" if L["dropped_frac"] is None else f"{100 * L['dropped_frac']:.1f}%",
+                  f"{L['top1_gate_mean']:.2f}", f"{L['z_mean']:.1f}/{L['z_max']:.1f}",
+                  f"{L['vocab_specialization']:.2f}", f"[{st}]{L['status']}[/]")
+    s.caption = ("H = entropy / log E (route: per token; load: of the expert shares); gate1 = mean top-1 weight; "
+                 f"vocab = mean P(expert | token) over its tokens (token-blind router: k/E)")
+    items.append(s)
+
+    heat = Text("load per expert (layer x expert; blue starved, green uniform, red overloaded):\n")
+    for name, L in res["layers"].items():
+        heat.append(f"{name:>5} ")
+        for e in L["experts"]:
+            heat.append("█", style=_load_style(e["load_rel"]))
+        heat.append(f"  max {max(e['load_rel'] for e in L['experts']):.2f}x\n")
+    items.append(heat)
+
+    if detail_layer is None:
+        detail_layer = max(res["layers"], key=lambda k: res["layers"][k]["max_vio"])
+    if detail_layer not in res["layers"]:
+        raise KeyError(detail_layer)
+    L = res["layers"][detail_layer]
+    d = Table(title=f"experts of layer {detail_layer}", title_justify="left")
+    for col in ("expert", "share", "load", "mean gate", "vocab spec.", "top tokens (P(expert|token))"):
+        d.add_column(col, justify="left" if col.startswith("top") else "right")
+    for e in L["experts"]:
+        toks = ", ".join(f"{t['text']!r} {t['p_expert_given_token']:.2f}" for t in e["top_tokens"])
+        d.add_row(str(e["expert"]), f"{100 * e['share']:.1f}%", f"[{_load_style(e['load_rel'])}]{e['load_rel']:.2f}x[/]",
+                  f"{e['mean_gate']:.3f}", f"{e['vocab_specialization']:.2f}", toks)
+    items.append(d)
+    if L.get("top_coactivation"):
+        c = Table(title=f"most frequent co-activations in layer {detail_layer} (all pairs ranked)", title_justify="left")
+        for col in ("a", "b", "P(b | a)", "tokens"):
+            c.add_column(col, justify="right")
+        for p in L["top_coactivation"][:8]:
+            c.add_row(str(p["a"]), str(p["b"]), f"{p['p_b_given_a']:.2f}", str(p["count"]))
+        items.append(c)
+    if res.get("domains"):
+        dm = Table(title="domain specialisation: top experts by lift (share x E; 1 = uniform)", title_justify="left")
+        dm.add_column("layer", justify="right")
+        dm.add_column("domain")
+        dm.add_column("top experts")
+        for layer, doms in res["domains"].items():
+            for dname, v in doms.items():
+                top = sorted(range(len(v["lift"])), key=lambda e: -v["lift"][e])[:5]
+                dm.add_row(layer, dname, ", ".join(f"{e}: {v['lift'][e]:.2f}x" for e in top))
+        items.append(dm)
+    if res.get("saturation"):
+        sat = Table(title=f"router saturation vs {res['saturation']['other']}", title_justify="left")
+        for col in ("layer", "top-k overlap", "top-1 agreement"):
+            sat.add_column(col, justify="right")
+        for layer, v in res["saturation"]["layers"].items():
+            sat.add_row(layer, f"{100 * v['topk_overlap']:.1f}%", f"{100 * v['top1_agreement']:.1f}%")
+        items.append(sat)
+    return items
+
+
+def render_routing(res: dict, detail_layer: str | None = None) -> None:
+    for item in routing_tables(res, detail_layer):
+        out.print(item)
+    if res.get("flagged"):
+        err.print("flagged layers: " + ", ".join(f"{k} ({v})" for k, v in res["flagged"].items()), highlight=False)
+
+
+def routing_svg(res: dict, detail_layer: str | None = None) -> str:
+    import io
+
+    rec = Console(record=True, file=io.StringIO(), width=150, force_terminal=True, color_system="truecolor")
+    for item in routing_tables(res, detail_layer):
+        rec.print(item)
+    return rec.export_svg(title=f"moe inspect-routing: {res['recipe']}")

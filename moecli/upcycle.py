@@ -282,10 +282,11 @@ DEFAULT_PROMPTS = (
 def prompt_centroids(src: DenseSource, layers: list[int], k: int, o: UpcycleOptions) -> dict[int, torch.Tensor]:
     """k-means (cosine) of each layer's FFN inputs over the prompts; rows scaled to router_std * sqrt(D)."""
     from .checkpoint import load_checkpoint
-    from .data import tokenizer_from_checkpoint
+    from .data import check_vocab, tokenizer_from_checkpoint
 
     model, cfg = load_checkpoint(src.dir)
     tok = tokenizer_from_checkpoint(src.dir, cfg if src.hf_type is None else {})
+    check_vocab(tok, model, src.dir)
     text = Path(o.prompts).read_text(encoding="utf-8") if o.prompts else DEFAULT_PROMPTS
     ids = tok.encode(text)[: model.recipe.model.context * 8]
     if len(ids) < k:

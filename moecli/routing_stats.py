@@ -1,0 +1,261 @@
+"""``moe inspect-routing``: how balanced and how specialised a model's routing is.
+
+Runs the model over text with each MoE layer capturing its RouterOutput and
+accumulates, per layer (E experts, K choices per token, T tokens):
+
+    load_E         assignments per expert (T*K in all); share = load / (T*K)
+    load_rel       load / (T*K/E): 1.0 = uniform
+    max_vio        (max load - mean load) / mean load
+    cv             std(load) / mean(load)
+    entropy        mean over tokens of H(normalised scores) / log E  (1 = undecided router)
+    load_entropy   H(share) / log E  (1 = perfectly balanced)
+    dead/near-dead experts with no load / load_rel < near_dead
+    dropped        fraction of assignments over capacity ceil(cf*T_batch*K/E)
+    gate           mean combine weight per expert; mean top-1 weight
+    z              logsumexp of the router logits: mean, std, max, mean z^2 (the z-loss)
+
+Specialisation: tokens per expert (and P(expert | token)), vocabulary
+specialisation (mean P(e | v) over the tokens e receives; K/E for a router
+blind to the token, 1 for a pure token lookup), co-activation of all expert
+pairs, per-domain expert shares (--domain name=file), and router saturation
+(top-k overlap) against another checkpoint of the same run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import find_checkpoint_dir, load_checkpoint
+from .data import _read_chunks, check_vocab, expand_data_args, tokenizer_from_checkpoint
+from .errors import UserError
+from .moe import dispatch, expert_capacity
+
+
+@dataclass
+class LayerAcc:
+    E: int
+    K: int
+    V: int
+    load: torch.Tensor = None
+    gate_sum: torch.Tensor = None
+    coact: torch.Tensor = None
+    tok_exp: torch.Tensor = None
+    tokens: int = 0
+    top1_sum: float = 0.0
+    entropy_sum: float = 0.0
+    z_sum: float = 0.0
+    z_sq_sum: float = 0.0
+    z_max: float = -math.inf
+    dropped: int = 0
+
+    def __post_init__(self):
+        self.load = torch.zeros(self.E, dtype=torch.int64)
+        self.gate_sum = torch.zeros(self.E, dtype=torch.float64)
+        self.coact = torch.zeros(self.E, self.E, dtype=torch.float64)
+        self.tok_exp = torch.zeros(self.V * self.E, dtype=torch.int64)
+
+    def add(self, route, token_ids_T: torch.Tensor, capacity_factor: float) -> None:
+        E, K = self.E, self.K
+        idx, w = route.idx_TK, route.weight_TK.detach().double()
+        T = idx.shape[0]
+        flat = idx.reshape(-1)
+        self.load += torch.bincount(flat, minlength=E)
+        self.gate_sum.index_add_(0, flat, w.reshape(-1))
+        self.top1_sum += float(w[:, 0].sum())
+        p = route.scores_TE.detach().float()
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
+        self.entropy_sum += float(-(p * p.clamp_min(1e-20).log()).sum())
+        z = torch.logsumexp(route.logits_TE.detach().float(), dim=-1)
+        self.z_sum += float(z.sum())
+        self.z_sq_sum += float((z.double() ** 2).sum())
+        self.z_max = max(self.z_max, float(z.max()))
+        if K > 1:
+            hits = torch.zeros(T, E).scatter_(1, idx, 1.0)
+            self.coact += (hits.t() @ hits).double()
+        self.tok_exp += torch.bincount((token_ids_T.unsqueeze(1) * E + idx).reshape(-1), minlength=self.V * E)
+        if capacity_factor > 0:
+            self.dropped += dispatch(idx, None, E, expert_capacity(T, K, E, capacity_factor)).dropped
+        self.tokens += T
+
+
+def _entropy(p: torch.Tensor) -> float:
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
+
+
+def layer_report(acc: LayerAcc, tok, top_tokens: int, near_dead: float, capacity_factor: float) -> dict:
+    E, K = acc.E, acc.K
+    n = acc.tokens * K
+    load = acc.load.double()
+    mean = load.mean()
+    share = load / max(n, 1)
+    load_rel = load / mean if mean > 0 else load
+    tok_exp = acc.tok_exp.view(acc.V, E).double()
+    occurrences = tok_exp.sum(1) / K  # tokens of each id (each makes K assignments)
+    p_e_given_v = tok_exp / occurrences.clamp_min(1).unsqueeze(1)
+    vocab_spec = (tok_exp * p_e_given_v).sum(0) / load.clamp_min(1)
+    experts = []
+    for e in range(E):
+        col = tok_exp[:, e]
+        top = torch.topk(col, min(top_tokens, int((col > 0).sum()))).indices.tolist() if col.sum() > 0 else []
+        experts.append({
+            "expert": e, "load": int(acc.load[e]), "share": float(share[e]), "load_rel": float(load_rel[e]),
+            "mean_gate": float(acc.gate_sum[e] / acc.load[e]) if acc.load[e] else 0.0,
+            "vocab_specialization": float(vocab_spec[e]),
+            "top_tokens": [{"id": v, "text": tok.decode([v]), "count": int(col[v]), "p_expert_given_token":
+                            float(p_e_given_v[v, e])} for v in top],
+        })
+    max_rel = float(load_rel.max())
+    collapsed = K < E and max_rel >= 0.9 * E / K
+    max_vio = float((load.max() - mean) / mean) if mean > 0 else 0.0
+    rep = {
+        "experts_n": E, "top_k": K, "tokens": acc.tokens, "assignments": n,
+        "max_vio": max_vio, "cv": float(load.std(unbiased=False) / mean) if mean > 0 else 0.0,
+        "entropy": acc.entropy_sum / max(acc.tokens, 1) / math.log(E) if E > 1 else 0.0,
+        "load_entropy": _entropy(share) / math.log(E) if E > 1 else 0.0,
+        "dead": [e for e in range(E) if acc.load[e] == 0],
+        "near_dead": [e for e in range(E) if 0 < load_rel[e] < near_dead],
+        "dropped_frac": acc.dropped / max(n, 1) if capacity_factor > 0 else None,
+        "top1_gate_mean": acc.top1_sum / max(acc.tokens, 1),
+        "z_mean": acc.z_sum / max(acc.tokens, 1),
+        "z_std": math.sqrt(max(acc.z_sq_sum / max(acc.tokens, 1) - (acc.z_sum / max(acc.tokens, 1)) ** 2, 0.0)),
+        "z_max": acc.z_max, "z_loss": acc.z_sq_sum / max(acc.tokens, 1),
+        "vocab_specialization": float((vocab_spec * share).sum()), "vocab_specialization_blind": K / E,
+        "collapsed": collapsed,
+        "status": "collapsed" if collapsed else ("imbalanced" if max_vio > 1.0 or acc.load.eq(0).any() else "ok"),
+        "experts": experts,
+    }
+    if K > 1:
+        with_i = acc.coact.diagonal().clamp_min(1)
+        cond = acc.coact / with_i.unsqueeze(1)  # P(j chosen | i chosen)
+        cond.fill_diagonal_(0)
+        rep["coactivation"] = acc.coact.tolist()
+        pairs = [(i, j, float(cond[i, j]), int(acc.coact[i, j])) for i in range(E) for j in range(E) if i != j]
+        pairs.sort(key=lambda x: -x[2])
+        rep["top_coactivation"] = [{"a": i, "b": j, "p_b_given_a": p, "count": c} for i, j, p, c in pairs[:10]]
+    return rep
+
+
+@dataclass
+class Stream:
+    """A tokenised text stream cut into windows for batched forwards."""
+    ids: torch.Tensor
+    seq_len: int
+
+    def batches(self, batch_size: int):
+        n = self.ids.numel() // self.seq_len
+        x = self.ids[: n * self.seq_len].view(n, self.seq_len)
+        for i in range(0, n, batch_size):
+            yield x[i: i + batch_size]
+
+
+def read_tokens(args: list[str], tok, max_tokens: int) -> torch.Tensor:
+    ids: list[int] = []
+    for src in expand_data_args(args):
+        text = b"".join(_read_chunks(src)).decode("utf-8", errors="replace")
+        ids.extend(tok.encode(text))
+        if len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+
+
+@torch.no_grad()
+def run_routing(model, stream: Stream, batch_size: int, capacity_factor: float, keep_idx: bool = False):
+    """Forward the stream; returns {layer: LayerAcc} (and {layer: [idx_TK ...]} with keep_idx)."""
+    moe_layers = model.moe_layers
+    V = model.recipe.model.vocab_size
+    accs = {i: LayerAcc(m.cfg.num_experts, m.cfg.top_k, V) for i, m in moe_layers}
+    kept: dict[int, list[torch.Tensor]] = {i: [] for i, _ in moe_layers}
+    model.eval()
+    for _, m in moe_layers:
+        m.capture = True
+    try:
+        for x in stream.batches(batch_size):
+            model(x)
+            flat = x.reshape(-1)
+            for i, m in moe_layers:
+                accs[i].add(m.last_route, flat, capacity_factor)
+                if keep_idx:
+                    kept[i].append(m.last_route.idx_TK.clone())
+    finally:
+        for _, m in moe_layers:
+            m.capture = False
+            m.last_route = None
+    return accs, kept
+
+
+def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, seq_len: int | None = None,
+                    batch_size: int = 8, capacity_factor: float = 1.25, top_tokens: int = 5, near_dead: float = 0.1,
+                    domains: list[str] | None = None, compare: str | None = None) -> dict:
+    model, cfg = load_checkpoint(checkpoint)
+    if not model.moe_layers:
+        raise UserError(f"{checkpoint}: has no MoE layers (a dense model); nothing to inspect")
+    directory = find_checkpoint_dir(checkpoint)
+    tok = tokenizer_from_checkpoint(directory, cfg)
+    check_vocab(tok, model, directory)
+    ctx = model.recipe.model.context
+    seq_len = seq_len or min(ctx, model.recipe.train.seq_len)
+    if not 1 <= seq_len <= ctx:
+        raise UserError(f"--seq-len: must be between 1 and the model's context ({ctx}), got {seq_len}")
+    if max_tokens < seq_len:
+        raise UserError(f"--max-tokens: must be >= seq_len ({seq_len}), got {max_tokens}")
+    if not data:
+        raise UserError("DATA: give at least one file, directory, glob, or - for stdin")
+    ids = read_tokens(data, tok, max_tokens)
+    if ids.numel() < seq_len:
+        raise UserError(f"{', '.join(data)}: only {ids.numel()} tokens; need at least --seq-len {seq_len}")
+    stream = Stream(ids, seq_len)
+    accs, kept = run_routing(model, stream, batch_size, capacity_factor, keep_idx=compare is not None)
+    layers = {str(i): layer_report(a, tok, top_tokens, near_dead, capacity_factor) for i, a in accs.items()}
+    result = {
+        "checkpoint": str(directory), "recipe": model.recipe.name, "tokens": int(stream.ids.numel() // seq_len * seq_len),
+        "seq_len": seq_len, "capacity_factor": capacity_factor, "near_dead_threshold": near_dead,
+        "layers": layers,
+        "flagged": {k: v["status"] for k, v in layers.items() if v["status"] != "ok"},
+    }
+    if domains:
+        result["domains"] = domain_report(model, tok, domains, seq_len, batch_size, max_tokens)
+    if compare:
+        result["saturation"] = saturation(compare, stream, batch_size, kept)
+    return result
+
+
+def domain_report(model, tok, domains: list[str], seq_len: int, batch_size: int, max_tokens: int) -> dict:
+    out: dict[str, dict] = {}
+    for spec in domains:
+        if "=" not in spec:
+            raise UserError(f"--domain {spec}: expected NAME=FILE")
+        name, path = spec.split("=", 1)
+        ids = read_tokens([path], tok, max_tokens)
+        if ids.numel() < seq_len:
+            raise UserError(f"--domain {spec}: only {ids.numel()} tokens; need at least {seq_len}")
+        accs, _ = run_routing(model, Stream(ids, seq_len), batch_size, 0.0)
+        for i, a in accs.items():
+            share = (a.load.double() / max(a.tokens * a.K, 1))
+            out.setdefault(str(i), {})[name] = {"share": share.tolist(), "lift": (share * a.E).tolist(),
+                                                 "tokens": a.tokens}
+    return out
+
+
+def saturation(other: str, stream: Stream, batch_size: int, kept: dict[int, list[torch.Tensor]]) -> dict:
+    """Top-k overlap between this checkpoint's routing and another's on the same tokens, per layer."""
+    model_b, _ = load_checkpoint(other)
+    layers_b = dict(model_b.moe_layers)
+    if sorted(layers_b) != sorted(kept):
+        raise UserError(f"{other}: MoE layers {sorted(layers_b)} differ from {sorted(kept)}; not the same run")
+    _, kept_b = run_routing(model_b, stream, batch_size, 0.0, keep_idx=True)
+    out = {}
+    for i in kept:
+        a = torch.cat(kept[i])
+        b = torch.cat(kept_b[i])
+        if a.shape != b.shape:
+            raise UserError(f"{other}: layer {i} routes to {b.shape[1]} experts per token, this one to {a.shape[1]}")
+        E = int(max(a.max(), b.max())) + 1
+        ha = torch.zeros(a.shape[0], E).scatter_(1, a, 1.0)
+        hb = torch.zeros(b.shape[0], E).scatter_(1, b, 1.0)
+        overlap = (ha * hb).sum(1) / a.shape[1]
+        out[str(i)] = {"topk_overlap": float(overlap.mean()), "top1_agreement": float((a[:, 0] == b[:, 0]).float().mean())}
+    return {"other": str(other), "layers": out}

@@ -1,0 +1,168 @@
+"""moe inspect-routing: statistics against hand-computed routing, collapse flag, HF Mixtral parity, outputs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from moecli.router import RouterOutput
+from moecli.routing_stats import LayerAcc, layer_report
+from moecli.data import ByteTokenizer
+
+from hf_models import make
+
+
+def route(idx, weights, logits):
+    logits = torch.tensor(logits, dtype=torch.float32)
+    return RouterOutput(logits, torch.softmax(logits, -1), torch.tensor(idx), torch.tensor(weights), None)
+
+
+def test_stats_hand_computed():
+    # 4 tokens, E=4, K=2; token ids 65 'A', 66 'B', 65, 67
+    idx = [[0, 1], [0, 2], [0, 1], [3, 0]]
+    w = [[0.6, 0.4], [0.7, 0.3], [0.5, 0.5], [0.9, 0.1]]
+    logits = [[0.0, 0.0, 0.0, 0.0]] * 4  # uniform scores: entropy = log 4, z = log 4
+    acc = LayerAcc(4, 2, 256)
+    acc.add(route(idx, w, logits), torch.tensor([65, 66, 65, 67]), capacity_factor=1.0)
+    rep = layer_report(acc, ByteTokenizer(), top_tokens=2, near_dead=0.6, capacity_factor=1.0)
+    # loads: e0 = 4, e1 = 2, e2 = 1, e3 = 1 -> mean 2
+    assert [e["load"] for e in rep["experts"]] == [4, 2, 1, 1]
+    assert rep["max_vio"] == pytest.approx(1.0)
+    assert rep["cv"] == pytest.approx(math.sqrt(((4 - 2) ** 2 + 0 + 1 + 1) / 4) / 2)
+    assert rep["entropy"] == pytest.approx(1.0)
+    assert rep["z_mean"] == pytest.approx(math.log(4)) and rep["z_loss"] == pytest.approx(math.log(4) ** 2)
+    assert rep["top1_gate_mean"] == pytest.approx((0.6 + 0.7 + 0.5 + 0.9) / 4)
+    assert rep["experts"][0]["mean_gate"] == pytest.approx((0.6 + 0.7 + 0.5 + 0.1) / 4)
+    assert rep["dead"] == [] and rep["near_dead"] == [2, 3]  # load_rel 0.5 < 0.6
+    shares = [4 / 8, 2 / 8, 1 / 8, 1 / 8]
+    assert rep["load_entropy"] == pytest.approx(-sum(s * math.log(s) for s in shares) / math.log(4))
+    # capacity ceil(1.0*4*2/4) = 2: expert 0 wants 4 -> 2 dropped of 8
+    assert rep["dropped_frac"] == pytest.approx(2 / 8)
+    # co-activation: (0,1) twice, (0,2) once, (0,3) once
+    co = rep["coactivation"]
+    assert co[0][1] == 2 and co[1][0] == 2 and co[0][2] == 1 and co[0][3] == 1 and co[1][2] == 0
+    top = rep["top_coactivation"][0]
+    assert (top["a"], top["b"], top["p_b_given_a"]) == (1, 0, 1.0)
+    # token 'A' (65) occurs twice and goes to 0 and 1 both times: P(0|A) = 1
+    e0 = rep["experts"][0]
+    assert e0["top_tokens"][0]["text"] == "A" and e0["top_tokens"][0]["p_expert_given_token"] == 1.0
+    # vocab specialisation of expert 1: its tokens A, A, with P(1|A) = 1 -> 1.0
+    assert rep["experts"][1]["vocab_specialization"] == pytest.approx(1.0)
+
+
+def test_near_dead_threshold_strict(tmp_path):
+    acc = LayerAcc(4, 1, 256)
+    acc.add(route([[0], [0], [0], [1]], [[1.0]] * 4, [[0.0] * 4] * 4), torch.tensor([1, 2, 3, 4]), 0.0)
+    rep = layer_report(acc, ByteTokenizer(), 3, 0.5, 0.0)
+    assert rep["dead"] == [2, 3] and rep["near_dead"] == []
+    assert rep["status"] == "imbalanced" and rep["dropped_frac"] is None
+
+
+@pytest.fixture
+def trained(tmp_path, tiny_recipe, cli):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"alpha beta {i} gamma delta\n" for i in range(400)))
+    run = tmp_path / "run"
+    r = cli("train", tiny_recipe(train={"max_steps": 4, "ckpt_interval": 2}), corpus, "-o", run, "-q")
+    assert r.returncode == 0, r.stderr
+    return run, corpus
+
+
+def test_collapsed_router_is_flagged(tmp_path, trained, cli):
+    from safetensors.torch import load_file, save_file
+    run, corpus = trained
+    ck = run / "checkpoint"
+    sd = load_file(ck / "model.safetensors")
+    for k in sd:
+        if k.endswith("router.gate.weight"):
+            sd[k] = torch.zeros_like(sd[k])
+        if k.endswith("expert_bias"):
+            sd[k] = torch.tensor([0.0, 5.0, 4.0, 0.0])  # every token -> experts 1 and 2
+    save_file(sd, ck / "model.safetensors")
+    r = cli("inspect-routing", run, corpus, "--json", "--max-tokens", "2000")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    for name, L in res["layers"].items():
+        assert L["collapsed"] and L["status"] == "collapsed"
+        assert L["dead"] == [0, 3]
+        assert L["max_vio"] == pytest.approx(1.0)  # loads (0, T, T, 0): max/mean - 1 = 1
+        assert res["flagged"][name] == "collapsed"
+    r = cli("inspect-routing", run, corpus, "--max-tokens", "2000")
+    assert r.returncode == 0 and "collapsed" in r.stdout and "flagged layers" in r.stderr
+
+
+def test_domains_saturation_svg(tmp_path, trained, cli):
+    run, corpus = trained
+    code = tmp_path / "code.txt"
+    code.write_text("def f(x):\n    return x * 2\n" * 80)
+    svg = tmp_path / "report.svg"
+    r = cli("inspect-routing", run, corpus, "--json", "--max-tokens", "3000", "--domain", f"prose={corpus}",
+            "--domain", f"code={code}", "--compare", run, "--svg", svg)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    for layer, doms in res["domains"].items():
+        assert set(doms) == {"prose", "code"}
+        assert sum(doms["code"]["share"]) == pytest.approx(1.0)
+    assert all(v["topk_overlap"] == 1.0 for v in res["saturation"]["layers"].values())
+    assert svg.read_text().lstrip().startswith("<svg")
+    r = cli("inspect-routing", run, corpus, "--domain", "nofile")
+    assert r.returncode == 2 and "expected NAME=FILE" in r.stderr
+    r = cli("inspect-routing", run, corpus, "--layer", "7")
+    assert r.returncode == 2 and "not an MoE layer" in r.stderr
+
+
+def test_saturation_between_different_checkpoints(tmp_path, trained, cli):
+    run, corpus = trained
+    r = cli("upcycle", run, "-o", tmp_path / "x")  # a trained MoE is not upcycled
+    assert r.returncode == 2
+    other = tmp_path / "other"
+    r = cli("train", "-o", run, "--resume", "--max-steps", "30", "-q", "--set", "train.lr=0.02")
+    assert r.returncode == 0, r.stderr
+    import shutil
+    shutil.copytree(run / "checkpoint", other)
+    r = cli("train", "-o", run, "--resume", "--max-steps", "60", "-q", "--set", "train.lr=0.02")
+    assert r.returncode == 0, r.stderr
+    r = cli("inspect-routing", run, corpus, "--json", "--compare", other, "--max-tokens", "3000")
+    res = json.loads(r.stdout)
+    overlaps = [v["topk_overlap"] for v in res["saturation"]["layers"].values()]
+    assert all(0 <= o <= 1 for o in overlaps) and min(overlaps) < 1.0
+
+
+def _char_tokenizer(path, vocab):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz .,\n"))[: vocab]
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)} | {"[UNK]": len(chars)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.save(str(path))
+
+
+def test_hf_mixtral_routing_matches_transformers(tmp_path, cli):
+    pytest.importorskip("transformers")
+    d = tmp_path / "mixtral"
+    hf = make("mixtral", d)
+    _char_tokenizer(d / "tokenizer.json", 90)
+    from moecli.checkpoint import load_checkpoint
+    from moecli.routing_stats import Stream, run_routing
+    ours, _ = load_checkpoint(d)
+    x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = hf(x, output_router_logits=True)
+    _, kept = run_routing(ours, Stream(x.reshape(-1), 16), batch_size=2, capacity_factor=0.0, keep_idx=True)
+    for layer, hf_logits in enumerate(out.router_logits):
+        hf_top = hf_logits.float().topk(2, dim=-1).indices
+        assert torch.equal(torch.cat(kept[layer]), hf_top)
+    for i, moe in ours.moe_layers:
+        moe.capture = True
+    with torch.no_grad():
+        ours(x)
+    for (i, moe), hf_logits in zip(ours.moe_layers, out.router_logits):
+        torch.testing.assert_close(moe.last_route.logits_TE, hf_logits.float(), rtol=1e-5, atol=1e-5)
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog.\n" * 20)
+    r = cli("inspect-routing", d, text, "--json", "--seq-len", "32")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert set(res["layers"]) == {"0", "1"} and res["layers"]["0"]["experts_n"] == 4
+    assert any(t["text"] for e in res["layers"]["0"]["experts"] for t in e["top_tokens"])
