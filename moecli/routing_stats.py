@@ -31,54 +31,62 @@ import torch
 from .checkpoint import find_checkpoint_dir, load_checkpoint
 from .data import _read_chunks, check_vocab, expand_data_args, tokenizer_from_checkpoint
 from .errors import UserError
-from .moe import dispatch, expert_capacity
+from .moe import expert_capacity
 
 
-@dataclass
 class LayerAcc:
-    E: int
-    K: int
-    V: int
-    load: torch.Tensor = None
-    gate_sum: torch.Tensor = None
-    coact: torch.Tensor = None
-    tok_exp: torch.Tensor = None
-    tokens: int = 0
-    top1_sum: float = 0.0
-    entropy_sum: float = 0.0
-    z_sum: float = 0.0
-    z_sq_sum: float = 0.0
-    z_max: float = -math.inf
-    dropped: int = 0
+    """Running routing statistics of one MoE layer (all sums kept as tensors: no per-batch syncs)."""
 
-    def __post_init__(self):
-        self.load = torch.zeros(self.E, dtype=torch.int64)
-        self.gate_sum = torch.zeros(self.E, dtype=torch.float64)
-        self.coact = torch.zeros(self.E, self.E, dtype=torch.float64)
-        self.tok_exp = torch.zeros(self.V * self.E, dtype=torch.int64)
+    def __init__(self, E: int, K: int, V: int, scores_sum_to_one: bool = False):
+        self.E, self.K, self.V = E, K, V
+        self.scores_sum_to_one = scores_sum_to_one  # softmax scores need no renormalising
+        self.load = torch.zeros(E, dtype=torch.int64)
+        self.gate_sum = torch.zeros(E, dtype=torch.float64)
+        self.coact = torch.zeros(E, E, dtype=torch.float64)
+        self.tok_exp = torch.zeros(V * E, dtype=torch.int64)
+        self.sums = torch.zeros(4, dtype=torch.float64)  # top-1 gate, entropy, z, z^2
+        self.z_max = torch.tensor(-math.inf)
+        self.tokens = 0
+        self.dropped = 0
 
     def add(self, route, token_ids_T: torch.Tensor, capacity_factor: float) -> None:
         E, K = self.E, self.K
-        idx, w = route.idx_TK, route.weight_TK.detach().double()
+        idx, w = route.idx_TK, route.weight_TK.detach()
         T = idx.shape[0]
         flat = idx.reshape(-1)
-        self.load += torch.bincount(flat, minlength=E)
-        self.gate_sum.index_add_(0, flat, w.reshape(-1))
-        self.top1_sum += float(w[:, 0].sum())
-        p = route.scores_TE.detach().float()
-        p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
-        self.entropy_sum += float(-(p * p.clamp_min(1e-20).log()).sum())
-        z = torch.logsumexp(route.logits_TE.detach().float(), dim=-1)
-        self.z_sum += float(z.sum())
-        self.z_sq_sum += float((z.double() ** 2).sum())
-        self.z_max = max(self.z_max, float(z.max()))
+        load = torch.bincount(flat, minlength=E)
+        self.load += load
+        self.gate_sum += torch.zeros(E, dtype=w.dtype).index_add_(0, flat, w.reshape(-1))
+        p = route.scores_TE.detach()
+        if not self.scores_sum_to_one:
+            p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
+        z = torch.logsumexp(route.logits_TE.detach(), dim=-1)
+        self.sums += torch.stack([w[:, 0].sum(), torch.special.entr(p).sum(), z.sum(), z.dot(z)]).double()
+        self.z_max = torch.maximum(self.z_max, z.max())
         if K > 1:
-            hits = torch.zeros(T, E).scatter_(1, idx, 1.0)
-            self.coact += (hits.t() @ hits).double()
+            hits = torch.zeros(T, E, dtype=torch.float64).scatter_(1, idx, 1.0)
+            self.coact.addmm_(hits.t(), hits)
         self.tok_exp += torch.bincount((token_ids_T.unsqueeze(1) * E + idx).reshape(-1), minlength=self.V * E)
-        if capacity_factor > 0:
-            self.dropped += dispatch(idx, None, E, expert_capacity(T, K, E, capacity_factor)).dropped
+        if capacity_factor > 0:  # each expert keeps its first `cap` assignments: the rest are dropped
+            cap = expert_capacity(T, K, E, capacity_factor)
+            self.dropped += int((load - cap).clamp_min(0).sum())
         self.tokens += T
+
+    @property
+    def top1_sum(self) -> float:
+        return float(self.sums[0])
+
+    @property
+    def entropy_sum(self) -> float:
+        return float(self.sums[1])
+
+    @property
+    def z_sum(self) -> float:
+        return float(self.sums[2])
+
+    @property
+    def z_sq_sum(self) -> float:
+        return float(self.sums[3])
 
 
 def _entropy(p: torch.Tensor) -> float:
@@ -122,7 +130,7 @@ def layer_report(acc: LayerAcc, tok, top_tokens: int, near_dead: float, capacity
         "top1_gate_mean": acc.top1_sum / max(acc.tokens, 1),
         "z_mean": acc.z_sum / max(acc.tokens, 1),
         "z_std": math.sqrt(max(acc.z_sq_sum / max(acc.tokens, 1) - (acc.z_sum / max(acc.tokens, 1)) ** 2, 0.0)),
-        "z_max": acc.z_max, "z_loss": acc.z_sq_sum / max(acc.tokens, 1),
+        "z_max": float(acc.z_max), "z_loss": acc.z_sq_sum / max(acc.tokens, 1),
         "vocab_specialization": float((vocab_spec * share).sum()), "vocab_specialization_blind": K / E,
         "collapsed": collapsed,
         "status": "collapsed" if collapsed else ("imbalanced" if max_vio > 1.0 or acc.load.eq(0).any() else "ok"),
@@ -132,7 +140,7 @@ def layer_report(acc: LayerAcc, tok, top_tokens: int, near_dead: float, capacity
         with_i = acc.coact.diagonal().clamp_min(1)
         cond = acc.coact / with_i.unsqueeze(1)  # P(j chosen | i chosen)
         cond.fill_diagonal_(0)
-        rep["coactivation"] = acc.coact.tolist()
+        rep["coactivation"] = acc.coact.round().long().tolist()
         pairs = [(i, j, float(cond[i, j]), int(acc.coact[i, j])) for i in range(E) for j in range(E) if i != j]
         pairs.sort(key=lambda x: -x[2])
         rep["top_coactivation"] = [{"a": i, "b": j, "p_b_given_a": p, "count": c} for i, j, p, c in pairs[:10]]
@@ -167,7 +175,7 @@ def run_routing(model, stream: Stream, batch_size: int, capacity_factor: float, 
     """Forward the stream; returns {layer: LayerAcc} (and {layer: [idx_TK ...]} with keep_idx)."""
     moe_layers = model.moe_layers
     V = model.recipe.model.vocab_size
-    accs = {i: LayerAcc(m.cfg.num_experts, m.cfg.top_k, V) for i, m in moe_layers}
+    accs = {i: LayerAcc(m.cfg.num_experts, m.cfg.top_k, V, m.cfg.score_func == "softmax") for i, m in moe_layers}
     kept: dict[int, list[torch.Tensor]] = {i: [] for i, _ in moe_layers}
     model.eval()
     for _, m in moe_layers:
