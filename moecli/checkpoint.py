@@ -31,10 +31,15 @@ def model_state(model: Transformer) -> dict[str, torch.Tensor]:
     return sd
 
 
-def save_checkpoint(model: Transformer, directory: Path, extra: dict | None = None) -> None:
-    """Write config.json + model.safetensors into an existing (usually temporary) directory."""
+def save_checkpoint(model: Transformer, directory: Path, extra: dict | None = None,
+                    state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write config.json + model.safetensors into an existing (usually temporary) directory.
+
+    ``state`` replaces the model's own state dict (e.g. experts gathered from several ranks).
+    """
     directory = Path(directory)
-    save_file(model_state(model), str(directory / MODEL_FILE), metadata={"format": "pt"})
+    save_file(state if state is not None else model_state(model), str(directory / MODEL_FILE),
+              metadata={"format": "pt"})
     config = {"format": FORMAT, "version": 1, "recipe": model.recipe.to_dict()}
     config.update(extra or {})
     atomic_write_json(directory / CONFIG_FILE, config)

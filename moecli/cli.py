@@ -93,6 +93,8 @@ def train(
     set_: Optional[List[str]] = SET_OPT,
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="A Hugging Face tokenizer.json (default: bytes)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its checkpoint."),
+    nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes (torch.distributed; gloo on CPU)."),
+    expert_parallel: bool = typer.Option(False, "--expert-parallel", help="With --nproc: shard experts over ranks."),
     force: bool = typer.Option(False, "--force", help="Start over in an --output that already holds a run."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
     as_json: bool = JSON_OPT,
@@ -103,13 +105,16 @@ def train(
     ov = _overrides(set_, **{"train.max_steps": max_steps, "train.batch_size": batch_size, "train.seq_len": seq_len,
                              "train.lr": lr, "train.seed": seed, "train.eval_interval": eval_interval,
                              "train.ckpt_interval": ckpt_interval})
-    args = TrainArgs(recipe, list(data or []), output, ov, resume, force, tokenizer, quiet)
+    args = TrainArgs(recipe, list(data or []), output, ov, resume, force, tokenizer, quiet, nproc, expert_parallel)
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # by torchrun: one CLI per rank
+    main_rank = int(os.environ.get("RANK", "0")) == 0
 
     def go():
-        with render.TrainProgress(enabled=not quiet) as prog:
+        with render.TrainProgress(enabled=not quiet and nproc == 1 and not launched) as prog:  # ranks draw their own
             return train_fn(args, progress=prog.update)
 
-    _run(go, as_json, render.render_train)
+    _run(go, as_json and main_rank, render.render_train if main_rank else None)
 
 
 @app.command("eval")

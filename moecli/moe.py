@@ -83,6 +83,7 @@ class MoELayer(nn.Module):
         self.stats: dict[str, torch.Tensor | int] = {}
         self.capture = False
         self.last_route: RouterOutput | None = None
+        self.ep_world = 1  # > 1: experts sharded over ranks (distributed.shard_experts)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
@@ -92,7 +93,13 @@ class MoELayer(nn.Module):
         cap = expert_capacity(T, K, E, self.cfg.capacity_factor) if self.cfg.capacity_factor > 0 else 0
         d = dispatch(route.idx_TK, route.keep_TK, E, cap)
 
-        y_ND = self.experts(x_TD.index_select(0, d.token_N), d.counts_E)
+        x_ND = x_TD.index_select(0, d.token_N)
+        if self.ep_world > 1:
+            from .distributed import expert_parallel_ffn
+
+            y_ND = expert_parallel_ffn(self.experts, x_ND, d.counts_E, self.ep_world)
+        else:
+            y_ND = self.experts(x_ND, d.counts_E)
         w_N = route.weight_TK[d.token_N, d.choice_N].to(y_ND.dtype)
         out_TD = torch.zeros_like(x_TD).index_add_(0, d.token_N, y_ND * w_N.unsqueeze(-1))
         if self.shared is not None:

@@ -14,8 +14,10 @@ Output directory layout:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,9 +28,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .build import prepare_recipe
-from .checkpoint import CONFIG_FILE, load_into, load_state_file, read_config, save_checkpoint
+from .checkpoint import CONFIG_FILE, load_into, load_state_file, model_state, read_config, save_checkpoint
 from .config import apply_overrides, recipe_from_dict
 from .data import eval_windows, load_tokenizer, prepare_tokens, sample_batch
+from .distributed import (DistInfo, all_mean, all_sum_, barrier, current, expert_params, gather_experts,
+                          init_from_env, shard_experts, spawn, sync_gradients)
 from .errors import RunFailed, UserError
 from .evaluate import evaluate_loss
 from .fileio import atomic_dir, atomic_write_json, atomic_write_text
@@ -47,6 +51,9 @@ class TrainArgs:
     force: bool = False
     tokenizer: str | None = None
     quiet: bool = False
+    nproc: int = 1  # > 1: spawn this many data-parallel processes
+    expert_parallel: bool = False  # with nproc > 1: shard each layer's experts over the processes
+    data_fingerprint: str | None = None  # set by the launcher: ranks reuse its token cache
 
 
 def lr_at(step: int, t) -> float:
@@ -83,18 +90,44 @@ def max_vio(load_E: torch.Tensor) -> float:
 # ---------------------------------------------------------------- checkpoint state
 
 
-def save_train_checkpoint(out: Path, model, opt, step: int, tokens_seen: int, tokenizer, data_fp: str) -> Path:
+def _full_state(model, opt, info: DistInfo) -> tuple[dict, dict]:
+    """Model state and flat optimizer state with whole experts (gathered from every rank under EP)."""
+    sd = model_state(model)
+    state = opt.state_dict()
+    tensors = {f"{idx}.{k}": v.contiguous() for idx, s in state["state"].items() for k, v in s.items()}
+    if info.expert_parallel and info.world > 1:
+        for name in list(sd):
+            if ".moe.experts." in name:
+                sd[name] = gather_experts(sd[name], info)
+        sharded = _expert_indices(model, opt)
+        for key in list(tensors):
+            idx, what = key.split(".", 1)
+            if int(idx) in sharded and what != "step":
+                tensors[key] = gather_experts(tensors[key], info)
+    return sd, {"tensors": tensors, "param_groups": state["param_groups"]}
+
+
+def _expert_indices(model, opt) -> set[int]:
+    experts = expert_params(model)
+    order = [p for g in opt.param_groups for p in g["params"]]
+    return {i for i, p in enumerate(order) if id(p) in experts}
+
+
+def save_train_checkpoint(out: Path, model, opt, step: int, tokens_seen: int, tokenizer, data_fp: str,
+                          info: DistInfo) -> Path:
     target = out / "checkpoint"
-    with atomic_dir(target, overwrite=True) as tmp:
-        save_checkpoint(model, tmp, {"step": step, "tokens_seen": tokens_seen, "tokenizer": tokenizer.to_config()})
-        state = opt.state_dict()
-        tensors = {f"{idx}.{k}": v.contiguous() for idx, s in state["state"].items() for k, v in s.items()}
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        atomic_write_json(tmp / "train_state.json", {
-            "step": step, "tokens_seen": tokens_seen, "param_groups": state["param_groups"], "data": data_fp,
-        })
-        if tokenizer.kind == "hf":
-            shutil.copyfile(tokenizer.path, tmp / "tokenizer.json")
+    sd, ostate = _full_state(model, opt, info)  # every rank takes part in the gathers
+    if info.is_main:
+        with atomic_dir(target, overwrite=True) as tmp:
+            save_checkpoint(model, tmp, {"step": step, "tokens_seen": tokens_seen,
+                                         "tokenizer": tokenizer.to_config()}, state=sd)
+            save_file(ostate["tensors"], str(tmp / "optimizer.safetensors"))
+            atomic_write_json(tmp / "train_state.json", {
+                "step": step, "tokens_seen": tokens_seen, "param_groups": ostate["param_groups"], "data": data_fp,
+            })
+            if tokenizer.kind == "hf":
+                shutil.copyfile(tokenizer.path, tmp / "tokenizer.json")
+    barrier()
     return target
 
 
@@ -105,12 +138,16 @@ def find_resume_dir(out: Path) -> Path:
     raise UserError(f"{out}: no checkpoint to resume from (expected {out / 'checkpoint'})")
 
 
-def load_optimizer_state(opt, directory: Path) -> dict:
+def load_optimizer_state(model, opt, directory: Path, info: DistInfo) -> dict:
     ts = json.loads((directory / "train_state.json").read_text())
     flat = load_state_file(directory / "optimizer.safetensors")
+    sharded = _expert_indices(model, opt) if info.expert_parallel and info.world > 1 else set()
     state: dict[int, dict] = {}
     for key, v in flat.items():
         idx, name = key.split(".", 1)
+        if int(idx) in sharded and name != "step":
+            El = v.shape[0] // info.world
+            v = v[info.rank * El:(info.rank + 1) * El].clone()
         state.setdefault(int(idx), {})[name] = v
     opt.load_state_dict({"state": state, "param_groups": ts["param_groups"]})
     return ts
@@ -130,13 +167,22 @@ def _trim_metrics(path: Path, upto_step: int) -> None:
     atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- set-up
 
 
-def train(args: TrainArgs, progress=None) -> dict:
-    """Run training; returns a summary dict. ``progress`` is a callback(dict) per step (for rendering)."""
+@dataclass
+class Setup:
+    recipe: object
+    out: Path
+    tokenizer: object
+    ckpt_dir: Path | None
+    resume_state: dict
+
+
+def setup(args: TrainArgs) -> Setup:
+    """Resolve recipe, output directory and tokenizer; refuse bad combinations before any work."""
     out = Path(args.output) if args.output else None
-    start_step, tokens_seen = 0, 0
+    ckpt_dir, resume_state = None, {}
     if args.resume:
         if out is None:
             raise UserError("--resume needs -o/--output: the run directory to continue")
@@ -147,6 +193,7 @@ def train(args: TrainArgs, progress=None) -> dict:
             recipe = apply_overrides(recipe, args.overrides, source="command-line overrides")
         tcfg = cfg.get("tokenizer") or {"type": "byte"}
         tokenizer = load_tokenizer(ckpt_dir / "tokenizer.json" if tcfg.get("type") == "hf" else None)
+        resume_state = json.loads((ckpt_dir / "train_state.json").read_text())
     else:
         if args.recipe is None:
             raise UserError("RECIPE: missing (a recipe file or bundled name, e.g. `moe train mixtral`)")
@@ -157,35 +204,93 @@ def train(args: TrainArgs, progress=None) -> dict:
         tokenizer = load_tokenizer(args.tokenizer)
         if tokenizer.vocab_size > recipe.model.vocab_size:
             recipe = apply_overrides(recipe, {"model.vocab_size": tokenizer.vocab_size}, source="tokenizer")
+    if args.nproc < 1:
+        raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and recipe.train.batch_size % args.nproc:
+        raise UserError(f"train.batch_size ({recipe.train.batch_size}) must be divisible by --nproc ({args.nproc})")
+    if args.expert_parallel:
+        if args.nproc < 2:
+            raise UserError("--expert-parallel needs --nproc 2 or more")
+        if recipe.moe.num_experts % args.nproc:
+            raise UserError(f"--expert-parallel: num_experts ({recipe.moe.num_experts}) must be divisible by "
+                            f"--nproc ({args.nproc})")
+    return Setup(recipe, out, tokenizer, ckpt_dir, resume_state)
+
+
+def train(args: TrainArgs, progress=None) -> dict:
+    """Run training; returns a summary dict. ``progress`` is a callback(record, total) per step."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not current().world > 1:  # started by torchrun
+        return _rank_main(args)
+    if args.nproc > 1 and not current().world > 1:
+        st = setup(args)  # validate and tokenise once, here, before starting the ranks
+        st.out.mkdir(parents=True, exist_ok=True)
+        data = prepare_tokens(args.data, st.tokenizer, st.out / "data", st.recipe.train.val_fraction,
+                              st.recipe.train.seq_len, st.resume_state.get("data"))
+        if args.resume and st.resume_state.get("data") != data.fingerprint:
+            raise UserError(f"{st.out}: the training data changed since the checkpoint; resume with the same DATA")
+        rank_args = dataclasses.replace(args, data=[], data_fingerprint=data.fingerprint, output=st.out)
+        return spawn(args.nproc, _rank_main, rank_args)
+    return _train(args, progress)
+
+
+def _rank_main(args: TrainArgs) -> dict:
+    from .render import TrainProgress
+
+    info = init_from_env(args.expert_parallel)
+    with TrainProgress(enabled=info.is_main and not args.quiet) as prog:
+        return _train(args, prog.update)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _train(args: TrainArgs, progress=None) -> dict:
+    info = current()
+    st = setup(args)
+    recipe, out, tokenizer = st.recipe, st.out, st.tokenizer
     t = recipe.train
     out.mkdir(parents=True, exist_ok=True)
-    resume_state = json.loads((ckpt_dir / "train_state.json").read_text()) if args.resume else {}
-    data = prepare_tokens(args.data, tokenizer, out / "data", t.val_fraction, t.seq_len, resume_state.get("data"))
+    if info.world > 1 and args.data_fingerprint is None:  # torchrun: rank 0 fills the token cache first
+        if info.is_main:
+            prepare_tokens(args.data, tokenizer, out / "data", t.val_fraction, t.seq_len, st.resume_state.get("data"))
+        barrier()
+    data = prepare_tokens(args.data, tokenizer, out / "data", t.val_fraction, t.seq_len,
+                          st.resume_state.get("data") or args.data_fingerprint)
+    if args.resume and st.resume_state.get("data") != data.fingerprint:
+        raise UserError(f"{out}: the training data changed since the checkpoint; resume with the same DATA")
 
     model = build_model(recipe)
+    if args.resume:
+        load_into(model, load_state_file(st.ckpt_dir / "model.safetensors"), st.ckpt_dir / "model.safetensors")
+    if info.expert_parallel and info.world > 1:
+        shard_experts(model, info)
     opt = make_optimizer(model, t)
     metrics_path = out / "metrics.jsonl"
+    start_step, tokens_seen = 0, 0
     if args.resume:
-        load_into(model, load_state_file(ckpt_dir / "model.safetensors"), ckpt_dir / "model.safetensors")
-        ts = load_optimizer_state(opt, ckpt_dir)
+        ts = load_optimizer_state(model, opt, st.ckpt_dir, info)
         start_step, tokens_seen = ts["step"], ts["tokens_seen"]
-        if ts.get("data") != data.fingerprint:
-            raise UserError(f"{out}: the training data changed since the checkpoint; resume with the same DATA")
-        _trim_metrics(metrics_path, start_step)
-    elif metrics_path.exists():
+        if info.is_main:
+            _trim_metrics(metrics_path, start_step)
+    elif info.is_main and metrics_path.exists():
         metrics_path.unlink()
     for g in opt.param_groups:  # resumed runs may extend max_steps / change lr
         g["betas"] = (t.beta1, t.beta2)
+    barrier()
 
     val_starts = eval_windows(data.val, t.seq_len, t.eval_batches * t.batch_size)
     model.train()
-    last_ckpt = find_resume_dir(out) if args.resume else None
+    last_ckpt = st.ckpt_dir if args.resume else None
     last_ckpt_step = start_step if args.resume else None
     summary = {"output": str(out), "recipe": recipe.name, "start_step": start_step, "steps": t.max_steps,
-               "train_tokens": int(data.train.numel()), "val_tokens": int(data.val.numel())}
+               "train_tokens": int(data.train.numel()), "val_tokens": int(data.val.numel()),
+               "processes": info.world, "expert_parallel": info.expert_parallel}
+    local_b = t.batch_size // info.world
+    rows = slice(info.rank * local_b, (info.rank + 1) * local_b)
     val_loss = None
     step_times = []
-    with open(metrics_path, "a") as mf:
+    mf = open(metrics_path, "a") if info.is_main else None
+    try:
         for step in range(start_step, t.max_steps):
             t0 = time.perf_counter()
             lr = lr_at(step, t)
@@ -193,46 +298,55 @@ def train(args: TrainArgs, progress=None) -> dict:
                 g["lr"] = lr
             torch.manual_seed(t.seed * SEED_STRIDE + step)
             gen = torch.Generator().manual_seed(t.seed * SEED_STRIDE + step + 0x5EED)
-            x, y = sample_batch(data.train, t.batch_size, t.seq_len, gen)
+            x, y = sample_batch(data.train, t.batch_size, t.seq_len, gen)  # the global batch ...
+            x, y = x[rows], y[rows]  # ... and this rank's share of it
             res = model(x)
             ce = F.cross_entropy(res.logits_BSV.flatten(0, 1).float(), y.flatten())
             loss = ce + res.balance_loss
-            if not torch.isfinite(loss):
-                raise RunFailed(_nan_message(float(loss), step + 1, last_ckpt, last_ckpt_step))
+            ce_all, loss_all = all_mean(float(ce.detach())), all_mean(float(loss.detach()))
+            if not math.isfinite(loss_all):
+                raise RunFailed(_nan_message(loss_all, step + 1, last_ckpt, last_ckpt_step))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+            sync_gradients(model, info)
+            gnorm = clip_gradients(model, info, t.grad_clip)
             if not torch.isfinite(gnorm):
                 raise RunFailed(_nan_message(float(gnorm), step + 1, last_ckpt, last_ckpt_step, "gradient norm"))
             opt.step()
-            loads = [moe.stats["load_E"] for _, moe in model.moe_layers]
+            loads = [all_sum_(moe.stats["load_E"].clone()) for _, moe in model.moe_layers]
             if recipe.balance.bias_update_rate > 0:
                 model.update_router_biases(loads, recipe.balance.bias_update_rate)
-            tokens_seen += x.numel()
+            tokens_seen += x.numel() * info.world
             dt = time.perf_counter() - t0
             step_times.append(dt)
-            rec = {"step": step + 1, "loss": float(ce.detach()), "total_loss": float(loss.detach()), "lr": lr,
-                   "grad_norm": float(gnorm), "tokens_per_s": x.numel() / dt, "tokens_seen": tokens_seen}
+            rec = {"step": step + 1, "loss": ce_all, "total_loss": loss_all, "lr": lr,
+                   "grad_norm": float(gnorm), "tokens_per_s": x.numel() * info.world / dt, "tokens_seen": tokens_seen}
             if res.aux:
-                rec["aux"] = res.aux
+                rec["aux"] = {k: all_mean(v) for k, v in res.aux.items()}
             if loads:
                 rec["max_vio"] = [round(max_vio(l), 4) for l in loads]
-                dropped = sum(moe.stats["dropped"] for _, moe in model.moe_layers)
-                rec["dropped_frac"] = dropped / max(1, sum(moe.stats["assignments"] for _, moe in model.moe_layers))
+                counts = all_sum_(torch.tensor([sum(m.stats["dropped"] for _, m in model.moe_layers),
+                                                sum(m.stats["assignments"] for _, m in model.moe_layers)]))
+                rec["dropped_frac"] = int(counts[0]) / max(1, int(counts[1]))
             done = step + 1 == t.max_steps
             if (step + 1) % t.eval_interval == 0 or done:
                 val_loss, _ = evaluate_loss(model, data.val, t.seq_len, val_starts, t.batch_size)
                 if not math.isfinite(val_loss):
                     raise RunFailed(_nan_message(val_loss, step + 1, last_ckpt, last_ckpt_step, "validation loss"))
                 rec["val_loss"] = val_loss
-            mf.write(json.dumps(rec) + "\n")
-            mf.flush()
+            if mf:
+                mf.write(json.dumps(rec) + "\n")
+                mf.flush()
             if (step + 1) % t.ckpt_interval == 0 or done:
-                last_ckpt = save_train_checkpoint(out, model, opt, step + 1, tokens_seen, tokenizer, data.fingerprint)
+                last_ckpt = save_train_checkpoint(out, model, opt, step + 1, tokens_seen, tokenizer, data.fingerprint,
+                                                  info)
                 last_ckpt_step = step + 1
                 rec["checkpoint"] = str(last_ckpt)
-            if progress:
+            if progress and info.is_main:
                 progress(rec, t.max_steps)
+    finally:
+        if mf:
+            mf.close()
     measured = step_times[1:] or step_times
     summary.update({
         "final_step": t.max_steps, "tokens_seen": tokens_seen,
@@ -241,6 +355,26 @@ def train(args: TrainArgs, progress=None) -> dict:
         "checkpoint": str(out / "checkpoint"), "metrics": str(metrics_path),
     })
     return summary
+
+
+def clip_gradients(model, info: DistInfo, clip: float) -> torch.Tensor:
+    """Clip to a total gradient norm of ``clip`` (0 = no clipping); returns the norm before clipping.
+
+    Under expert parallelism each rank holds different experts, so their squared
+    norms are summed over ranks; replicated parameters count once.
+    """
+    max_norm = clip if clip > 0 else float("inf")
+    if not (info.expert_parallel and info.world > 1):
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    sharded = expert_params(model)
+    params = [p for p in model.parameters() if p.grad is not None]
+    rep = sum((p.grad.double().pow(2).sum() for p in params if id(p) not in sharded), torch.zeros((), dtype=torch.float64))
+    exp = sum((p.grad.double().pow(2).sum() for p in params if id(p) in sharded), torch.zeros((), dtype=torch.float64))
+    norm = (rep + all_sum_(exp.reshape(1))[0]).sqrt().float()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        p.grad.mul_(coef.to(p.grad.dtype))
+    return norm
 
 
 def _nan_message(value, step, last_ckpt, last_step, what="loss") -> str:

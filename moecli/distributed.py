@@ -1,0 +1,211 @@
+"""Multi-process training on torch.distributed: data parallelism, optionally expert parallelism.
+
+* Launch: ``moe train --nproc N`` spawns N local processes (gloo on CPU, nccl on
+  GPU); under ``torchrun`` the environment (RANK, WORLD_SIZE, ...) is used as is.
+* Data parallel: every rank takes its slice of the same global batch; gradients
+  are averaged with one all-reduce over a flat buffer, so all ranks step alike.
+* Expert parallel (``--expert-parallel``): each rank holds num_experts/N experts
+  of every MoE layer. Tokens are routed locally, sent to the rank that holds
+  their expert with all_to_all_single, computed there and sent back (autograd
+  flows through both exchanges). Expert gradients are then already summed over
+  all ranks' tokens and are only scaled, not all-reduced.
+
+Shape legend: N token-copies sorted by expert, D model dim, R ranks, El experts per rank.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dnn
+import torch.nn as nn
+
+from .errors import UserError
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    expert_parallel: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def current() -> DistInfo:
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), getattr(current, "expert_parallel", False))
+    return DistInfo()
+
+
+def init_from_env(expert_parallel: bool = False) -> DistInfo:
+    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun or our spawner)."""
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    current.expert_parallel = expert_parallel
+    return current()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn, args, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    try:
+        result = fn(*args)
+        if rank == 0:
+            queue.put(("ok", result))
+    except BaseException as e:  # report the first failure to the parent as (kind, message)
+        queue.put(("error", (type(e).__name__, str(e), getattr(e, "exit_code", 1))))
+        raise SystemExit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(nproc: int, fn, *args):
+    """Run fn(*args) in nproc local processes; returns rank 0's result, re-raises the first failure."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    try:
+        mp.start_processes(_worker, args=(nproc, free_port(), fn, args, queue), nprocs=nproc, start_method="spawn")
+    except (mp.ProcessExitedException, mp.ProcessRaisedException):
+        pass  # the failing worker put its error on the queue
+    status = None
+    while not queue.empty():
+        item = queue.get()
+        if item[0] == "error" or status is None:
+            status = item
+    if status is None:
+        raise RuntimeError("distributed workers ended without a result")
+    if status[0] == "error":
+        name, msg, code = status[1]
+        from .errors import RunFailed
+
+        raise (UserError if code == 2 else RunFailed)(msg)
+    return status[1]
+
+
+# ---------------------------------------------------------------- gradients
+
+
+def expert_params(model) -> set[int]:
+    return {id(p) for _, moe in model.moe_layers for p in moe.experts.parameters()}
+
+
+@torch.no_grad()
+def sync_gradients(model, info: DistInfo) -> None:
+    """Average replicated parameters' gradients over ranks; scale sharded experts' by 1/world."""
+    if info.world == 1:
+        return
+    sharded = expert_params(model) if info.expert_parallel else set()
+    grads = []
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if id(p) in sharded:
+            p.grad.div_(info.world)
+        else:
+            grads.append(p.grad)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(info.world)
+    offset = 0
+    for g in grads:
+        n = g.numel()
+        g.copy_(flat[offset: offset + n].view_as(g))
+        offset += n
+
+
+def all_mean(x: float) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def all_sum_(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- expert parallelism
+
+
+def shard_experts(model, info: DistInfo) -> None:
+    """Keep only this rank's experts (a contiguous block of num_experts / world) in every MoE layer."""
+    for i, moe in model.moe_layers:
+        E = moe.cfg.num_experts
+        if E % info.world:
+            raise UserError(f"--expert-parallel: num_experts ({E}) must be divisible by the number of processes "
+                            f"({info.world})")
+        El = E // info.world
+        ex = moe.experts
+        for name in ("w1_EDF", "w3_EDF", "w2_EFD"):
+            full = getattr(ex, name)
+            setattr(ex, name, nn.Parameter(full.detach()[info.rank * El:(info.rank + 1) * El].clone()))
+        ex.num_experts = El
+        moe.ep_world = info.world
+
+
+def gather_experts(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Concatenate every rank's expert block (dim 0) into the full tensor (on every rank)."""
+    parts = [torch.empty_like(tensor) for _ in range(info.world)]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def _regroup(recv_counts_RE: torch.Tensor) -> torch.Tensor:
+    """Permutation from (source rank, local expert) block order to (local expert, source rank) order."""
+    R, El = recv_counts_RE.shape
+    sizes = recv_counts_RE.reshape(-1)
+    starts = torch.cumsum(sizes, 0) - sizes  # block starts in (r, j) order
+    sizes_jr = recv_counts_RE.t().reshape(-1)
+    starts_jr = starts.view(R, El).t().reshape(-1)
+    total = int(sizes.sum())
+    out_starts = torch.cumsum(sizes_jr, 0) - sizes_jr
+    return torch.repeat_interleave(starts_jr - out_starts, sizes_jr, output_size=total) + torch.arange(total)
+
+
+def expert_parallel_ffn(experts, x_ND: torch.Tensor, counts_E: torch.Tensor, world: int) -> torch.Tensor:
+    """Send each token-copy to the rank holding its expert, compute there, send the results back.
+
+    x_ND is sorted by (global) expert, so each destination rank's tokens are one
+    contiguous block; counts_E are this rank's kept assignments per global expert.
+    """
+    E = counts_E.numel()
+    El = E // world
+    counts_RE = counts_E.view(world, El).contiguous()
+    recv_RE = torch.empty_like(counts_RE)
+    dist.all_to_all_single(recv_RE, counts_RE)  # recv_RE[r, j]: copies rank r sends to my expert j
+    send_splits = counts_RE.sum(1).tolist()
+    recv_splits = recv_RE.sum(1).tolist()
+    D = x_ND.shape[1]
+    x_recv = dnn.all_to_all_single(x_ND.new_empty(sum(recv_splits), D), x_ND.contiguous(), recv_splits, send_splits)
+    perm = _regroup(recv_RE)
+    y_local = experts(x_recv.index_select(0, perm), recv_RE.sum(0))
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel())
+    y_recv = y_local.index_select(0, inv)
+    return dnn.all_to_all_single(x_ND.new_empty(x_ND.shape[0], D), y_recv.contiguous(), send_splits, recv_splits)
