@@ -39,6 +39,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 puts biases on q/k/v projections
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
+    qk_norm_full: bool = False  # OLMoE: RMSNorm over the whole q and k projections instead
     init_std: float = 0.02
 
     def validate(self) -> None:
@@ -54,6 +55,7 @@ class ModelConfig:
         _check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
         _check(0 < self.norm_eps < 1, "norm_eps", f"must be in (0, 1), got {self.norm_eps}")
         _check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
+        _check(not (self.qk_norm and self.qk_norm_full), "qk_norm_full", "qk_norm and qk_norm_full exclude each other")
 
     @property
     def hd(self) -> int:

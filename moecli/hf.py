@@ -20,7 +20,8 @@ from .errors import UserError
 from .st_stream import LazyTensors
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")  # read and written
+READ_ONLY_MOE_TYPES = ("olmoe",)
 QKV_BIAS_TYPES = ("qwen2", "qwen2_moe")
 QK_NORM_TYPES = ("qwen3", "qwen3_moe")
 
@@ -32,9 +33,9 @@ def read_hf_config(directory: Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{p}: cannot read Hugging Face config: {e}") from None
     mt = cfg.get("model_type")
-    if mt not in DENSE_TYPES + MOE_TYPES:
+    if mt not in DENSE_TYPES + MOE_TYPES + READ_ONLY_MOE_TYPES:
         raise UserError(f"{p}: model_type {mt!r} is not supported (dense: {', '.join(DENSE_TYPES)}; "
-                        f"MoE: {', '.join(MOE_TYPES)})")
+                        f"MoE: {', '.join(MOE_TYPES + READ_ONLY_MOE_TYPES)})")
     return cfg
 
 
@@ -56,6 +57,8 @@ def recipe_from_hf(cfg: dict, source: str = "config.json") -> Recipe:
         raise UserError(f"{source}: attention_bias is not supported")
     if cfg.get("mlp_bias"):
         raise UserError(f"{source}: mlp_bias is not supported")
+    if cfg.get("clip_qkv") is not None:
+        raise UserError(f"{source}: clip_qkv is not supported")
     n_heads = cfg["num_attention_heads"]
     hd = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
     model = {
@@ -66,12 +69,17 @@ def recipe_from_hf(cfg: dict, source: str = "config.json") -> Recipe:
         "rope_theta": _rope_theta(cfg, source), "norm_eps": cfg.get("rms_norm_eps", 1e-6),
         "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
         "qkv_bias": mt in QKV_BIAS_TYPES and bool(cfg.get("qkv_bias", True)), "qk_norm": mt in QK_NORM_TYPES,
+        "qk_norm_full": mt == "olmoe",
         "init_std": cfg.get("initializer_range", 0.02),
     }
     moe, balance = {}, {}
     if mt == "mixtral":
         moe = {"num_experts": cfg["num_local_experts"], "top_k": cfg["num_experts_per_tok"],
                "expert_ffn": cfg["intermediate_size"], "renormalize": True}
+        balance = {"aux_loss_coef": cfg.get("router_aux_loss_coef", 0.0)}
+    elif mt == "olmoe":
+        moe = {"num_experts": cfg.get("num_experts") or cfg["num_local_experts"], "top_k": cfg["num_experts_per_tok"],
+               "expert_ffn": cfg["intermediate_size"], "renormalize": bool(cfg.get("norm_topk_prob", False))}
         balance = {"aux_loss_coef": cfg.get("router_aux_loss_coef", 0.0)}
     elif mt in ("qwen2_moe", "qwen3_moe"):
         moe = {"num_experts": cfg.get("num_experts") or cfg["num_local_experts"], "top_k": cfg["num_experts_per_tok"],
@@ -118,7 +126,7 @@ def plain_name_map(recipe: Recipe, mt: str) -> dict[str, str]:
             m[f"{L}.attention.{ours}.weight"] = f"{H}.self_attn.{theirs}.weight"
             if recipe.model.qkv_bias and ours != "wo":
                 m[f"{L}.attention.{ours}.bias"] = f"{H}.self_attn.{theirs}.bias"
-        if recipe.model.qk_norm:
+        if recipe.model.qk_norm or recipe.model.qk_norm_full:
             m[f"{L}.attention.q_norm.weight"] = f"{H}.self_attn.q_norm.weight"
             m[f"{L}.attention.k_norm.weight"] = f"{H}.self_attn.k_norm.weight"
         if recipe.is_moe_layer(i):
@@ -139,6 +147,8 @@ def check_writable(recipe: Recipe, mt: str) -> None:
     """Refuse MoE settings that the target Hugging Face architecture cannot express."""
     m = recipe.moe
     problems = []
+    if recipe.model.qk_norm_full:
+        problems.append("OLMoE-style q/k norm")
     if m.score_func != "softmax":
         problems.append("sigmoid scores")
     if m.routed_scaling != 1.0:

@@ -56,15 +56,21 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.hd, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.hd, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.hd, cfg.d_model, bias=False)
-        self.q_norm = RMSNorm(cfg.hd, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = self.k_norm = None
+        self.full_qk_norm = cfg.qk_norm_full
+        if cfg.qk_norm or cfg.qk_norm_full:
+            self.q_norm = RMSNorm(cfg.hd * (cfg.n_heads if cfg.qk_norm_full else 1), cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.hd * (cfg.n_kv_heads if cfg.qk_norm_full else 1), cfg.norm_eps)
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q = self.wq(x_BSD).view(B, S, self.n_heads, self.hd)
-        k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.hd)
+        q, k = self.wq(x_BSD), self.wk(x_BSD)
+        if self.full_qk_norm:  # OLMoE: one norm over all heads
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.hd)
+        k = k.view(B, S, self.n_kv_heads, self.hd)
         v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.hd)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.full_qk_norm:  # Qwen3: per head
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

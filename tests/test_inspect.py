@@ -166,3 +166,23 @@ def test_hf_mixtral_routing_matches_transformers(tmp_path, cli):
     res = json.loads(r.stdout)
     assert set(res["layers"]) == {"0", "1"} and res["layers"]["0"]["experts_n"] == 4
     assert any(t["text"] for e in res["layers"]["0"]["experts"] for t in e["top_tokens"])
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama", "qwen2", "qwen3"])
+def test_hf_checkpoints_load_with_equal_logits_and_routing(tmp_path, kind):
+    """moecli's model on a Hugging Face checkpoint: same logits, and same router logits/top-k for MoE ones."""
+    pytest.importorskip("transformers")
+    from moecli.checkpoint import load_checkpoint
+    d = tmp_path / kind
+    hf = make(kind, d)
+    ours, _ = load_checkpoint(d)
+    x = torch.randint(0, 96, (2, 19), generator=torch.Generator().manual_seed(5))
+    for _, moe in ours.moe_layers:
+        moe.capture = True
+    with torch.no_grad():
+        ref = hf(x, output_router_logits=bool(ours.moe_layers)) if ours.moe_layers else hf(x)
+        got = ours(x).logits_BSV
+    torch.testing.assert_close(got, ref.logits, rtol=0, atol=1e-4)
+    for (i, moe), hf_router in zip(ours.moe_layers, getattr(ref, "router_logits", None) or []):
+        torch.testing.assert_close(moe.last_route.logits_TE, hf_router.float(), rtol=1e-5, atol=1e-5)
+        assert torch.equal(moe.last_route.idx_TK, hf_router.float().topk(moe.cfg.top_k, -1).indices)

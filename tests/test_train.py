@@ -144,3 +144,31 @@ def test_default_corpus_is_embedded(tmp_path):
     from moecli.data import default_corpus_files
     files = default_corpus_files(200_000)
     assert files and all(f.suffix == ".py" for f in files)
+
+
+def test_hf_tokenizer_json(tmp_path, corpus, tiny_recipe, cli):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([TEXT, "The quick brown fox, the lazy dog; quick quick brown."],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    assert tok.get_vocab_size() > 256
+    run = tmp_path / "run"
+    r = cli("train", tiny_recipe(), corpus, "-o", run, "--tokenizer", path, "-q", "--json")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((run / "checkpoint" / "config.json").read_text())
+    assert cfg["tokenizer"]["type"] == "hf" and cfg["recipe"]["model"]["vocab_size"] == tok.get_vocab_size()
+    assert (run / "checkpoint" / "tokenizer.json").is_file()
+    ev = cli("eval", run, corpus, "--json")
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["tokens"] < len(TEXT) / 2  # BPE tokens, not bytes
+    g = cli("generate", run, "--prompt", "Line 3:", "-n", "5", "--json")
+    assert g.returncode == 0 and json.loads(g.stdout)["new_tokens"] == 5
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    r = cli("train", tiny_recipe(), corpus, "-o", tmp_path / "r2", "--tokenizer", bad)
+    assert r.returncode == 2 and "bad.json: not a readable tokenizer.json" in r.stderr
