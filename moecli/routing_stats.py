@@ -72,22 +72,6 @@ class LayerAcc:
             self.dropped += int((load - cap).clamp_min(0).sum())
         self.tokens += T
 
-    @property
-    def top1_sum(self) -> float:
-        return float(self.sums[0])
-
-    @property
-    def entropy_sum(self) -> float:
-        return float(self.sums[1])
-
-    @property
-    def z_sum(self) -> float:
-        return float(self.sums[2])
-
-    @property
-    def z_sq_sum(self) -> float:
-        return float(self.sums[3])
-
 
 def _entropy(p: torch.Tensor) -> float:
     p = p[p > 0]
@@ -96,6 +80,8 @@ def _entropy(p: torch.Tensor) -> float:
 
 def layer_report(acc: LayerAcc, tok, top_tokens: int, near_dead: float, capacity_factor: float) -> dict:
     E, K = acc.E, acc.K
+    top1_sum, entropy_sum, z_sum, z_sq_sum = acc.sums.tolist()
+    n_tok = max(acc.tokens, 1)
     n = acc.tokens * K
     load = acc.load.double()
     mean = load.mean()
@@ -122,15 +108,15 @@ def layer_report(acc: LayerAcc, tok, top_tokens: int, near_dead: float, capacity
     rep = {
         "experts_n": E, "top_k": K, "tokens": acc.tokens, "assignments": n,
         "max_vio": max_vio, "cv": float(load.std(unbiased=False) / mean) if mean > 0 else 0.0,
-        "entropy": acc.entropy_sum / max(acc.tokens, 1) / math.log(E) if E > 1 else 0.0,
+        "entropy": entropy_sum / n_tok / math.log(E) if E > 1 else 0.0,
         "load_entropy": _entropy(share) / math.log(E) if E > 1 else 0.0,
         "dead": [e for e in range(E) if acc.load[e] == 0],
         "near_dead": [e for e in range(E) if 0 < load_rel[e] < near_dead],
         "dropped_frac": acc.dropped / max(n, 1) if capacity_factor > 0 else None,
-        "top1_gate_mean": acc.top1_sum / max(acc.tokens, 1),
-        "z_mean": acc.z_sum / max(acc.tokens, 1),
-        "z_std": math.sqrt(max(acc.z_sq_sum / max(acc.tokens, 1) - (acc.z_sum / max(acc.tokens, 1)) ** 2, 0.0)),
-        "z_max": float(acc.z_max), "z_loss": acc.z_sq_sum / max(acc.tokens, 1),
+        "top1_gate_mean": top1_sum / n_tok,
+        "z_mean": z_sum / n_tok,
+        "z_std": math.sqrt(max(z_sq_sum / n_tok - (z_sum / n_tok) ** 2, 0.0)),
+        "z_max": float(acc.z_max), "z_loss": z_sq_sum / n_tok,
         "vocab_specialization": float((vocab_spec * share).sum()), "vocab_specialization_blind": K / E,
         "collapsed": collapsed,
         "status": "collapsed" if collapsed else ("imbalanced" if max_vio > 1.0 or acc.load.eq(0).any() else "ok"),
