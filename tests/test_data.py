@@ -1,0 +1,102 @@
+"""Data inputs: files, directories, globs, stdin; streaming tokenisation; corrupt inputs."""
+
+import json
+
+import pytest
+import torch
+
+from moecli import data as data_mod
+from moecli.data import ByteTokenizer, encode_to_file, expand_data_args, open_tokens, prepare_tokens
+from moecli.errors import UserError
+
+
+def test_expand_files_dirs_globs(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "b.txt").write_text("b")
+    (tmp_path / "d" / "sub" / "a.txt").write_text("a")
+    (tmp_path / "d" / ".hidden").write_text("h")
+    (tmp_path / "x.md").write_text("x")
+    got = expand_data_args([str(tmp_path / "d"), str(tmp_path / "*.md"), "-"])
+    assert [str(p) if p != "-" else p for p in got] == [str(tmp_path / "d" / "b.txt"),
+                                                        str(tmp_path / "d" / "sub" / "a.txt"),
+                                                        str(tmp_path / "x.md"), "-"]
+    with pytest.raises(UserError, match="glob matches no files"):
+        expand_data_args([str(tmp_path / "*.nothing")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="directory holds no files"):
+        expand_data_args([str(tmp_path / "empty")])
+
+
+def test_byte_tokens_are_the_file_bytes_memory_mapped(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod, "CHUNK", 7)  # stream in tiny chunks
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("héllo wörld " * 50)
+    b.write_text("second file")
+    n = encode_to_file([a, b], ByteTokenizer(), tmp_path / "t.bin")
+    expected = a.read_bytes() + b"\n" + b.read_bytes()
+    assert n == len(expected)
+    toks = open_tokens(tmp_path / "t.bin", n, 256)
+    assert bytes(toks.tolist()) == expected
+
+
+class _CharTok:
+    """A text tokenizer stand-in: one id per character (checks chunked UTF-8 decoding)."""
+    kind = "hf"
+    vocab_size = 70000
+    path = None
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def to_config(self):
+        return {"type": "test"}
+
+
+def test_chunked_text_decoding_never_splits_characters(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod, "CHUNK", 3)  # cuts through multi-byte characters
+    text = "añ€😀z" * 40
+    p = tmp_path / "u.txt"
+    p.write_text(text, encoding="utf-8")
+    n = encode_to_file([p], _CharTok(), tmp_path / "u.bin")
+    assert open_tokens(tmp_path / "u.bin", n, 70000).tolist() == [ord(c) for c in text]
+
+
+def test_token_cache_reused_and_rebuilt(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text("abcdefgh" * 500)
+    cache = tmp_path / "cache"
+    d1 = prepare_tokens([str(f)], ByteTokenizer(), cache, 0.1, 16)
+    mtime = (cache / "tokens.bin").stat().st_mtime_ns
+    d2 = prepare_tokens([str(f)], ByteTokenizer(), cache, 0.1, 16)
+    assert d1.fingerprint == d2.fingerprint and (cache / "tokens.bin").stat().st_mtime_ns == mtime
+    f.write_text("changed " * 600)
+    d3 = prepare_tokens([str(f)], ByteTokenizer(), cache, 0.1, 16)
+    assert d3.fingerprint != d1.fingerprint
+    assert d3.train.numel() + d3.val.numel() == len("changed " * 600)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, cli):
+    out = tmp_path / "ck"
+    assert cli("build", "mixtral", "-o", out, "--set", "model.n_layers=1").returncode == 0
+    st = out / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:1000])
+    r = cli("info", out)
+    assert r.returncode == 2 and "model.safetensors: not a readable safetensors file" in r.stderr
+    assert "Traceback" not in r.stderr
+    (out / "config.json").write_text("{oops")
+    r = cli("eval", out, st)
+    assert r.returncode == 2 and "config.json: cannot read JSON" in r.stderr
+    (out / "config.json").write_text(json.dumps({"format": "moecli-checkpoint", "recipe": {"moe": {"top_k": "x"}}}))
+    r = cli("generate", out, "--prompt", "hi")
+    assert r.returncode == 2 and "moe.top_k: must be an integer" in r.stderr
+
+
+def test_info_on_recipe_and_environment(cli):
+    r = cli("info", "deepseek-v3", "--json")
+    assert r.returncode == 0
+    res = json.loads(r.stdout)
+    assert res["moe_layers"] == [1, 2, 3] and res["params"]["active"] < res["params"]["total"]
+    r = cli("info", "--json")
+    assert "mixtral" in json.loads(r.stdout)["recipes"]
+    r = cli("info", "nope-nothing")
+    assert r.returncode == 2 and "no such checkpoint directory or recipe" in r.stderr
