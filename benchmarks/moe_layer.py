@@ -147,7 +147,6 @@ def main() -> None:
                     r["fwd_gflops"] = flops / r["fwd_s"] / 1e9
                     r["fwd_bwd_gflops"] = 3 * flops / r["fwd_bwd_s"] / 1e9
                     r["fwd_bwd_of_mm_peak"] = r["fwd_bwd_gflops"] / peak
-            m, d = rows["moecli"], rows["dense"]
             summary = {"fwd_speed_vs_dense": paired_ratio(fns["moecli"][0], fns["dense"][0], a.repeats),
                        "fwd_bwd_speed_vs_dense": paired_ratio(fns["moecli"][1], fns["dense"][1], a.repeats),
                        "target_vs_dense": TARGETS[sname]}

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import Recipe, recipe_from_dict
+from .config import recipe_from_dict
 from .errors import UserError
 from .fileio import atomic_write_json
 from .model import Transformer

@@ -35,18 +35,18 @@ def _run(fn: Callable[[], dict], as_json: bool, draw: Callable[[dict], None] | N
         result = fn()
     except UserError as e:
         render.error_line(str(e))
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     except RunFailed as e:
         render.error_line(str(e))
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         render.error_line("interrupted")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except Exception as e:  # an unexpected failure: short message, traceback only on request
         if os.environ.get("MOE_DEBUG"):
             raise
         render.error_line(f"unexpected {type(e).__name__}: {e} (set MOE_DEBUG=1 for details)")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     if as_json:
         render.print_json(result)
     elif draw is not None:

@@ -69,7 +69,7 @@ def _worker(rank: int, world: int, port: int, fn, args, queue):
             queue.put(("ok", result))
     except BaseException as e:  # report the first failure to the parent as (kind, message)
         queue.put(("error", (type(e).__name__, str(e), getattr(e, "exit_code", 1))))
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -155,7 +155,7 @@ def barrier() -> None:
 
 def shard_experts(model, info: DistInfo) -> None:
     """Keep only this rank's experts (a contiguous block of num_experts / world) in every MoE layer."""
-    for i, moe in model.moe_layers:
+    for _, moe in model.moe_layers:
         E = moe.cfg.num_experts
         if E % info.world:
             raise UserError(f"--expert-parallel: num_experts ({E}) must be divisible by the number of processes "

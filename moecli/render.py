@@ -261,7 +261,7 @@ def routing_tables(res: dict, detail_layer: str | None = None) -> list:
                   f"{L['top1_gate_mean']:.2f}", f"{L['z_mean']:.1f}/{L['z_max']:.1f}",
                   f"{L['vocab_specialization']:.2f}", f"[{st}]{L['status']}[/]")
     s.caption = ("H = entropy / log E (route: per token; load: of the expert shares); gate1 = mean top-1 weight; "
-                 f"vocab = mean P(expert | token) over its tokens (token-blind router: k/E)")
+                 "vocab = mean P(expert | token) over its tokens (token-blind router: k/E)")
     items.append(s)
 
     heat = Text("load per expert (layer x expert; blue starved, green uniform, red overloaded):\n")

@@ -388,11 +388,11 @@ def upcycle(source: str, output: Path | None, o: UpcycleOptions, dry_run: bool =
         "router_init": o.router_init, "tensors": len(plan), "shards": len(shards), "input_bytes": in_bytes,
         "output_bytes": out_bytes, "memory_estimate_bytes": ffn_bytes + 2 * largest,
         "exact": not inexact, "inexact_reasons": inexact, "dry_run": dry_run,
-        "plan": [{"name": n, "shape": list(s), "dtype": str(dt).replace("torch.", "")} for n, _, dt, s, _ in plan],
     }
     if dry_run:
+        result["plan"] = [{"name": n, "shape": list(s), "dtype": str(dt).replace("torch.", "")}
+                          for n, _, dt, s, _ in plan]
         return result
-    del result["plan"]
     if inexact and not allow_inexact:
         raise UserError("this conversion is not function-preserving: " + "; ".join(inexact) +
                         " (pass --allow-inexact to convert anyway)")
@@ -458,11 +458,11 @@ def _write_hf(tmp: Path, shards, prod: Producer, recipe: Recipe, fmt: str, src: 
     for k, shard in enumerate(shards):
         fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
         w = SafetensorsWriter(tmp / fname, [(r[0], r[2], r[3]) for r in shard], {"format": "pt"})
-        for name, kind, dt, s, srcinfo in shard:
+        for name, kind, dt, shape, srcinfo in shard:
             if kind == "plain":
                 t = prod.moecli_tensor(srcinfo[0])
             elif kind == "zero":
-                t = torch.zeros(s, dtype=dt)
+                t = torch.zeros(shape, dtype=dt)
             else:
                 i, e, key = srcinfo
                 t = prod.expert_weight(i, e, key)

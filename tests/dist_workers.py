@@ -4,7 +4,7 @@ import torch
 import torch.distributed as dist
 
 from moecli.config import BalanceConfig, MoEConfig
-from moecli.distributed import DistInfo, init_from_env, shard_experts
+from moecli.distributed import init_from_env, shard_experts
 from moecli.moe import MoELayer
 
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from moecli import data as data_mod
 from moecli.data import ByteTokenizer, encode_to_file, expand_data_args, open_tokens, prepare_tokens

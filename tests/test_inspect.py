@@ -130,7 +130,7 @@ def test_saturation_between_different_checkpoints(tmp_path, trained, cli):
 
 
 def _char_tokenizer(path, vocab):
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, models, pre_tokenizers
     chars = sorted(set("abcdefghijklmnopqrstuvwxyz .,\n"))[: vocab]
     tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)} | {"[UNK]": len(chars)}, unk_token="[UNK]"))

@@ -147,7 +147,7 @@ def test_default_corpus_is_embedded(tmp_path):
 
 
 def test_hf_tokenizer_json(tmp_path, corpus, tiny_recipe, cli):
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

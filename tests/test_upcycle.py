@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from moecli.checkpoint import load_checkpoint
-from moecli.errors import UserError
 from moecli.upcycle import UpcycleOptions, upcycle
 
 from hf_models import logits, make
