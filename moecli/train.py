@@ -224,13 +224,20 @@ def train(args: TrainArgs, progress=None) -> dict:
     if args.nproc > 1 and not current().world > 1:
         st = setup(args)  # validate and tokenise once, here, before starting the ranks
         st.out.mkdir(parents=True, exist_ok=True)
-        data = prepare_tokens(args.data, st.tokenizer, st.out / "data", st.recipe.train.val_fraction,
-                              st.recipe.train.seq_len, st.resume_state.get("data"))
-        if args.resume and st.resume_state.get("data") != data.fingerprint:
-            raise UserError(f"{st.out}: the training data changed since the checkpoint; resume with the same DATA")
+        data = _tokens(args, st)
         rank_args = dataclasses.replace(args, data=[], data_fingerprint=data.fingerprint, output=st.out)
         return spawn(args.nproc, _rank_main, rank_args)
     return _train(args, progress)
+
+
+def _tokens(args: TrainArgs, st: Setup):
+    """The run's token data (from DATA, the default corpus, or the cache a launcher or checkpoint names)."""
+    t = st.recipe.train
+    data = prepare_tokens(args.data, st.tokenizer, st.out / "data", t.val_fraction, t.seq_len,
+                          st.resume_state.get("data") or args.data_fingerprint)
+    if args.resume and st.resume_state.get("data") != data.fingerprint:
+        raise UserError(f"{st.out}: the training data changed since the checkpoint; resume with the same DATA")
+    return data
 
 
 def _rank_main(args: TrainArgs) -> dict:
@@ -249,15 +256,14 @@ def _train(args: TrainArgs, progress=None) -> dict:
     st = setup(args)
     recipe, out, tokenizer = st.recipe, st.out, st.tokenizer
     t = recipe.train
+    if t.batch_size % info.world:
+        raise UserError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes ({info.world})")
     out.mkdir(parents=True, exist_ok=True)
     if info.world > 1 and args.data_fingerprint is None:  # torchrun: rank 0 fills the token cache first
         if info.is_main:
-            prepare_tokens(args.data, tokenizer, out / "data", t.val_fraction, t.seq_len, st.resume_state.get("data"))
+            _tokens(args, st)
         barrier()
-    data = prepare_tokens(args.data, tokenizer, out / "data", t.val_fraction, t.seq_len,
-                          st.resume_state.get("data") or args.data_fingerprint)
-    if args.resume and st.resume_state.get("data") != data.fingerprint:
-        raise UserError(f"{out}: the training data changed since the checkpoint; resume with the same DATA")
+    data = _tokens(args, st)
 
     model = build_model(recipe)
     if args.resume:
