@@ -265,7 +265,7 @@ def _read_meta(meta_path: Path, bin_path: Path) -> dict | None:
 
 def sample_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator):
     """Random windows: inputs x_BS and next-token targets y_BS."""
-    starts = torch.randint(0, tokens.numel() - seq_len - 1 + 1, (batch_size,), generator=generator)
+    starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=generator)  # x and y fit
     xy = torch.stack([tokens[s: s + seq_len + 1].long() for s in starts.tolist()])
     return xy[:, :-1], xy[:, 1:]
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import find_checkpoint_dir, load_checkpoint
-from .data import check_vocab, eval_windows, tokenizer_from_checkpoint
+from .data import check_vocab, encode_to_file, eval_windows, expand_data_args, open_tokens, tokenizer_from_checkpoint
 from .errors import UserError
 
 
@@ -39,8 +39,6 @@ def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: 
         raise UserError(f"--seq-len: must be between 1 and the model's context ({context}), got {seq_len}")
     check_vocab(tok, model, directory)
     with tempfile.TemporaryDirectory(prefix="moe-eval-") as tmp:
-        from .data import encode_to_file, expand_data_args, open_tokens
-
         sources = expand_data_args(data) if data else []
         if not sources:
             raise UserError("DATA: give at least one file, directory, glob, or - for stdin")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import find_checkpoint_dir, load_checkpoint
-from .data import _read_chunks, check_vocab, expand_data_args, tokenizer_from_checkpoint
+from .data import _utf8_text_chunks, check_vocab, expand_data_args, tokenizer_from_checkpoint
 from .errors import UserError
 from .moe import expert_capacity
 
@@ -147,13 +147,14 @@ class Stream:
 
 
 def read_tokens(args: list[str], tok, max_tokens: int) -> torch.Tensor:
+    """The first max_tokens tokens of the inputs, read chunk by chunk (a large file is not read whole)."""
     ids: list[int] = []
     for src in expand_data_args(args):
-        text = b"".join(_read_chunks(src)).decode("utf-8", errors="replace")
-        ids.extend(tok.encode(text))
-        if len(ids) >= max_tokens:
-            break
-    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+        for text in _utf8_text_chunks(src):
+            ids.extend(tok.encode(text))
+            if len(ids) >= max_tokens:
+                return torch.tensor(ids[:max_tokens], dtype=torch.long)
+    return torch.tensor(ids, dtype=torch.long)
 
 
 @torch.no_grad()
