@@ -95,6 +95,17 @@ def load_checkpoint(path: str | Path) -> tuple[Transformer, dict]:
     return model, cfg
 
 
+def load_with_tokenizer(path: str | Path):
+    """(model, config, directory, tokenizer) for a checkpoint, refusing a tokenizer larger than the model's vocab."""
+    from .data import check_vocab, tokenizer_from_checkpoint
+
+    model, cfg = load_checkpoint(path)
+    directory = find_checkpoint_dir(path)
+    tok = tokenizer_from_checkpoint(directory, cfg)
+    check_vocab(tok, model, directory)
+    return model, cfg, directory, tok
+
+
 def load_into(model: Transformer, sd: dict[str, torch.Tensor], source: Path | str) -> None:
     expected = model_state(model)
     missing = sorted(set(expected) - set(sd))

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import find_checkpoint_dir, load_checkpoint
-from .data import check_vocab, encode_to_file, eval_windows, expand_data_args, open_tokens, tokenizer_from_checkpoint
+from .checkpoint import load_with_tokenizer
+from .data import encode_to_file, eval_windows, expand_data_args, open_tokens
 from .errors import UserError
 
 
@@ -30,14 +30,11 @@ def evaluate_loss(model, tokens: torch.Tensor, seq_len: int, starts: list[int], 
 
 
 def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: int, max_windows: int | None) -> dict:
-    model, cfg = load_checkpoint(checkpoint)
-    directory = find_checkpoint_dir(checkpoint)
-    tok = tokenizer_from_checkpoint(directory, cfg)
+    model, _, directory, tok = load_with_tokenizer(checkpoint)
     context = model.recipe.model.context
     seq_len = seq_len or min(context, model.recipe.train.seq_len)
     if not 1 <= seq_len <= context:
         raise UserError(f"--seq-len: must be between 1 and the model's context ({context}), got {seq_len}")
-    check_vocab(tok, model, directory)
     with tempfile.TemporaryDirectory(prefix="moe-eval-") as tmp:
         sources = expand_data_args(data) if data else []
         if not sources:

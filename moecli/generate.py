@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .checkpoint import find_checkpoint_dir, load_checkpoint
-from .data import check_vocab, tokenizer_from_checkpoint
+from .checkpoint import load_with_tokenizer
 from .errors import UserError
 
 
@@ -35,10 +34,7 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: flo
         raise UserError(f"--max-new-tokens: must be >= 0, got {max_new_tokens}")
     if temperature < 0:
         raise UserError(f"--temperature: must be >= 0, got {temperature}")
-    model, cfg = load_checkpoint(checkpoint)
-    directory = find_checkpoint_dir(checkpoint)
-    tok = tokenizer_from_checkpoint(directory, cfg)
-    check_vocab(tok, model, directory)
+    model, _, _, tok = load_with_tokenizer(checkpoint)
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise UserError("--prompt: empty prompt")

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import find_checkpoint_dir, load_checkpoint
-from .data import _utf8_text_chunks, check_vocab, expand_data_args, tokenizer_from_checkpoint
+from .checkpoint import load_checkpoint, load_with_tokenizer
+from .data import _utf8_text_chunks, expand_data_args
 from .errors import UserError
 from .moe import expert_capacity
 
@@ -185,12 +185,9 @@ def run_routing(model, stream: Stream, batch_size: int, capacity_factor: float, 
 def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, seq_len: int | None = None,
                     batch_size: int = 8, capacity_factor: float = 1.25, top_tokens: int = 5, near_dead: float = 0.1,
                     domains: list[str] | None = None, compare: str | None = None) -> dict:
-    model, cfg = load_checkpoint(checkpoint)
+    model, _, directory, tok = load_with_tokenizer(checkpoint)
     if not model.moe_layers:
         raise UserError(f"{checkpoint}: has no MoE layers (a dense model); nothing to inspect")
-    directory = find_checkpoint_dir(checkpoint)
-    tok = tokenizer_from_checkpoint(directory, cfg)
-    check_vocab(tok, model, directory)
     ctx = model.recipe.model.context
     seq_len = seq_len or min(ctx, model.recipe.train.seq_len)
     if not 1 <= seq_len <= ctx:

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from .checkpoint import CONFIG_FILE, FORMAT, MODEL_FILE, find_checkpoint_dir, read_config
+from .checkpoint import (CONFIG_FILE, FORMAT, MODEL_FILE, find_checkpoint_dir, load_checkpoint, load_with_tokenizer,
+                         read_config)
 from .config import Recipe, _FieldError, _section_from_dict, recipe_from_dict
 from .errors import RunFailed, UserError
 from .fileio import atomic_dir, atomic_write_json
@@ -281,12 +282,7 @@ DEFAULT_PROMPTS = (
 @torch.no_grad()
 def prompt_centroids(src: DenseSource, layers: list[int], k: int, o: UpcycleOptions) -> dict[int, torch.Tensor]:
     """k-means (cosine) of each layer's FFN inputs over the prompts; rows scaled to router_std * sqrt(D)."""
-    from .checkpoint import load_checkpoint
-    from .data import check_vocab, tokenizer_from_checkpoint
-
-    model, cfg = load_checkpoint(src.dir)
-    tok = tokenizer_from_checkpoint(src.dir, cfg if src.hf_type is None else {})
-    check_vocab(tok, model, src.dir)
+    model, _, _, tok = load_with_tokenizer(src.dir)
     text = Path(o.prompts).read_text(encoding="utf-8") if o.prompts else DEFAULT_PROMPTS
     ids = tok.encode(text)[: model.recipe.model.context * 8]
     if len(ids) < k:
@@ -491,8 +487,6 @@ PROBE_LEN = 32
 
 @torch.no_grad()
 def _probe_logits(directory: Path) -> torch.Tensor:
-    from .checkpoint import load_checkpoint
-
     model, _ = load_checkpoint(directory)
     model.float()
     r = model.recipe.model
