@@ -97,7 +97,6 @@ class TrainProgress:
         self.enabled = enabled
         self.progress = None
         self.task = None
-        self.t0 = None
 
     def __enter__(self):
         if self.enabled and err.is_terminal:
@@ -137,15 +136,21 @@ class TrainProgress:
                 err.print(f"step {rec['step']}/{total}  {info}", highlight=False, soft_wrap=True)
 
 
+def kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    """A headerless two-column table of (label, value) rows."""
+    t = Table(title=title, title_justify="left", show_header=False)
+    t.add_column("")
+    t.add_column("")
+    for label, value in rows:
+        t.add_row(label, str(value))
+    return t
+
+
 def render_train(res: dict) -> None:
-    t = Table(title=f"trained {res['recipe']}", title_justify="left", show_header=False)
-    t.add_column("")
-    t.add_column("")
-    for key, fmt in (("final_step", "{}"), ("tokens_seen", "{:,}"), ("final_loss", "{:.4f}"), ("val_loss", "{:.4f}"),
-                     ("tokens_per_s", "{:,.0f}"), ("checkpoint", "{}"), ("metrics", "{}")):
-        if res.get(key) is not None:
-            t.add_row(key.replace("_", " "), fmt.format(res[key]))
-    out.print(t)
+    fmts = (("final_step", "{}"), ("tokens_seen", "{:,}"), ("final_loss", "{:.4f}"), ("val_loss", "{:.4f}"),
+            ("tokens_per_s", "{:,.0f}"), ("checkpoint", "{}"), ("metrics", "{}"))
+    out.print(kv_table(f"trained {res['recipe']}", [(key.replace("_", " "), fmt.format(res[key]))
+                                                     for key, fmt in fmts if res.get(key) is not None]))
 
 
 def render_eval(res: dict) -> None:
@@ -191,10 +196,6 @@ def _mb(n: int) -> str:
 
 
 def render_upcycle(res: dict) -> None:
-    t = Table(title=("plan" if res["dry_run"] else "upcycled") + f": {res['recipe']}", title_justify="left",
-              show_header=False)
-    t.add_column("")
-    t.add_column("")
     rows = [("source", f"{res['source']} ({res['source_format']})"), ("format", res["format"]),
             ("MoE layers", ", ".join(map(str, res["moe_layers"]))),
             ("experts / top-k", f"{res['num_experts']} / {res['top_k']} (granularity {res['granularity']}, "
@@ -209,9 +210,7 @@ def render_upcycle(res: dict) -> None:
         rows.append(("time", f"{res['seconds']:.2f} s"))
     if res.get("output") and not res["dry_run"]:
         rows.append(("written to", res["output"]))
-    for k, v in rows:
-        t.add_row(k, str(v))
-    out.print(t)
+    out.print(kv_table(("plan" if res["dry_run"] else "upcycled") + f": {res['recipe']}", rows))
     if res["dry_run"]:
         p = Table(title="output tensors", title_justify="left")
         p.add_column("name")
