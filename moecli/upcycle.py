@@ -283,7 +283,10 @@ DEFAULT_PROMPTS = (
 def prompt_centroids(src: DenseSource, layers: list[int], k: int, o: UpcycleOptions) -> dict[int, torch.Tensor]:
     """k-means (cosine) of each layer's FFN inputs over the prompts; rows scaled to router_std * sqrt(D)."""
     model, _, _, tok = load_with_tokenizer(src.dir)
-    text = Path(o.prompts).read_text(encoding="utf-8") if o.prompts else DEFAULT_PROMPTS
+    try:
+        text = Path(o.prompts).read_text(encoding="utf-8") if o.prompts else DEFAULT_PROMPTS
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{o.prompts}: cannot read prompts: {getattr(e, 'strerror', None) or e}") from None
     ids = tok.encode(text)[: model.recipe.model.context * 8]
     if len(ids) < k:
         raise UserError(f"{o.prompts or 'built-in prompts'}: {len(ids)} tokens, need at least {k} (one per expert)")

@@ -98,6 +98,8 @@ def test_option_errors(tmp_path, dense_ckpt, cli):
     r = cli("upcycle", dense_ckpt, "-o", tmp_path / "o", "--config", y, "--top-k", "1", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["top_k"] == 1  # the flag wins over the YAML
+    r = cli("upcycle", dense_ckpt, "-o", tmp_path / "p", "--router-init", "prompts", "--prompts", tmp_path / "no.txt")
+    assert r.returncode == 2 and "no.txt: cannot read prompts" in r.stderr
     moe_dir = tmp_path / "o"
     r = cli("upcycle", moe_dir, "-o", tmp_path / "o2")
     assert r.returncode == 2 and "already a mixture-of-experts" in r.stderr
