@@ -12,6 +12,7 @@ Also printed: achieved GFLOP/s (active FLOPs) against this machine's torch.mm
 peak on a 2048^3 product, and the same layer with torch._grouped_mm experts in
 place of the per-expert loop (the path moecli does not take where it is slower). Hugging Face's block (transformers' Mixtral, every
 experts implementation that runs here) is timed when transformers is installed.
+--breakdown adds fwd+bwd times of the experts alone and of the routing alone (see breakdown()).
 Targets on 2 CPU cores: fwd+bwd >= 0.9x dense (small), >= 0.75x dense (many),
 >= 1.2x the fastest transformers implementation.
 """
@@ -118,6 +119,36 @@ def grouped_mm_variant(layer):
     return v
 
 
+def breakdown(ours, dense, x, g, repeats: int) -> dict:
+    """Where the layer's time goes: its experts alone (on tokens already sorted by expert), its
+    routing alone (router, sort, gather, weighted combine and their backward, experts replaced by
+    an identity), the whole layer, and the dense SwiGLU. Milliseconds, fwd+bwd, medians."""
+    import copy
+
+    from moecli.moe import dispatch
+
+    T, D = x.shape[1], x.shape[2]
+    with torch.no_grad():
+        route = ours.router(x.view(T, D))
+    d = dispatch(route.idx_TK, route.keep_TK, ours.cfg.num_experts)
+    x_ND = x.detach().view(T, D).index_select(0, d.token_N).requires_grad_()
+    g_ND = torch.randn_like(x_ND)
+    experts = ours.experts
+
+    def experts_only():
+        x_ND.grad = None
+        experts.zero_grad(set_to_none=True)
+        experts(x_ND, d.counts_E).backward(g_ND)
+
+    routing = copy.deepcopy(ours)
+    routing.experts.forward = lambda x_ND, counts_E: x_ND
+    out = {}
+    for name, fn in (("dense", fwd_bwd(dense, x, g)[1]), ("experts_only", experts_only),
+                     ("routing_only", fwd_bwd(routing, x, g)[1]), ("layer", fwd_bwd(ours, x, g)[1])):
+        out[f"{name}_ms"] = timeit(fn, repeats) * 1e3
+    return out
+
+
 def hf_block(sh, dtype, impl):
     import transformers
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -138,6 +169,8 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--shapes", default="small,many")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers even when installed")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the experts alone and the routing alone (where the gap to dense comes from)")
     ap.add_argument("--hf-impls", default="eager,grouped_mm",
                     help="transformers experts implementations to time; batched_mm is left out by default because "
                          "it materialises a weight copy per token (34 GB at these shapes: it fails or is OOM-killed)")
@@ -205,6 +238,9 @@ def main() -> None:
                 summary["fwd_bwd_speed_vs_best_hf"] = paired_ratio(fns["moecli"][1], fns[best_fb][1], a.repeats)
                 summary["fwd_speed_vs_best_hf"] = paired_ratio(fns["moecli"][0], fns[best_f][0], a.repeats)
                 summary["meets_hf_target"] = summary["fwd_bwd_speed_vs_best_hf"] >= 1.2
+            if a.breakdown:
+                summary["breakdown_fwd_bwd"] = {k: round(v, 2) for k, v in breakdown(ours, dense, x, g,
+                                                                                     a.repeats).items()}
             report["results"][dname][sname] = {"shape": sh, "timings": rows, "summary": summary}
             print(f"{dname} {sname}: " + json.dumps(summary), file=sys.stderr)
     print(json.dumps(report, indent=2))

@@ -9,6 +9,8 @@
   their expert with all_to_all_single, computed there and sent back (autograd
   flows through both exchanges). Expert gradients are then already summed over
   all ranks' tokens and are only scaled, not all-reduced.
+* Balance losses use the global batch's expert loads (all-reduced counts), so the
+  averaged gradient and the logged value equal the single-process ones.
 
 Shape legend: N token-copies sorted by expert, D model dim, R ranks, El experts per rank.
 """
@@ -143,6 +145,17 @@ def all_sum_(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t
+
+
+def global_mean_load(load_E: torch.Tensor) -> torch.Tensor:
+    """Per-rank mean of the expert loads over all ranks (no gradient flows through counts).
+
+    With equal micro-batches, f_i from this mean is the global batch's fraction, and the
+    all-reduce-averaged gradient of E*sum_i f_i*P_i(local) is that of the global-batch loss.
+    """
+    load = load_E.detach().float().clone()
+    dist.all_reduce(load)
+    return load / dist.get_world_size()
 
 
 def barrier() -> None:

@@ -11,21 +11,33 @@ import torch.nn.functional as F
 
 from .checkpoint import load_with_tokenizer
 from .data import encode_to_file, eval_windows, expand_data_args, open_tokens
+from .distributed import all_sum_, current
 from .errors import UserError
 
 
 @torch.no_grad()
 def evaluate_loss(model, tokens: torch.Tensor, seq_len: int, starts: list[int], batch_size: int) -> tuple[float, int]:
-    """Mean next-token cross-entropy over windows tokens[s : s+seq_len+1]; returns (loss, tokens scored)."""
+    """Mean next-token cross-entropy over windows tokens[s : s+seq_len+1]; returns (loss, tokens scored).
+
+    Under torch.distributed every rank scores an interleaved share of each batch and the sums are
+    all-reduced (the result is the single-process one). Every rank runs the same number of forwards,
+    as expert parallelism needs: a rank with no window left in the last batch scores one with weight 0.
+    """
+    info = current()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
-        xy = torch.stack([tokens[s: s + seq_len + 1].long() for s in starts[i: i + batch_size]])
+        mine = starts[i: i + batch_size][info.rank::info.world]
+        weight = 1.0 if mine else 0.0
+        xy = torch.stack([tokens[s: s + seq_len + 1].long() for s in (mine or starts[i: i + 1])])
         logits = model(xy[:, :-1]).logits_BSV
-        total += float(F.cross_entropy(logits.flatten(0, 1).float(), xy[:, 1:].flatten(), reduction="sum"))
-        count += xy[:, 1:].numel()
+        total += weight * float(F.cross_entropy(logits.flatten(0, 1).float(), xy[:, 1:].flatten(), reduction="sum"))
+        count += int(weight) * xy[:, 1:].numel()
     model.train(was_training)
+    if info.world > 1:
+        sums = all_sum_(torch.tensor([total, count], dtype=torch.float64))
+        total, count = float(sums[0]), int(sums[1])
     return (total / count if count else float("nan")), count
 
 

@@ -84,6 +84,9 @@ class MoELayer(nn.Module):
         self.capture = False
         self.last_route: RouterOutput | None = None
         self.ep_world = 1  # > 1: experts sharded over ranks (distributed.shard_experts)
+        # > 1: data-parallel ranks; the balance losses then use the expert loads of the
+        # global batch (all-reduced), so their averaged gradient is the global-batch one.
+        self.dp_world = 1
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
@@ -101,7 +104,8 @@ class MoELayer(nn.Module):
         else:
             y_ND = self.experts(x_ND, d.counts_E)
         w_N = route.weight_TK[d.token_N, d.choice_N].to(y_ND.dtype)
-        out_TD = torch.zeros_like(x_TD).index_add_(0, d.token_N, y_ND * w_N.unsqueeze(-1))
+        # in y's dtype, which is bf16 under autocast (the residual add promotes it back)
+        out_TD = y_ND.new_zeros(T, D).index_add_(0, d.token_N, y_ND * w_N.unsqueeze(-1))
         if self.shared is not None:
             s_TD = self.shared(x_TD)
             if self.shared_gate is not None:
@@ -112,7 +116,12 @@ class MoELayer(nn.Module):
         if self.capture:
             self.last_route = route
         if self.training or torch.is_grad_enabled():
-            self.aux = balance.losses(route, d.load_E, B, S, E, K, self.bal)
+            load_E = d.load_E
+            if self.dp_world > 1 and (self.bal.aux_loss_coef > 0 or self.bal.device_loss_coef > 0):
+                from .distributed import global_mean_load
+
+                load_E = global_mean_load(load_E)
+            self.aux = balance.losses(route, load_E, B, S, E, K, self.bal)
         return out_TD.view(B, S, D)
 
     @torch.no_grad()

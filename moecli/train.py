@@ -270,6 +270,8 @@ def _train(args: TrainArgs, progress=None) -> dict:
         load_into(model, load_state_file(st.ckpt_dir / "model.safetensors"), st.ckpt_dir / "model.safetensors")
     if info.expert_parallel and info.world > 1:
         shard_experts(model, info)
+    for _, moe in model.moe_layers:
+        moe.dp_world = info.world
     opt = make_optimizer(model, t)
     metrics_path = out / "metrics.jsonl"
     start_step, tokens_seen = 0, 0

@@ -50,3 +50,33 @@ def expert_parallel_layer_check(E, K, capacity_factor):
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     out["worst_over_ranks"] = float(worst)
     return out
+
+
+def sharded_eval_check(expert_parallel):
+    """Validation split over ranks (a last batch smaller than the world included) vs one process."""
+    from moecli.config import recipe_from_dict
+    from moecli.evaluate import evaluate_loss
+    from moecli.model import build_model
+
+    info = init_from_env(expert_parallel=expert_parallel)
+    recipe = recipe_from_dict({"name": "t", "model": {"n_layers": 2, "d_model": 32, "n_heads": 2, "n_kv_heads": 1,
+                                                      "ffn_dim": 64, "context": 64},
+                               "train": {"seq_len": 16},
+                               "moe": {"num_experts": 4, "top_k": 2, "expert_ffn": 32}})
+    model = build_model(recipe, seed=0).double()
+    tokens = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(3))
+    starts = list(range(0, 400 - 17, 16))[:9]  # 9 windows, batches of 4: the last one has a single window
+    dist.barrier()
+    # the single-process value, computed with torch.distributed out of the picture
+    import moecli.evaluate as ev
+
+    real_current = ev.current
+    ev.current = lambda: type(info)()
+    ref, ref_count = evaluate_loss(model, tokens, 16, starts, 4)
+    ev.current = real_current
+    if expert_parallel:
+        shard_experts(model, info)
+    rows = []
+    model.register_forward_pre_hook(lambda mod, args: rows.append(args[0].shape[0]))
+    got, count = evaluate_loss(model, tokens, 16, starts, 4)
+    return {"ref": ref, "got": got, "ref_count": ref_count, "count": count, "rows_rank0": rows}

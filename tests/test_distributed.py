@@ -27,7 +27,8 @@ def test_ddp_matches_single_process(tmp_path, tiny_recipe, cli):
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"the {i % 17} cats sat on {i % 5} mats\n" for i in range(500)))
     recipe = tiny_recipe(train={"max_steps": 5, "ckpt_interval": 5, "eval_interval": 5},
-                         balance={"bias_update_rate": 0.01})
+                         balance={"bias_update_rate": 0.01, "aux_loss_coef": 0.1, "device_loss_coef": 0.1,
+                                  "num_devices": 2, "z_loss_coef": 0.01})
     one, two, ep = tmp_path / "one", tmp_path / "two", tmp_path / "ep"
     for out, extra in ((one, []), (two, ["--nproc", "2"]), (ep, ["--nproc", "2", "--expert-parallel"])):
         r = cli("train", recipe, corpus, "-o", out, "-q", *extra)
@@ -37,6 +38,12 @@ def test_ddp_matches_single_process(tmp_path, tiny_recipe, cli):
     for x, y, z in zip(a, b, c):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6)
         assert z["loss"] == pytest.approx(x["loss"], rel=1e-5, abs=1e-6)
+        # balance losses are computed on the global batch's expert loads, as in one process
+        for run in (y, z):
+            assert run["total_loss"] == pytest.approx(x["total_loss"], rel=1e-5, abs=1e-6)
+            assert set(run["aux"]) == set(x["aux"]) == {"aux", "device", "z"}
+            for k in x["aux"]:
+                assert run["aux"][k] == pytest.approx(x["aux"][k], rel=1e-5), k
     assert b[-1]["val_loss"] == pytest.approx(a[-1]["val_loss"], rel=1e-5)
     # the expert-parallel run saves whole experts: its checkpoint loads like any other
     r = cli("eval", ep, corpus, "--json")
@@ -58,3 +65,13 @@ def test_nproc_errors(tmp_path, tiny_recipe, cli):
     r = cli("train", tiny_recipe(moe={"num_experts": 3, "top_k": 1}), corpus, "-o", tmp_path / "y", "--nproc", "2",
             "--expert-parallel")
     assert r.returncode == 2 and "num_experts (3) must be divisible" in r.stderr
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_validation_is_split_over_ranks(expert_parallel):
+    from dist_workers import sharded_eval_check
+
+    res = spawn(2, sharded_eval_check, expert_parallel)
+    assert res["count"] == res["ref_count"] == 9 * 16
+    assert res["rows_rank0"] == [2, 2, 1]  # rank 0 scored its share only: windows 0,2 | 4,6 | 8
+    assert res["got"] == pytest.approx(res["ref"], rel=1e-6)  # cross-entropy is taken in float32

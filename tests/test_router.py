@@ -182,3 +182,20 @@ def test_bias_update_moves_toward_balance():
     layer = MoELayer(4, MoEConfig(num_experts=4, top_k=1, expert_ffn=4), BalanceConfig(bias_update_rate=0.1))
     layer.update_bias(torch.tensor([10, 2, 2, 2]), 0.1)
     assert layer.router.expert_bias.tolist() == pytest.approx([-0.1, 0.1, 0.1, 0.1])
+
+
+@pytest.mark.parametrize("shared", [0, 1])
+def test_layer_runs_under_bf16_autocast(shared):
+    """Mixed precision: the experts run in bf16 and the combine follows their dtype (it used to fail)."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_ffn=32, num_shared_experts=shared)
+    layer = MoELayer(16, cfg, BalanceConfig(aux_loss_coef=0.01))
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    ref = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, atol=2e-2, rtol=2e-2)
+    (y.float().sum() + layer.aux["aux"]).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert layer.experts.w1_EDF.grad.dtype == torch.float32  # parameters and their gradients stay fp32
