@@ -79,7 +79,8 @@ def build(
 
 @app.command()
 def train(
-    recipe: Optional[str] = typer.Argument(None, help="Recipe YAML or bundled name (not needed with --resume)."),
+    recipe: Optional[str] = typer.Argument(None, help="Recipe YAML or bundled name (not needed with --resume; "
+                                           "none with --init: then every argument is DATA)."),
     data: Optional[List[str]] = typer.Argument(None, help="Text files, globs, directories, or - for stdin. "
                                                "Default: the Python standard library's source (embedded corpus)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Run directory (default runs/RECIPE)."),
@@ -93,6 +94,8 @@ def train(
     set_: Optional[List[str]] = SET_OPT,
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="A Hugging Face tokenizer.json (default: bytes)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its checkpoint."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from this checkpoint's weights, recipe and "
+                                       "tokenizer (a moecli or Hugging Face directory, e.g. an upcycled model)."),
     nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes (torch.distributed; gloo on CPU)."),
     expert_parallel: bool = typer.Option(False, "--expert-parallel", help="With --nproc: shard experts over ranks."),
     force: bool = typer.Option(False, "--force", help="Start over in an --output that already holds a run."),
@@ -102,15 +105,18 @@ def train(
     """Train a model on text files; checkpoints and metrics go to --output."""
     from .train import TrainArgs, train as train_fn
 
-    ov = _overrides(set_, **{"train.max_steps": max_steps, "train.batch_size": batch_size, "train.seq_len": seq_len,
-                             "train.lr": lr, "train.seed": seed, "train.eval_interval": eval_interval,
-                             "train.ckpt_interval": ckpt_interval})
-    args = TrainArgs(recipe, list(data or []), output, ov, resume, force, tokenizer, quiet, nproc, expert_parallel)
-
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # by torchrun: one CLI per rank
     main_rank = int(os.environ.get("RANK", "0")) == 0
 
-    def go():
+    def go():  # overrides are parsed in here so a bad --set is a one-line error (exit 2)
+        ov = _overrides(set_, **{"train.max_steps": max_steps, "train.batch_size": batch_size, "train.seq_len": seq_len,
+                                 "train.lr": lr, "train.seed": seed, "train.eval_interval": eval_interval,
+                                 "train.ckpt_interval": ckpt_interval})
+        files = list(data or [])
+        if init and recipe is not None:  # no recipe with --init: the first argument is DATA too
+            files.insert(0, recipe)
+        args = TrainArgs(None if init else recipe, files, output, ov, resume, force, tokenizer, quiet,
+                         nproc, expert_parallel, init=init)
         with render.TrainProgress(enabled=not quiet and nproc == 1 and not launched) as prog:  # ranks draw their own
             return train_fn(args, progress=prog.update)
 
@@ -211,10 +217,6 @@ def inspect_routing(
     from .routing_stats import inspect_routing as inspect_fn
 
     def go():
-        if batch_size < 1:
-            raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
-        if capacity_factor < 0:
-            raise UserError(f"--capacity-factor: must be >= 0, got {capacity_factor}")
         res = inspect_fn(checkpoint, data, max_tokens, seq_len, batch_size, capacity_factor, top_tokens, near_dead,
                          domain, compare)
         if layer is not None and str(layer) not in res["layers"]:

@@ -42,9 +42,13 @@ def evaluate_loss(model, tokens: torch.Tensor, seq_len: int, starts: list[int], 
 
 
 def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: int, max_windows: int | None) -> dict:
+    if batch_size < 1:
+        raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
+    if max_windows is not None and max_windows < 1:
+        raise UserError(f"--max-windows: must be >= 1, got {max_windows}")
     model, _, directory, tok = load_with_tokenizer(checkpoint)
     context = model.recipe.model.context
-    seq_len = seq_len or min(context, model.recipe.train.seq_len)
+    seq_len = min(context, model.recipe.train.seq_len) if seq_len is None else seq_len
     if not 1 <= seq_len <= context:
         raise UserError(f"--seq-len: must be between 1 and the model's context ({context}), got {seq_len}")
     with tempfile.TemporaryDirectory(prefix="moe-eval-") as tmp:

@@ -34,6 +34,8 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: flo
         raise UserError(f"--max-new-tokens: must be >= 0, got {max_new_tokens}")
     if temperature < 0:
         raise UserError(f"--temperature: must be >= 0, got {temperature}")
+    if top_k < 0:
+        raise UserError(f"--top-k: must be >= 0 (0 = all tokens), got {top_k}")
     model, _, _, tok = load_with_tokenizer(checkpoint)
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:

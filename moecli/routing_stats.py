@@ -185,11 +185,15 @@ def run_routing(model, stream: Stream, batch_size: int, capacity_factor: float, 
 def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, seq_len: int | None = None,
                     batch_size: int = 8, capacity_factor: float = 1.25, top_tokens: int = 5, near_dead: float = 0.1,
                     domains: list[str] | None = None, compare: str | None = None) -> dict:
+    for flag, value, low in (("--batch-size", batch_size, 1), ("--capacity-factor", capacity_factor, 0),
+                             ("--top-tokens", top_tokens, 0), ("--near-dead", near_dead, 0)):
+        if value < low:
+            raise UserError(f"{flag}: must be >= {low}, got {value}")
     model, _, directory, tok = load_with_tokenizer(checkpoint)
     if not model.moe_layers:
         raise UserError(f"{checkpoint}: has no MoE layers (a dense model); nothing to inspect")
     ctx = model.recipe.model.context
-    seq_len = seq_len or min(ctx, model.recipe.train.seq_len)
+    seq_len = min(ctx, model.recipe.train.seq_len) if seq_len is None else seq_len
     if not 1 <= seq_len <= ctx:
         raise UserError(f"--seq-len: must be between 1 and the model's context ({ctx}), got {seq_len}")
     if max_tokens < seq_len:

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from .build import prepare_recipe
-from .checkpoint import CONFIG_FILE, load_into, load_state_file, model_state, read_config, save_checkpoint
+from .checkpoint import (CONFIG_FILE, load_into, load_state_file, load_with_tokenizer, model_state, read_config,
+                         save_checkpoint)
 from .config import apply_overrides, recipe_from_dict
 from .data import eval_windows, load_tokenizer, prepare_tokens, sample_batch
 from .distributed import (DistInfo, all_mean, all_sum_, barrier, current, expert_params, gather_experts,
@@ -54,6 +55,7 @@ class TrainArgs:
     nproc: int = 1  # > 1: spawn this many data-parallel processes
     expert_parallel: bool = False  # with nproc > 1: shard each layer's experts over the processes
     data_fingerprint: str | None = None  # set by the launcher: ranks reuse its token cache
+    init: str | None = None  # start from this checkpoint's weights, recipe and tokenizer (e.g. an upcycled model)
 
 
 def lr_at(step: int, t) -> float:
@@ -177,6 +179,8 @@ class Setup:
     tokenizer: object
     ckpt_dir: Path | None
     resume_state: dict
+    init_dir: Path | None = None  # --init: the checkpoint whose weights the run starts from ...
+    init_state: dict | None = None  # ... and those weights
 
 
 def setup(args: TrainArgs) -> Setup:
@@ -186,6 +190,9 @@ def setup(args: TrainArgs) -> Setup:
     if args.resume:
         if out is None:
             raise UserError("--resume needs -o/--output: the run directory to continue")
+        if args.init:
+            raise UserError("--init starts a new run from a checkpoint's weights; --resume continues this run: "
+                            "pass one of them")
         ckpt_dir = find_resume_dir(out)
         cfg = read_config(ckpt_dir)
         recipe = recipe_from_dict(cfg.get("recipe"), str(ckpt_dir / CONFIG_FILE))
@@ -194,16 +201,27 @@ def setup(args: TrainArgs) -> Setup:
         tcfg = cfg.get("tokenizer") or {"type": "byte"}
         tokenizer = load_tokenizer(ckpt_dir / "tokenizer.json" if tcfg.get("type") == "hf" else None)
         resume_state = json.loads((ckpt_dir / "train_state.json").read_text())
+    elif args.init:
+        if args.tokenizer:
+            raise UserError("--tokenizer: with --init the tokenizer is the checkpoint's own")
+        init_model, _, init_dir, tokenizer = load_with_tokenizer(args.init)
+        recipe, init_state = init_model.recipe, model_state(init_model)
+        del init_model
+        if args.overrides:
+            recipe = apply_overrides(recipe, args.overrides, source="command-line overrides")
+        out = out or Path("runs") / recipe.name
+        if Path(init_dir).resolve() == (out / "checkpoint").resolve():
+            raise UserError(f"--init {args.init}: is this run's own checkpoint; use --resume to continue it")
     else:
         if args.recipe is None:
             raise UserError("RECIPE: missing (a recipe file or bundled name, e.g. `moe train mixtral`)")
         recipe = prepare_recipe(args.recipe, args.overrides)
         out = out or Path("runs") / recipe.name
-        if (out / "checkpoint").exists() and not args.force:
-            raise UserError(f"{out}: already holds a run; pass --resume to continue it or --force to start over")
         tokenizer = load_tokenizer(args.tokenizer)
         if tokenizer.vocab_size > recipe.model.vocab_size:
             recipe = apply_overrides(recipe, {"model.vocab_size": tokenizer.vocab_size}, source="tokenizer")
+    if not args.resume and (out / "checkpoint").exists() and not args.force:
+        raise UserError(f"{out}: already holds a run; pass --resume to continue it or --force to start over")
     if args.nproc < 1:
         raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
     if args.nproc > 1 and recipe.train.batch_size % args.nproc:
@@ -214,7 +232,9 @@ def setup(args: TrainArgs) -> Setup:
         if recipe.moe.num_experts % args.nproc:
             raise UserError(f"--expert-parallel: num_experts ({recipe.moe.num_experts}) must be divisible by "
                             f"--nproc ({args.nproc})")
-    return Setup(recipe, out, tokenizer, ckpt_dir, resume_state)
+    if not args.init:
+        init_dir = init_state = None
+    return Setup(recipe, out, tokenizer, ckpt_dir, resume_state, init_dir, init_state)
 
 
 def train(args: TrainArgs, progress=None) -> dict:
@@ -266,6 +286,8 @@ def _train(args: TrainArgs, progress=None) -> dict:
     data = _tokens(args, st)
 
     model = build_model(recipe)
+    if st.init_dir is not None:  # weights only: a new run (fresh optimizer, step 0)
+        load_into(model, st.init_state, st.init_dir)
     if args.resume:
         load_into(model, load_state_file(st.ckpt_dir / "model.safetensors"), st.ckpt_dir / "model.safetensors")
     if info.expert_parallel and info.world > 1:
@@ -292,7 +314,8 @@ def _train(args: TrainArgs, progress=None) -> dict:
     last_ckpt_step = start_step if args.resume else None
     summary = {"output": str(out), "recipe": recipe.name, "start_step": start_step, "steps": t.max_steps,
                "train_tokens": int(data.train.numel()), "val_tokens": int(data.val.numel()),
-               "processes": info.world, "expert_parallel": info.expert_parallel}
+               "processes": info.world, "expert_parallel": info.expert_parallel,
+               "init": str(st.init_dir) if st.init_dir is not None else None}
     local_b = t.batch_size // info.world
     rows = slice(info.rank * local_b, (info.rank + 1) * local_b)
     val_loss = None

@@ -85,3 +85,28 @@ def test_cli_build_writes_checkpoint_and_json(cli, tmp_path):
     info = cli("info", out, "--json")
     assert info.returncode == 0, info.stderr
     assert json.loads(info.stdout)["params"]["total"] == data["params"]["total"]
+
+
+@pytest.mark.parametrize("command", ["build", "train"])
+def test_cli_bad_set_option_exit_2(cli, tmp_path, command):
+    r = cli(command, "mixtral", "--set", "nonsense", "-o", tmp_path / "m")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == "error: --set nonsense: expected KEY=VALUE, e.g. --set train.lr=1e-3"
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "{ckpt}", "-", "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+    (["eval", "{ckpt}", "-", "--max-windows", "-3"], "--max-windows: must be >= 1, got -3"),
+    (["eval", "{ckpt}", "-", "--seq-len", "0"], "--seq-len: must be between 1 and the model's context"),
+    (["inspect-routing", "{ckpt}", "-", "--top-tokens", "-1"], "--top-tokens: must be >= 0, got -1"),
+    (["inspect-routing", "{ckpt}", "-", "--seq-len", "0"], "--seq-len: must be between 1"),
+    (["inspect-routing", "{ckpt}", "-", "--near-dead", "-1"], "--near-dead: must be >= 0"),
+    (["generate", "{ckpt}", "-p", "hi", "--top-k", "-2"], "--top-k: must be >= 0"),
+])
+def test_cli_bad_numeric_options_exit_2(cli, tmp_path, tiny_recipe, args, message):
+    ckpt = tmp_path / "ckpt"
+    assert cli("build", tiny_recipe(), "-o", ckpt).returncode == 0
+    r = cli(*[a.replace("{ckpt}", str(ckpt)) for a in args], input="hello world " * 100)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

@@ -172,3 +172,43 @@ def test_hf_tokenizer_json(tmp_path, corpus, tiny_recipe, cli):
     bad.write_text("{not json")
     r = cli("train", tiny_recipe(), corpus, "-o", tmp_path / "r2", "--tokenizer", bad)
     assert r.returncode == 2 and "bad.json: not a readable tokenizer.json" in r.stderr
+
+
+def test_init_continues_an_upcycled_model(tmp_path, corpus, tiny_recipe, cli):
+    """Sparse upcycling end to end: train dense, upcycle, train the MoE from the upcycled weights."""
+    dense = tiny_recipe(name="d", moe={"num_experts": 0, "top_k": 0},
+                        train={"max_steps": 30, "eval_interval": 30, "ckpt_interval": 30})
+    assert cli("train", dense, corpus, "-o", tmp_path / "dense", "-q").returncode == 0
+    r = cli("upcycle", tmp_path / "dense", "-o", tmp_path / "up", "-e", "4", "-k", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    runs = {}
+    for name, init in (("from_up", tmp_path / "up"), ("from_dense", tmp_path / "dense")):
+        r = cli("train", "--init", init, corpus, "-o", tmp_path / name, "--max-steps", "3", "-q", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["init"].startswith(str(init))
+        runs[name] = losses(tmp_path / name)
+    fresh = tiny_recipe(name="f", train={"max_steps": 3, "eval_interval": 3, "ckpt_interval": 3})
+    assert cli("train", fresh, corpus, "-o", tmp_path / "fresh", "-q").returncode == 0
+    # the first step's loss is taken before any update: the upcycled MoE computes the dense function
+    assert runs["from_up"][0][1] == pytest.approx(runs["from_dense"][0][1], rel=1e-5)
+    assert runs["from_up"][0][1] < losses(tmp_path / "fresh")[0][1] - 1.0  # the trained weights were loaded
+    cfg = json.loads((tmp_path / "from_up" / "checkpoint" / "config.json").read_text())
+    assert cfg["recipe"]["moe"]["num_experts"] == 4
+    r = cli("train", "-o", tmp_path / "from_up", "--resume", "--max-steps", "4", "-q")  # an ordinary run now
+    assert r.returncode == 0, r.stderr
+    assert len(losses(tmp_path / "from_up")) == 4
+
+
+def test_init_errors(tmp_path, corpus, tiny_recipe, cli):
+    ckpt = tmp_path / "ckpt"
+    assert cli("build", tiny_recipe(), "-o", ckpt).returncode == 0
+    cases = [
+        (["--init", tmp_path / "nope", corpus], "nope"),
+        (["--init", ckpt, corpus, "--resume"], "--init starts a new run"),
+        (["--init", ckpt, corpus, "--tokenizer", "x.json"], "--tokenizer: with --init"),
+        (["--init", ckpt, corpus, "--set", "model.d_model=64"], "has shape"),
+    ]
+    for args, message in cases:
+        r = cli("train", *args, "-o", tmp_path / "out", "--max-steps", "1", "-q")
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
