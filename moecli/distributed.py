@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dnn
 import torch.nn as nn
 
 from .errors import UserError
@@ -189,6 +188,23 @@ def gather_experts(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.cat(parts)
 
 
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with autograd: rows go out in blocks of send_splits (one per rank) and come in as
+    blocks of recv_splits; the backward sends the gradients back the same way reversed."""
+
+    @staticmethod
+    def forward(ctx, x_ND, send_splits: list[int], recv_splits: list[int]):
+        ctx.splits = send_splits, recv_splits
+        out = x_ND.new_empty(sum(recv_splits), *x_ND.shape[1:])
+        dist.all_to_all_single(out, x_ND.contiguous(), recv_splits, send_splits)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_ND):
+        send_splits, recv_splits = ctx.splits
+        return _AllToAll.apply(g_ND, recv_splits, send_splits), None, None
+
+
 def _regroup(recv_counts_RE: torch.Tensor) -> torch.Tensor:
     """Permutation from (source rank, local expert) block order to (local expert, source rank) order."""
     R, El = recv_counts_RE.shape
@@ -214,11 +230,10 @@ def expert_parallel_ffn(experts, x_ND: torch.Tensor, counts_E: torch.Tensor, wor
     dist.all_to_all_single(recv_RE, counts_RE)  # recv_RE[r, j]: copies rank r sends to my expert j
     send_splits = counts_RE.sum(1).tolist()
     recv_splits = recv_RE.sum(1).tolist()
-    D = x_ND.shape[1]
-    x_recv = dnn.all_to_all_single(x_ND.new_empty(sum(recv_splits), D), x_ND.contiguous(), recv_splits, send_splits)
+    x_recv = _AllToAll.apply(x_ND, send_splits, recv_splits)
     perm = _regroup(recv_RE)
     y_local = experts(x_recv.index_select(0, perm), recv_RE.sum(0))
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel())
     y_recv = y_local.index_select(0, inv)
-    return dnn.all_to_all_single(x_ND.new_empty(x_ND.shape[0], D), y_recv.contiguous(), send_splits, recv_splits)
+    return _AllToAll.apply(y_recv, recv_splits, send_splits)
