@@ -196,6 +196,21 @@ def upcycle(
     _run(go, as_json, render.render_upcycle)
 
 
+@app.command()
+def export(
+    checkpoint: str = typer.Argument(..., help="moecli checkpoint (or training run) directory."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output directory (a Hugging Face model directory)."),
+    fmt: str = typer.Option("auto", "--format", help="auto | mixtral | qwen3_moe | qwen2_moe | llama | qwen3 | qwen2"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    force: bool = FORCE_OPT,
+    as_json: bool = JSON_OPT,
+):
+    """Write a checkpoint as a Hugging Face model directory (transformers loads it); checked on a probe."""
+    from .export import export as export_fn
+
+    _run(lambda: export_fn(checkpoint, output, fmt, dtype, force), as_json, render.render_export)
+
+
 @app.command("inspect-routing")
 def inspect_routing(
     checkpoint: str = typer.Argument(..., help="moecli checkpoint, or a Hugging Face MoE directory."),

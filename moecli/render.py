@@ -195,6 +195,16 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def render_export(res: dict) -> None:
+    tok = res["tokenizer"]
+    rows = [("source", res["source"]), ("architecture", f"{res['architecture']} ({res['format']}, {res['dtype']})"),
+            ("tensors", str(res["tensors"])), ("size", _mb(res["bytes"])),
+            ("tokenizer", ", ".join(tok) if isinstance(tok, list) else tok),
+            ("max |logit diff| on probe", f"{res['max_abs_logit_diff']:.3g} (largest logit "
+                                          f"{res['max_abs_logit']:.3g})"), ("written to", res["output"])]
+    out.print(kv_table("exported", rows))
+
+
 def render_upcycle(res: dict) -> None:
     rows = [("source", f"{res['source']} ({res['source_format']})"), ("format", res["format"]),
             ("MoE layers", ", ".join(map(str, res["moe_layers"]))),

@@ -1,0 +1,121 @@
+"""``moe export``: a moecli checkpoint as a Hugging Face directory that transformers loads.
+
+MoE models become Mixtral, Qwen3-MoE or Qwen2-MoE; dense ones Llama, Qwen3 or Qwen2 — whichever
+architecture expresses the recipe (``--format auto`` picks by attention layout). Settings that a
+target cannot express (sigmoid scores, routed scaling, a capacity factor, aux-free router biases, ...)
+are refused with the reason, never silently dropped. After writing, the directory is read back and
+its logits compared with the source model's on a seeded probe.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .checkpoint import load_checkpoint, load_with_tokenizer, model_state
+from .config import Recipe
+from .errors import UserError
+from .fileio import atomic_dir, atomic_write_json
+from .hf import _expert_names, check_writable, hf_config_for, plain_name_map
+
+MOE_FORMATS = ("mixtral", "qwen3_moe", "qwen2_moe")
+DENSE_FORMATS = ("llama", "qwen3", "qwen2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def pick_format(recipe: Recipe) -> str:
+    """The Hugging Face family whose attention layout matches the recipe (qk norm: Qwen3, qkv bias: Qwen2)."""
+    r, moe = recipe.model, bool(recipe.moe_layers())
+    if r.qk_norm and not r.qkv_bias:
+        return "qwen3_moe" if moe else "qwen3"
+    if r.qkv_bias and not r.qk_norm:
+        return "qwen2_moe" if moe else "qwen2"
+    return "mixtral" if moe else "llama"
+
+
+def check_format(recipe: Recipe, fmt: str, model) -> None:
+    moe = bool(recipe.moe_layers())
+    if fmt in DENSE_FORMATS:
+        if moe:
+            raise UserError(f"--format {fmt}: a dense architecture; this model has MoE layers "
+                            f"(use one of {', '.join(MOE_FORMATS)})")
+        r = recipe.model
+        layout = {"llama": (False, False), "qwen3": (True, False), "qwen2": (False, True)}[fmt]
+        if (bool(r.qk_norm or r.qk_norm_full), bool(r.qkv_bias)) != layout or r.qk_norm_full:
+            raise UserError(f"--format {fmt}: the model's attention (qk_norm={r.qk_norm or r.qk_norm_full}, "
+                            f"qkv_bias={r.qkv_bias}) is not {fmt}'s; try --format {pick_format(recipe)}")
+        return
+    if not moe:
+        raise UserError(f"--format {fmt}: an MoE architecture; this model is dense (use one of "
+                        f"{', '.join(DENSE_FORMATS)})")
+    check_writable(recipe, fmt)
+    for i, layer in model.moe_layers:
+        if layer.router.expert_bias.abs().max() > 0:
+            raise UserError(f"--format {fmt}: layer {i} routes with aux-loss-free expert biases, which Hugging Face "
+                            f"{fmt} cannot express")
+
+
+def hf_state(model, recipe: Recipe, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Hugging Face tensor names -> tensors ([out, in] per expert, as nn.Linear stores them)."""
+    sd = model_state(model)
+    out = {theirs: sd[ours].to(dtype).contiguous() for ours, theirs in plain_name_map(recipe, fmt).items()}
+    if fmt in MOE_FORMATS:
+        D = recipe.model.d_model
+        for i, layer in model.moe_layers:
+            ex = layer.experts
+            for e in range(recipe.moe.num_experts):
+                n1, n3, n2 = _expert_names(fmt, i, e)
+                out[n1] = ex.w1_EDF[e].detach().t().to(dtype).contiguous()
+                out[n3] = ex.w3_EDF[e].detach().t().to(dtype).contiguous()
+                out[n2] = ex.w2_EFD[e].detach().t().to(dtype).contiguous()
+            if fmt == "qwen2_moe" and not recipe.moe.num_shared_experts:  # the architecture always has one: empty
+                P = f"model.layers.{i}.mlp.shared_expert"
+                out |= {f"{P}.gate_proj.weight": torch.zeros(0, D, dtype=dtype),
+                        f"{P}.up_proj.weight": torch.zeros(0, D, dtype=dtype),
+                        f"{P}.down_proj.weight": torch.zeros(D, 0, dtype=dtype),
+                        f"{P}_gate.weight": torch.zeros(1, D, dtype=dtype)}
+    return out
+
+
+@torch.no_grad()
+def _probe(model) -> torch.Tensor:
+    r = model.recipe.model
+    x = torch.randint(0, r.vocab_size, (2, min(32, r.context)), generator=torch.Generator().manual_seed(1234))
+    return model.float().eval()(x).logits_BSV
+
+
+def export(checkpoint: str, output: Path, fmt: str = "auto", dtype: str = "float32", force: bool = False) -> dict:
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype: one of {', '.join(DTYPES)}, got {dtype!r}")
+    model, cfg, directory, tok = load_with_tokenizer(checkpoint)
+    recipe = model.recipe
+    fmt = pick_format(recipe) if fmt == "auto" else fmt
+    if fmt not in MOE_FORMATS + DENSE_FORMATS:
+        raise UserError(f"--format: one of auto, {', '.join(MOE_FORMATS + DENSE_FORMATS)}, got {fmt!r}")
+    check_format(recipe, fmt, model)
+    output = Path(output)
+    if output.resolve() == Path(directory).resolve():
+        raise UserError(f"{output}: is the checkpoint being exported; choose another -o")
+    tensors = hf_state(model, recipe, fmt, DTYPES[dtype])
+    tok_files = [f for f in TOKENIZER_FILES if (Path(directory) / f).is_file()]
+    with atomic_dir(output, overwrite=force) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf_cfg = hf_config_for(recipe, fmt, None)
+        hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype
+        atomic_write_json(tmp / "config.json", hf_cfg)
+        for f in tok_files:
+            shutil.copyfile(Path(directory) / f, tmp / f)
+    reread, _ = load_checkpoint(output)
+    ref = _probe(model)
+    diff = float((ref - _probe(reread)).abs().max())
+    return {
+        "source": str(directory), "output": str(output), "format": fmt, "dtype": dtype,
+        "architecture": hf_cfg["architectures"][0], "tensors": len(tensors),
+        "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        "tokenizer": tok_files or f"none written (moecli's {tok.kind} tokenizer has no tokenizer.json)",
+        "max_abs_logit_diff": diff, "max_abs_logit": float(ref.abs().max()),
+    }
