@@ -15,16 +15,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import load_checkpoint, load_with_tokenizer, model_state
+from .checkpoint import FORMAT, find_checkpoint_dir, load_checkpoint, model_state
 from .config import Recipe
 from .errors import UserError
 from .fileio import atomic_dir, atomic_write_json
-from .hf import _expert_names, check_writable, hf_config_for, plain_name_map
+from .hf import TOKENIZER_FILES, _expert_names, check_writable, hf_config_for, plain_name_map
 
 MOE_FORMATS = ("mixtral", "qwen3_moe", "qwen2_moe")
 DENSE_FORMATS = ("llama", "qwen3", "qwen2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def pick_format(recipe: Recipe) -> str:
@@ -91,7 +90,8 @@ def _probe(model) -> torch.Tensor:
 def export(checkpoint: str, output: Path, fmt: str = "auto", dtype: str = "float32", force: bool = False) -> dict:
     if dtype not in DTYPES:
         raise UserError(f"--dtype: one of {', '.join(DTYPES)}, got {dtype!r}")
-    model, cfg, directory, tok = load_with_tokenizer(checkpoint)
+    model, cfg = load_checkpoint(checkpoint)  # the tokenizer is not needed: only its files are copied
+    directory = find_checkpoint_dir(checkpoint)
     recipe = model.recipe
     fmt = pick_format(recipe) if fmt == "auto" else fmt
     if fmt not in MOE_FORMATS + DENSE_FORMATS:
@@ -104,7 +104,7 @@ def export(checkpoint: str, output: Path, fmt: str = "auto", dtype: str = "float
     tok_files = [f for f in TOKENIZER_FILES if (Path(directory) / f).is_file()]
     with atomic_dir(output, overwrite=force) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf_cfg = hf_config_for(recipe, fmt, None)
+        hf_cfg = hf_config_for(recipe, fmt, None if cfg.get("format") == FORMAT else cfg)  # HF source: its token ids
         hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype
         atomic_write_json(tmp / "config.json", hf_cfg)
         for f in tok_files:
@@ -116,6 +116,6 @@ def export(checkpoint: str, output: Path, fmt: str = "auto", dtype: str = "float
         "source": str(directory), "output": str(output), "format": fmt, "dtype": dtype,
         "architecture": hf_cfg["architectures"][0], "tensors": len(tensors),
         "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
-        "tokenizer": tok_files or f"none written (moecli's {tok.kind} tokenizer has no tokenizer.json)",
+        "copied": tok_files,  # tokenizer / generation files of the source (none: moecli's byte tokenizer)
         "max_abs_logit_diff": diff, "max_abs_logit": float(ref.abs().max()),
     }

@@ -23,6 +23,9 @@ DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")  # read and written
 READ_ONLY_MOE_TYPES = ("olmoe",)
 QKV_BIAS_TYPES = ("qwen2", "qwen2_moe")
+# copied beside converted weights (upcycle, export) when the source has them
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "generation_config.json", "chat_template.jinja", "added_tokens.json")
 QK_NORM_TYPES = ("qwen3", "qwen3_moe")
 
 

@@ -196,10 +196,9 @@ def _mb(n: int) -> str:
 
 
 def render_export(res: dict) -> None:
-    tok = res["tokenizer"]
     rows = [("source", res["source"]), ("architecture", f"{res['architecture']} ({res['format']}, {res['dtype']})"),
             ("tensors", str(res["tensors"])), ("size", _mb(res["bytes"])),
-            ("tokenizer", ", ".join(tok) if isinstance(tok, list) else tok),
+            ("copied from source", ", ".join(res["copied"]) or "nothing (byte tokenizer: no tokenizer.json)"),
             ("max |logit diff| on probe", f"{res['max_abs_logit_diff']:.3g} (largest logit "
                                           f"{res['max_abs_logit']:.3g})"), ("written to", res["output"])]
     out.print(kv_table("exported", rows))

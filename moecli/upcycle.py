@@ -39,12 +39,11 @@ from .checkpoint import (CONFIG_FILE, FORMAT, MODEL_FILE, find_checkpoint_dir, l
 from .config import Recipe, _FieldError, _section_from_dict, recipe_from_dict
 from .errors import RunFailed, UserError
 from .fileio import atomic_dir, atomic_write_json
-from .hf import MOE_TYPES, check_writable, hf_config_for, plain_name_map, read_hf_config, recipe_from_hf
+from .hf import (MOE_TYPES, TOKENIZER_FILES, check_writable, hf_config_for, plain_name_map, read_hf_config,
+                 recipe_from_hf)
 from .model import Transformer
 from .st_stream import LazyTensors, SafetensorsWriter, nbytes
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "generation_config.json", "chat_template.jinja", "added_tokens.json")
 HF_OUT = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe"}
 
 

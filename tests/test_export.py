@@ -84,3 +84,16 @@ def test_export_bf16_and_refusals(tmp_path, cli):
         assert len(r.stderr.strip().splitlines()) == 1
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
     assert (tmp_path / "moe" / "model.safetensors").is_file()  # the source is untouched
+
+
+def test_export_of_a_hugging_face_checkpoint_keeps_its_token_ids(tmp_path, cli):
+    from hf_models import make
+
+    make("qwen3_moe", tmp_path / "src", eos_token_id=7, bos_token_id=5)
+    r = cli("export", tmp_path / "src", "-o", tmp_path / "out", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["format"] == "qwen3_moe" and res["max_abs_logit_diff"] == 0.0
+    assert "generation_config.json" in res["copied"]
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (cfg["eos_token_id"], cfg["bos_token_id"]) == (7, 5)
