@@ -186,7 +186,7 @@ class Setup:
 def setup(args: TrainArgs) -> Setup:
     """Resolve recipe, output directory and tokenizer; refuse bad combinations before any work."""
     out = Path(args.output) if args.output else None
-    ckpt_dir, resume_state = None, {}
+    ckpt_dir, resume_state, init_dir, init_state = None, {}, None, None
     if args.resume:
         if out is None:
             raise UserError("--resume needs -o/--output: the run directory to continue")
@@ -232,8 +232,6 @@ def setup(args: TrainArgs) -> Setup:
         if recipe.moe.num_experts % args.nproc:
             raise UserError(f"--expert-parallel: num_experts ({recipe.moe.num_experts}) must be divisible by "
                             f"--nproc ({args.nproc})")
-    if not args.init:
-        init_dir = init_state = None
     return Setup(recipe, out, tokenizer, ckpt_dir, resume_state, init_dir, init_state)
 
 
