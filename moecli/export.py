@@ -19,7 +19,9 @@ from .checkpoint import FORMAT, find_checkpoint_dir, load_checkpoint, model_stat
 from .config import Recipe
 from .errors import UserError
 from .fileio import atomic_dir, atomic_write_json
-from .hf import TOKENIZER_FILES, _expert_names, check_writable, hf_config_for, plain_name_map
+from .hf import (TOKENIZER_FILES, _expert_names, check_writable, hf_config_for, plain_name_map,
+                 qwen2_empty_shared_expert)
+from .upcycle import probe_logits
 
 MOE_FORMATS = ("mixtral", "qwen3_moe", "qwen2_moe")
 DENSE_FORMATS = ("llama", "qwen3", "qwen2")
@@ -71,20 +73,9 @@ def hf_state(model, recipe: Recipe, fmt: str, dtype: torch.dtype) -> dict[str, t
                 out[n1] = ex.w1_EDF[e].detach().t().to(dtype).contiguous()
                 out[n3] = ex.w3_EDF[e].detach().t().to(dtype).contiguous()
                 out[n2] = ex.w2_EFD[e].detach().t().to(dtype).contiguous()
-            if fmt == "qwen2_moe" and not recipe.moe.num_shared_experts:  # the architecture always has one: empty
-                P = f"model.layers.{i}.mlp.shared_expert"
-                out |= {f"{P}.gate_proj.weight": torch.zeros(0, D, dtype=dtype),
-                        f"{P}.up_proj.weight": torch.zeros(0, D, dtype=dtype),
-                        f"{P}.down_proj.weight": torch.zeros(D, 0, dtype=dtype),
-                        f"{P}_gate.weight": torch.zeros(1, D, dtype=dtype)}
+            if fmt == "qwen2_moe" and not recipe.moe.num_shared_experts:
+                out |= {name: torch.zeros(shape, dtype=dtype) for name, shape in qwen2_empty_shared_expert(i, D)}
     return out
-
-
-@torch.no_grad()
-def _probe(model) -> torch.Tensor:
-    r = model.recipe.model
-    x = torch.randint(0, r.vocab_size, (2, min(32, r.context)), generator=torch.Generator().manual_seed(1234))
-    return model.float().eval()(x).logits_BSV
 
 
 def export(checkpoint: str, output: Path, fmt: str = "auto", dtype: str = "float32", force: bool = False) -> dict:
@@ -109,9 +100,8 @@ def export(checkpoint: str, output: Path, fmt: str = "auto", dtype: str = "float
         atomic_write_json(tmp / "config.json", hf_cfg)
         for f in tok_files:
             shutil.copyfile(Path(directory) / f, tmp / f)
-    reread, _ = load_checkpoint(output)
-    ref = _probe(model)
-    diff = float((ref - _probe(reread)).abs().max())
+    ref = probe_logits(model)
+    diff = float((ref - probe_logits(load_checkpoint(output)[0])).abs().max())
     return {
         "source": str(directory), "output": str(output), "format": fmt, "dtype": dtype,
         "architecture": hf_cfg["architectures"][0], "tensors": len(tensors),

@@ -116,6 +116,13 @@ def _expert_names(mt: str, i: int, e: int) -> tuple[str, str, str]:
     return f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight"
 
 
+def qwen2_empty_shared_expert(i: int, D: int) -> list[tuple[str, tuple[int, int]]]:
+    """Qwen2-MoE always has a shared expert: a model without one gets it empty (zero width, zero gate)."""
+    P = f"model.layers.{i}.mlp.shared_expert"
+    return [(f"{P}.gate_proj.weight", (0, D)), (f"{P}.up_proj.weight", (0, D)), (f"{P}.down_proj.weight", (D, 0)),
+            (f"{P}_gate.weight", (1, D))]
+
+
 def plain_name_map(recipe: Recipe, mt: str) -> dict[str, str]:
     """moecli name -> HF name for every tensor that is not a routed expert weight."""
     m = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}

@@ -334,7 +334,7 @@ def plan_moecli(recipe: Recipe, dtype: torch.dtype) -> list[tuple[str, torch.dty
 
 def plan_hf(recipe: Recipe, mt: str, dtype: torch.dtype) -> list[tuple[str, str, torch.dtype, tuple, tuple]]:
     """(hf_name, kind, dtype, shape, source) for every output tensor, in file order (layer by layer)."""
-    from .hf import _expert_names
+    from .hf import _expert_names, qwen2_empty_shared_expert
 
     shapes = {k: s for k, _, s in plan_moecli(recipe, dtype)}
     E, Fe, D = recipe.moe.num_experts, recipe.moe.expert_ffn, recipe.model.d_model
@@ -350,12 +350,8 @@ def plan_hf(recipe: Recipe, mt: str, dtype: torch.dtype) -> list[tuple[str, str,
             n1, n3, n2 = _expert_names(mt, i, e)
             per_layer[i] += [(n1, "expert", dtype, (Fe, D), (i, e, "w1")), (n3, "expert", dtype, (Fe, D), (i, e, "w3")),
                              (n2, "expert", dtype, (D, Fe), (i, e, "w2"))]
-        if mt == "qwen2_moe" and not recipe.moe.num_shared_experts:  # the architecture always has one: empty
-            P = f"model.layers.{i}.mlp.shared_expert"
-            per_layer[i] += [(f"{P}.gate_proj.weight", "zero", dtype, (0, D), ()),
-                             (f"{P}.up_proj.weight", "zero", dtype, (0, D), ()),
-                             (f"{P}.down_proj.weight", "zero", dtype, (D, 0), ()),
-                             (f"{P}_gate.weight", "zero", dtype, (1, D), ())]
+        if mt == "qwen2_moe" and not recipe.moe.num_shared_experts:
+            per_layer[i] += [(name, "zero", dtype, shape, ()) for name, shape in qwen2_empty_shared_expert(i, D)]
     return first + [row for i in sorted(per_layer) for row in per_layer[i]] + last
 
 
@@ -488,13 +484,17 @@ PROBE_LEN = 32
 
 
 @torch.no_grad()
-def _probe_logits(directory: Path) -> torch.Tensor:
-    model, _ = load_checkpoint(directory)
-    model.float()
+def probe_logits(model) -> torch.Tensor:
+    """Logits of a model (in float32, eval mode) on a seeded random probe input."""
+    model.float().eval()
     r = model.recipe.model
     gen = torch.Generator().manual_seed(1234)
     x = torch.randint(0, r.vocab_size, (2, min(PROBE_LEN, r.context)), generator=gen)
     return model(x).logits_BSV
+
+
+def _probe_logits(directory: Path) -> torch.Tensor:
+    return probe_logits(load_checkpoint(directory)[0])
 
 
 def probe_difference(dense_dir: Path, moe_dir: Path) -> tuple[float, float]:
