@@ -65,4 +65,19 @@ def losses(route, load_E: torch.Tensor, B: int, S: int, E: int, K: int, bal: Bal
     return out
 
 
+def load_health(load_E: torch.Tensor, top_k: int) -> dict:
+    """The balance verdict on one layer's expert loads (assignment counts over some window).
+
+    max_vio = max/mean - 1 (0 when balanced); dead = experts with no assignment; collapsed = the
+    busiest expert takes >= 90% of what it could (a top-k token can send it at most 1/k of its load).
+    """
+    load = load_E.double()
+    E, mean = load.numel(), load.mean()
+    max_vio = float(load.max() / mean - 1) if mean > 0 else 0.0
+    dead = [e for e in range(E) if load[e] == 0]
+    collapsed = bool(top_k < E and mean > 0 and float(load.max() / mean) >= 0.9 * E / top_k)
+    status = "collapsed" if collapsed else ("imbalanced" if max_vio > 1.0 or dead else "ok")
+    return {"max_vio": max_vio, "dead": dead, "collapsed": collapsed, "status": status}
+
+
 COEFS = {"aux": "aux_loss_coef", "z": "z_loss_coef", "seq_aux": "seq_aux_loss_coef", "device": "device_loss_coef"}

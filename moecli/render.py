@@ -97,6 +97,7 @@ class TrainProgress:
         self.enabled = enabled
         self.progress = None
         self.task = None
+        self.warned: dict[str, tuple] = {}  # layer -> the routing problem last warned about
 
     def __enter__(self):
         if self.enabled and err.is_terminal:
@@ -134,6 +135,21 @@ class TrainProgress:
             every = max(1, total // 20)
             if rec["step"] % every == 0 or rec["step"] == total or "val_loss" in rec:
                 err.print(f"step {rec['step']}/{total}  {info}", highlight=False, soft_wrap=True)
+        if "routing" in rec:
+            self._warn_routing(rec)
+
+    def _warn_routing(self, rec: dict) -> None:
+        """One line when a layer's experts die or its routing collapses (again only when that changes)."""
+        flagged = rec["routing"]["flagged"]
+        for layer, f in flagged.items():
+            problem = (f["status"] == "collapsed", tuple(f["dead"]))
+            if (problem[0] or problem[1]) and self.warned.get(layer) != problem:
+                what = "routing collapsed onto a few experts" if problem[0] else f"dead experts {list(problem[1])}"
+                err.print(f"[yellow]warning:[/] step {rec['step']}: MoE layer {layer}: {what} over the last "
+                          f"{rec['routing']['steps']} steps", highlight=False, soft_wrap=True)
+            self.warned[layer] = problem
+        for layer in set(self.warned) - set(flagged):
+            del self.warned[layer]
 
 
 def kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -149,8 +165,12 @@ def kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
 def render_train(res: dict) -> None:
     fmts = (("final_step", "{}"), ("tokens_seen", "{:,}"), ("final_loss", "{:.4f}"), ("val_loss", "{:.4f}"),
             ("tokens_per_s", "{:,.0f}"), ("checkpoint", "{}"), ("metrics", "{}"))
-    out.print(kv_table(f"trained {res['recipe']}", [(key.replace("_", " "), fmt.format(res[key]))
-                                                     for key, fmt in fmts if res.get(key) is not None]))
+    rows = [(key.replace("_", " "), fmt.format(res[key])) for key, fmt in fmts if res.get(key) is not None]
+    if res.get("routing"):
+        bad = {i: r for i, r in res["routing"].items() if r["status"] != "ok"}
+        rows.append(("routing (last window)", "ok in every MoE layer" if not bad else "; ".join(
+            f"layer {i} {r['status']}" + (f", dead {r['dead']}" if r["dead"] else "") for i, r in bad.items())))
+    out.print(kv_table(f"trained {res['recipe']}", rows))
 
 
 def render_eval(res: dict) -> None:

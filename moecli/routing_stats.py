@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .balance import load_health
 from .checkpoint import load_checkpoint, load_with_tokenizer
 from .data import _utf8_text_chunks, expand_data_args
 from .errors import UserError
@@ -102,15 +103,13 @@ def layer_report(acc: LayerAcc, tok, top_tokens: int, near_dead: float, capacity
             "top_tokens": [{"id": v, "text": tok.decode([v]), "count": int(col[v]), "p_expert_given_token":
                             float(p_e_given_v[v, e])} for v in top],
         })
-    max_rel = float(load_rel.max())
-    collapsed = K < E and max_rel >= 0.9 * E / K
-    max_vio = float((load.max() - mean) / mean) if mean > 0 else 0.0
+    health = load_health(acc.load, K)
     rep = {
         "experts_n": E, "top_k": K, "tokens": acc.tokens, "assignments": n,
-        "max_vio": max_vio, "cv": float(load.std(unbiased=False) / mean) if mean > 0 else 0.0,
+        "max_vio": health["max_vio"], "cv": float(load.std(unbiased=False) / mean) if mean > 0 else 0.0,
         "entropy": entropy_sum / n_tok / math.log(E) if E > 1 else 0.0,
         "load_entropy": _entropy(share) / math.log(E) if E > 1 else 0.0,
-        "dead": [e for e in range(E) if acc.load[e] == 0],
+        "dead": health["dead"],
         "near_dead": [e for e in range(E) if 0 < load_rel[e] < near_dead],
         "dropped_frac": acc.dropped / max(n, 1) if capacity_factor > 0 else None,
         "top1_gate_mean": top1_sum / n_tok,
@@ -118,8 +117,7 @@ def layer_report(acc: LayerAcc, tok, top_tokens: int, near_dead: float, capacity
         "z_std": math.sqrt(max(z_sq_sum / n_tok - (z_sum / n_tok) ** 2, 0.0)),
         "z_max": float(acc.z_max), "z_loss": z_sq_sum / n_tok,
         "vocab_specialization": float((vocab_spec * share).sum()), "vocab_specialization_blind": K / E,
-        "collapsed": collapsed,
-        "status": "collapsed" if collapsed else ("imbalanced" if max_vio > 1.0 or acc.load.eq(0).any() else "ok"),
+        "collapsed": health["collapsed"], "status": health["status"],
         "experts": experts,
     }
     if K > 1:

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from .build import prepare_recipe
 from .checkpoint import (CONFIG_FILE, load_into, load_state_file, load_with_tokenizer, model_state, read_config,
                          save_checkpoint)
+from .balance import load_health
 from .config import apply_overrides, recipe_from_dict
 from .data import eval_windows, load_tokenizer, prepare_tokens, sample_batch
 from .distributed import (DistInfo, all_mean, all_sum_, barrier, current, expert_params, gather_experts,
@@ -82,11 +83,28 @@ def _fused_kwargs(model) -> dict:
     return {"foreach": True}
 
 
-def max_vio(load_E: torch.Tensor) -> float:
-    """(max load - mean load) / mean load: 0 when perfectly balanced."""
-    load = load_E.float()
-    mean = load.mean()
-    return float((load.max() - mean) / mean) if mean > 0 else 0.0
+class RoutingWindow:
+    """Expert loads summed since the last validation pass: dead experts and collapse show over a window,
+    not in one step's batch."""
+
+    def __init__(self, model):
+        self.layers = [(i, moe.cfg.top_k) for i, moe in model.moe_layers]
+        self.loads = [torch.zeros(moe.cfg.num_experts, dtype=torch.float64) for _, moe in model.moe_layers]
+        self.steps = 0
+
+    def add(self, loads: list[torch.Tensor]) -> None:
+        for acc, load in zip(self.loads, loads):
+            acc += load
+        self.steps += 1
+
+    def report(self) -> dict:
+        """{"steps": n, "layers": {layer: load_health}}; then starts a new window."""
+        rep = {"steps": self.steps, "layers": {str(i): load_health(acc, k)
+                                               for (i, k), acc in zip(self.layers, self.loads)}}
+        for acc in self.loads:
+            acc.zero_()
+        self.steps = 0
+        return rep
 
 
 # ---------------------------------------------------------------- checkpoint state
@@ -318,6 +336,8 @@ def _train(args: TrainArgs, progress=None) -> dict:
     rows = slice(info.rank * local_b, (info.rank + 1) * local_b)
     val_loss = None
     step_times = []
+    window = RoutingWindow(model)
+    routing = None
     mf = open(metrics_path, "a") if info.is_main else None
     try:
         for step in range(start_step, t.max_steps):
@@ -352,8 +372,10 @@ def _train(args: TrainArgs, progress=None) -> dict:
                    "grad_norm": float(gnorm), "tokens_per_s": x.numel() * info.world / dt, "tokens_seen": tokens_seen}
             if res.aux:
                 rec["aux"] = {k: all_mean(v) for k, v in res.aux.items()}
+            window.add(loads)
             if loads:
-                rec["max_vio"] = [round(max_vio(l), 4) for l in loads]
+                rec["max_vio"] = [round(load_health(load, k)["max_vio"], 4)
+                                  for load, (_, k) in zip(loads, window.layers)]
                 counts = all_sum_(torch.tensor([sum(m.stats["dropped"] for _, m in model.moe_layers),
                                                 sum(m.stats["assignments"] for _, m in model.moe_layers)]))
                 rec["dropped_frac"] = int(counts[0]) / max(1, int(counts[1]))
@@ -363,6 +385,11 @@ def _train(args: TrainArgs, progress=None) -> dict:
                 if not math.isfinite(val_loss):
                     raise RunFailed(_nan_message(val_loss, step + 1, last_ckpt, last_ckpt_step, "validation loss"))
                 rec["val_loss"] = val_loss
+                if window.layers:  # the routing since the last validation pass
+                    routing = window.report()
+                    rec["routing"] = {"steps": routing["steps"], "flagged": {
+                        i: {"status": h["status"], "dead": h["dead"]}
+                        for i, h in routing["layers"].items() if h["status"] != "ok"}}
             if mf:
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
@@ -382,6 +409,8 @@ def _train(args: TrainArgs, progress=None) -> dict:
         "final_loss": rec["loss"] if step_times else None, "val_loss": val_loss,
         "tokens_per_s": (t.batch_size * t.seq_len * len(measured) / sum(measured)) if measured else None,
         "checkpoint": str(out / "checkpoint"), "metrics": str(metrics_path),
+        "routing": {i: {"status": h["status"], "max_vio": round(h["max_vio"], 4), "dead": h["dead"]}
+                    for i, h in routing["layers"].items()} if routing else None,
     })
     return summary
 

@@ -199,3 +199,18 @@ def test_layer_runs_under_bf16_autocast(shared):
     (y.float().sum() + layer.aux["aux"]).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert layer.experts.w1_EDF.grad.dtype == torch.float32  # parameters and their gradients stay fp32
+
+
+@pytest.mark.parametrize("load,k,status,dead", [
+    ([25, 25, 25, 25], 2, "ok", []),
+    ([10, 10, 10, 25], 1, "ok", []),             # max_vio 0.82
+    ([0, 50, 50, 50], 1, "imbalanced", [0]),     # a dead expert
+    ([5, 5, 5, 85], 1, "imbalanced", []),        # max_vio 2.4, not collapsed: one expert may take 3.6x the mean
+    ([2, 2, 2, 94], 1, "collapsed", []),         # 3.76x the mean >= 0.9 * E/k
+    ([0, 100, 100, 0], 2, "collapsed", [0, 3]),  # top-2 onto two experts: each at its 1/k ceiling
+])
+def test_load_health(load, k, status, dead):
+    h = balance.load_health(torch.tensor(load), k)
+    assert (h["status"], h["dead"]) == (status, dead)
+    mean = sum(load) / len(load)
+    assert h["max_vio"] == pytest.approx(max(load) / mean - 1)

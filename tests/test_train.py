@@ -212,3 +212,35 @@ def test_init_errors(tmp_path, corpus, tiny_recipe, cli):
         r = cli("train", *args, "-o", tmp_path / "out", "--max-steps", "1", "-q")
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_training_flags_dead_experts_and_collapse(tmp_path, corpus, cli):
+    """A router of zeros ties every score: top-2 of 4 then always picks the same two experts (collapse, 2 dead)."""
+    from moecli.checkpoint import save_checkpoint
+    from moecli.config import recipe_from_dict
+    from moecli.model import build_model
+
+    recipe = recipe_from_dict({"name": "z", "model": {"n_layers": 2, "d_model": 32, "n_heads": 2, "n_kv_heads": 1,
+                                                      "ffn_dim": 64, "context": 64},
+                               "moe": {"num_experts": 4, "top_k": 2, "expert_ffn": 32},
+                               "train": {"batch_size": 4, "seq_len": 32, "warmup_steps": 0}})
+    model = build_model(recipe, seed=0)
+    with torch.no_grad():
+        for _, layer in model.moe_layers:
+            layer.router.gate.weight.zero_()
+    (tmp_path / "zero").mkdir()
+    save_checkpoint(model, tmp_path / "zero")
+    # lr 1e-12 keeps the router's scores tied in float32 for these few steps
+    r = cli("train", "--init", tmp_path / "zero", corpus, "-o", tmp_path / "run", "--max-steps", "4",
+            "--eval-interval", "2", "--lr", "1e-12", "--json")
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, r.stderr  # one per layer: the problem did not change at step 4
+    assert all("routing collapsed" in w and "over the last 2 steps" in w for w in warnings)
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [("routing" in rec) for rec in recs] == [False, True, False, True]
+    flagged = recs[-1]["routing"]["flagged"]
+    assert set(flagged) == {"0", "1"}  # which two experts win the tie is up to torch.topk
+    assert all(f["status"] == "collapsed" and len(f["dead"]) == 2 for f in flagged.values())
+    summary = json.loads(r.stdout)["routing"]
+    assert summary["0"] == {"status": "collapsed", "max_vio": 1.0, "dead": flagged["0"]["dead"]}
