@@ -86,6 +86,7 @@ def train(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Run directory (default runs/RECIPE)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="train.max_steps"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="train.batch_size"),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="train.grad_accum (micro-batches per step)"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="train.seq_len"),
     lr: Optional[float] = typer.Option(None, "--lr", help="train.lr"),
     seed: Optional[int] = typer.Option(None, "--seed", help="train.seed"),
@@ -109,7 +110,8 @@ def train(
     main_rank = int(os.environ.get("RANK", "0")) == 0
 
     def go():  # overrides are parsed in here so a bad --set is a one-line error (exit 2)
-        ov = _overrides(set_, **{"train.max_steps": max_steps, "train.batch_size": batch_size, "train.seq_len": seq_len,
+        ov = _overrides(set_, **{"train.max_steps": max_steps, "train.batch_size": batch_size,
+                                 "train.grad_accum": grad_accum, "train.seq_len": seq_len,
                                  "train.lr": lr, "train.seed": seed, "train.eval_interval": eval_interval,
                                  "train.ckpt_interval": ckpt_interval})
         files = list(data or [])

@@ -134,6 +134,7 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 200
     batch_size: int = 16  # sequences per step
+    grad_accum: int = 1  # micro-batches per step: the same batch in 1/grad_accum of the activation memory
     seq_len: int = 128  # tokens per sequence (<= model.context)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr*min_lr_ratio
@@ -148,8 +149,11 @@ class TrainConfig:
     val_fraction: float = 0.05  # tail of the token stream held out for validation
 
     def validate(self) -> None:
-        for name in ("max_steps", "batch_size", "seq_len", "eval_interval", "eval_batches", "ckpt_interval"):
+        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_interval", "eval_batches",
+                     "ckpt_interval"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _check(self.batch_size % self.grad_accum == 0, "grad_accum",
+               f"must divide batch_size ({self.batch_size}), got {self.grad_accum}")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")

@@ -242,8 +242,10 @@ def setup(args: TrainArgs) -> Setup:
         raise UserError(f"{out}: already holds a run; pass --resume to continue it or --force to start over")
     if args.nproc < 1:
         raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
-    if args.nproc > 1 and recipe.train.batch_size % args.nproc:
-        raise UserError(f"train.batch_size ({recipe.train.batch_size}) must be divisible by --nproc ({args.nproc})")
+    t = recipe.train
+    if args.nproc > 1 and t.batch_size % (args.nproc * t.grad_accum):
+        raise UserError(f"train.batch_size ({t.batch_size}) must be divisible by --nproc ({args.nproc})"
+                        + (f" x train.grad_accum ({t.grad_accum})" if t.grad_accum > 1 else ""))
     if args.expert_parallel:
         if args.nproc < 2:
             raise UserError("--expert-parallel needs --nproc 2 or more")
@@ -292,8 +294,9 @@ def _train(args: TrainArgs, progress=None) -> dict:
     st = setup(args)
     recipe, out, tokenizer = st.recipe, st.out, st.tokenizer
     t = recipe.train
-    if t.batch_size % info.world:
-        raise UserError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes ({info.world})")
+    if t.batch_size % (info.world * t.grad_accum):
+        raise UserError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes "
+                        f"({info.world}) x train.grad_accum ({t.grad_accum})")
     out.mkdir(parents=True, exist_ok=True)
     if info.world > 1 and args.data_fingerprint is None:  # torchrun: rank 0 fills the token cache first
         if info.is_main:
@@ -349,20 +352,17 @@ def _train(args: TrainArgs, progress=None) -> dict:
             gen = torch.Generator().manual_seed(t.seed * SEED_STRIDE + step + 0x5EED)
             x, y = sample_batch(data.train, t.batch_size, t.seq_len, gen)  # the global batch ...
             x, y = x[rows], y[rows]  # ... and this rank's share of it
-            res = model(x)
-            ce = F.cross_entropy(res.logits_BSV.flatten(0, 1).float(), y.flatten())
-            loss = ce + res.balance_loss
-            ce_all, loss_all = all_mean(float(ce.detach())), all_mean(float(loss.detach()))
+            opt.zero_grad(set_to_none=True)
+            m = micro_steps(model, x, y, t.grad_accum)
+            ce_all, loss_all = all_mean(m["ce"]), all_mean(m["loss"])
             if not math.isfinite(loss_all):
                 raise RunFailed(_nan_message(loss_all, step + 1, last_ckpt, last_ckpt_step))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
             sync_gradients(model, info)
             gnorm = clip_gradients(model, info, t.grad_clip)
             if not torch.isfinite(gnorm):
                 raise RunFailed(_nan_message(float(gnorm), step + 1, last_ckpt, last_ckpt_step, "gradient norm"))
             opt.step()
-            loads = [all_sum_(moe.stats["load_E"].clone()) for _, moe in model.moe_layers]
+            loads = [all_sum_(load) for load in m["loads"]]
             if recipe.balance.bias_update_rate > 0:
                 model.update_router_biases(loads, recipe.balance.bias_update_rate)
             tokens_seen += x.numel() * info.world
@@ -370,14 +370,13 @@ def _train(args: TrainArgs, progress=None) -> dict:
             step_times.append(dt)
             rec = {"step": step + 1, "loss": ce_all, "total_loss": loss_all, "lr": lr,
                    "grad_norm": float(gnorm), "tokens_per_s": x.numel() * info.world / dt, "tokens_seen": tokens_seen}
-            if res.aux:
-                rec["aux"] = {k: all_mean(v) for k, v in res.aux.items()}
+            if m["aux"]:
+                rec["aux"] = {k: all_mean(v) for k, v in m["aux"].items()}
             window.add(loads)
             if loads:
                 rec["max_vio"] = [round(load_health(load, k)["max_vio"], 4)
                                   for load, (_, k) in zip(loads, window.layers)]
-                counts = all_sum_(torch.tensor([sum(m.stats["dropped"] for _, m in model.moe_layers),
-                                                sum(m.stats["assignments"] for _, m in model.moe_layers)]))
+                counts = all_sum_(torch.tensor([m["dropped"], m["assignments"]]))
                 rec["dropped_frac"] = int(counts[0]) / max(1, int(counts[1]))
             done = step + 1 == t.max_steps
             if (step + 1) % t.eval_interval == 0 or done:
@@ -413,6 +412,31 @@ def _train(args: TrainArgs, progress=None) -> dict:
                     for i, h in routing["layers"].items()} if routing else None,
     })
     return summary
+
+
+def micro_steps(model, x_BS: torch.Tensor, y_BS: torch.Tensor, accum: int) -> dict:
+    """Forward and backward over ``accum`` equal micro-batches; the gradients add up to the batch mean's.
+
+    Returns the batch means of the cross-entropy, the total loss and each balance term, and the
+    expert loads, dropped and routed assignments summed over the micro-batches.
+    """
+    out = {"ce": 0.0, "loss": 0.0, "aux": {}, "loads": [torch.zeros(moe.cfg.num_experts, dtype=torch.float64)
+                                                         for _, moe in model.moe_layers],
+           "dropped": 0, "assignments": 0}
+    for x, y in zip(x_BS.chunk(accum), y_BS.chunk(accum)):
+        res = model(x)
+        ce = F.cross_entropy(res.logits_BSV.flatten(0, 1).float(), y.flatten())
+        loss = ce + res.balance_loss
+        (loss / accum).backward()
+        out["ce"] += float(ce.detach()) / accum
+        out["loss"] += float(loss.detach()) / accum
+        for k, v in res.aux.items():
+            out["aux"][k] = out["aux"].get(k, 0.0) + v / accum
+        for acc, (_, moe) in zip(out["loads"], model.moe_layers):
+            acc += moe.stats["load_E"]
+            out["dropped"] += moe.stats["dropped"]
+            out["assignments"] += moe.stats["assignments"]
+    return out
 
 
 def clip_gradients(model, info: DistInfo, clip: float) -> torch.Tensor:

@@ -244,3 +244,28 @@ def test_training_flags_dead_experts_and_collapse(tmp_path, corpus, cli):
     assert all(f["status"] == "collapsed" and len(f["dead"]) == 2 for f in flagged.values())
     summary = json.loads(r.stdout)["routing"]
     assert summary["0"] == {"status": "collapsed", "max_vio": 1.0, "dead": flagged["0"]["dead"]}
+
+
+def test_grad_accum_gives_the_same_step(tmp_path, corpus, tiny_recipe):
+    """4 micro-batches of 2 = one batch of 8: same losses and weights (balance terms are per micro-batch, so off)."""
+    runs = {}
+    for accum in (1, 4):
+        recipe = tiny_recipe(name=f"a{accum}", train={"batch_size": 8, "grad_accum": accum, "max_steps": 3,
+                                                      "eval_interval": 3, "ckpt_interval": 3},
+                             balance={"aux_loss_coef": 0.0})
+        out = tmp_path / f"a{accum}"
+        train(TrainArgs(str(recipe), [str(corpus)], out, quiet=True))
+        runs[accum] = losses(out)
+        runs[f"gnorm{accum}"] = [json.loads(line)["grad_norm"] for line in (out / "metrics.jsonl").open()]
+    for (s1, l1, v1), (s4, l4, v4) in zip(runs[1], runs[4]):
+        assert s1 == s4 and l4 == pytest.approx(l1, rel=1e-5)
+    assert runs["gnorm4"] == pytest.approx(runs["gnorm1"], rel=1e-5)  # the gradient itself, before clipping
+    assert runs[4][-1][2] == pytest.approx(runs[1][-1][2], rel=1e-5)
+
+
+def test_grad_accum_must_divide_the_batch(tmp_path, corpus, tiny_recipe, cli):
+    r = cli("train", tiny_recipe(train={"batch_size": 6}), corpus, "-o", tmp_path / "x", "--grad-accum", "4")
+    assert r.returncode == 2 and "train.grad_accum: must divide batch_size (6), got 4" in r.stderr
+    r = cli("train", tiny_recipe(train={"batch_size": 6}), corpus, "-o", tmp_path / "y", "--grad-accum", "2",
+            "--nproc", "2")  # 6 sequences: 3 per process, not 2 micro-batches of equal size
+    assert r.returncode == 2 and "by --nproc (2) x train.grad_accum (2)" in r.stderr
