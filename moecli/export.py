@@ -91,12 +91,12 @@ def export(checkpoint: str, output: Path, fmt: str = "auto", dtype: str = "float
     output = Path(output)
     if output.resolve() == Path(directory).resolve():
         raise UserError(f"{output}: is the checkpoint being exported; choose another -o")
+    hf_cfg = hf_config_for(recipe, fmt, None if cfg.get("format") == FORMAT else cfg)  # HF source: its token ids
+    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype
     tensors = hf_state(model, recipe, fmt, DTYPES[dtype])
     tok_files = [f for f in TOKENIZER_FILES if (Path(directory) / f).is_file()]
     with atomic_dir(output, overwrite=force) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        hf_cfg = hf_config_for(recipe, fmt, None if cfg.get("format") == FORMAT else cfg)  # HF source: its token ids
-        hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype
         atomic_write_json(tmp / "config.json", hf_cfg)
         for f in tok_files:
             shutil.copyfile(Path(directory) / f, tmp / f)
