@@ -12,6 +12,12 @@ class UserError(Exception):
     exit_code = 2
 
 
+def check_at_least(flag: str, value, low, note: str = "") -> None:
+    """A numeric option below its minimum is bad input: ``--flag: must be >= low, got value``."""
+    if value < low:
+        raise UserError(f"{flag}: must be >= {low}{note}, got {value}")
+
+
 class RunFailed(Exception):
     """A run that started fine but could not finish (e.g. the loss became NaN): exit code 1."""
 

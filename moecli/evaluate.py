@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .checkpoint import load_with_tokenizer
 from .data import encode_to_file, eval_windows, expand_data_args, open_tokens
 from .distributed import all_sum_, current
-from .errors import UserError
+from .errors import UserError, check_at_least
 
 
 @torch.no_grad()
@@ -42,10 +42,9 @@ def evaluate_loss(model, tokens: torch.Tensor, seq_len: int, starts: list[int], 
 
 
 def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: int, max_windows: int | None) -> dict:
-    if batch_size < 1:
-        raise UserError(f"--batch-size: must be >= 1, got {batch_size}")
-    if max_windows is not None and max_windows < 1:
-        raise UserError(f"--max-windows: must be >= 1, got {max_windows}")
+    check_at_least("--batch-size", batch_size, 1)
+    if max_windows is not None:
+        check_at_least("--max-windows", max_windows, 1)
     model, _, directory, tok = load_with_tokenizer(checkpoint)
     context = model.recipe.model.context
     seq_len = min(context, model.recipe.train.seq_len) if seq_len is None else seq_len

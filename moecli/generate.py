@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .checkpoint import load_with_tokenizer
-from .errors import UserError
+from .errors import UserError, check_at_least
 
 
 @torch.no_grad()
@@ -30,12 +30,9 @@ def sample(model, prompt_ids: list[int], max_new_tokens: int, temperature: float
 
 
 def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int) -> dict:
-    if max_new_tokens < 0:
-        raise UserError(f"--max-new-tokens: must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"--temperature: must be >= 0, got {temperature}")
-    if top_k < 0:
-        raise UserError(f"--top-k: must be >= 0 (0 = all tokens), got {top_k}")
+    check_at_least("--max-new-tokens", max_new_tokens, 0)
+    check_at_least("--temperature", temperature, 0)
+    check_at_least("--top-k", top_k, 0, " (0 = all tokens)")
     model, _, _, tok = load_with_tokenizer(checkpoint)
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from . import balance
 from .config import BalanceConfig, MoEConfig
+from .distributed import expert_parallel_ffn, global_mean_load
 from .experts import GroupedExperts, SwiGLU
 from .router import Router, RouterOutput
 
@@ -98,8 +99,6 @@ class MoELayer(nn.Module):
 
         x_ND = x_TD.index_select(0, d.token_N)
         if self.ep_world > 1:
-            from .distributed import expert_parallel_ffn
-
             y_ND = expert_parallel_ffn(self.experts, x_ND, d.counts_E, self.ep_world)
         else:
             y_ND = self.experts(x_ND, d.counts_E)
@@ -118,8 +117,6 @@ class MoELayer(nn.Module):
         if self.training or torch.is_grad_enabled():
             load_E = d.load_E
             if self.dp_world > 1 and (self.bal.aux_loss_coef > 0 or self.bal.device_loss_coef > 0):
-                from .distributed import global_mean_load
-
                 load_E = global_mean_load(load_E)
             self.aux = balance.losses(route, load_E, B, S, E, K, self.bal)
         return out_TD.view(B, S, D)

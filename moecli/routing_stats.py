@@ -31,7 +31,7 @@ import torch
 from .balance import load_health
 from .checkpoint import load_checkpoint, load_with_tokenizer
 from .data import _utf8_text_chunks, expand_data_args
-from .errors import UserError
+from .errors import UserError, check_at_least
 from .moe import expert_capacity
 
 
@@ -183,10 +183,10 @@ def run_routing(model, stream: Stream, batch_size: int, capacity_factor: float, 
 def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, seq_len: int | None = None,
                     batch_size: int = 8, capacity_factor: float = 1.25, top_tokens: int = 5, near_dead: float = 0.1,
                     domains: list[str] | None = None, compare: str | None = None) -> dict:
-    for flag, value, low in (("--batch-size", batch_size, 1), ("--capacity-factor", capacity_factor, 0),
-                             ("--top-tokens", top_tokens, 0), ("--near-dead", near_dead, 0)):
-        if value < low:
-            raise UserError(f"{flag}: must be >= {low}, got {value}")
+    check_at_least("--batch-size", batch_size, 1)
+    check_at_least("--capacity-factor", capacity_factor, 0)
+    check_at_least("--top-tokens", top_tokens, 0)
+    check_at_least("--near-dead", near_dead, 0)
     model, _, directory, tok = load_with_tokenizer(checkpoint)
     if not model.moe_layers:
         raise UserError(f"{checkpoint}: has no MoE layers (a dense model); nothing to inspect")
