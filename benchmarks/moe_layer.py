@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from moecli.config import BalanceConfig, MoEConfig  # noqa: E402
-from moecli.experts import SwiGLU  # noqa: E402
+from moecli.experts import SwiGLU, use_threads  # noqa: E402
 from moecli.moe import MoELayer  # noqa: E402
 
 SHAPES = {"small": dict(T=4096, D=512, F=1024, E=8, K=2), "many": dict(T=4096, D=256, F=512, E=64, K=8)}
@@ -114,6 +114,28 @@ def grouped_mm_variant(layer):
         a = _ContiguousGrad.apply(torch._grouped_mm(x_ND, ex.w1_EDF, offs=offs))
         b = _ContiguousGrad.apply(torch._grouped_mm(x_ND, ex.w3_EDF, offs=offs))
         return _ContiguousGrad.apply(torch._grouped_mm(F.silu(a) * b, ex.w2_EFD, offs=offs))
+
+    ex.forward = forward
+    return v
+
+
+def loop_variant(layer):
+    """A copy of moecli's layer held to the per-expert loop (experts.THREADED = False in its forward),
+    timed beside the real layer where that takes the threaded path (16-bit dtypes, > 1 thread)."""
+    import copy
+
+    from moecli import experts as experts_mod
+
+    v = copy.deepcopy(layer)
+    ex = v.experts
+    plain = ex.forward
+
+    def forward(x_ND, counts_E):
+        saved, experts_mod.THREADED = experts_mod.THREADED, False
+        try:
+            return plain(x_ND, counts_E)
+        finally:
+            experts_mod.THREADED = saved
 
     ex.forward = forward
     return v
@@ -203,6 +225,12 @@ def main() -> None:
                 with torch.no_grad():
                     torch.testing.assert_close(gv(x), ours(x), rtol=0, atol=0)
                 variants.append(("moecli_grouped_mm", gv, lambda o: o))
+            threaded = use_threads(x.view(T, D), ours.experts.w1_EDF) is not None
+            if threaded:
+                lv = loop_variant(ours)
+                with torch.no_grad():
+                    torch.testing.assert_close(lv(x), ours(x), rtol=0, atol=0)
+                variants.append(("moecli_loop", lv, lambda o: o))
             for name, mod, out_of in variants:
                 f, b = fwd_bwd(mod, x, g, out_of)
                 fns[name] = (f, b)
@@ -226,6 +254,10 @@ def main() -> None:
             if "moecli_grouped_mm" in fns:  # > 1 would mean grouped_mm is the faster path here
                 summary["grouped_mm_speed_vs_loop_fwd_bwd"] = paired_ratio(fns["moecli_grouped_mm"][1],
                                                                            fns["moecli"][1], a.repeats)
+            summary["expert_path"] = "threaded" if threaded else "loop"
+            if "moecli_loop" in fns:  # > 1: the threaded path is faster than the loop
+                summary["threaded_speed_vs_loop_fwd_bwd"] = paired_ratio(fns["moecli"][1], fns["moecli_loop"][1],
+                                                                         a.repeats)
             summary |= {"fwd_speed_vs_dense": paired_ratio(fns["moecli"][0], fns["dense"][0], a.repeats),
                         "fwd_bwd_speed_vs_dense": paired_ratio(fns["moecli"][1], fns["dense"][1], a.repeats),
                         "target_vs_dense": TARGETS[sname]}

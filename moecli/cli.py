@@ -32,6 +32,9 @@ SET_OPT = typer.Option(None, "--set", help="Override a recipe field, e.g. --set 
 
 def _run(fn: Callable[[], dict], as_json: bool, draw: Callable[[dict], None] | None) -> None:
     try:
+        from .experts import threads_from_env
+
+        threads_from_env()  # a bad MOECLI_EXPERT_THREADS fails before anything is written
         result = fn()
     except UserError as e:
         render.error_line(str(e))

@@ -10,6 +10,7 @@ import torch
 from . import __version__
 from .config import list_recipes, load_recipe
 from .errors import UserError
+from .experts import threads_from_env
 from .model import build_model
 from .params import parameter_report
 
@@ -21,6 +22,7 @@ def info(target: str | None) -> dict:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "threads": torch.get_num_threads(),
+            "expert_threads": {None: "auto", True: "on", False: "off"}[threads_from_env()],
             "cuda": torch.cuda.is_available(),
             "recipes": {name: load_recipe(name).description for name in list_recipes()},
         }

@@ -76,7 +76,7 @@ def render_build(res: dict) -> None:
 def render_info(res: dict) -> None:
     if "recipes" in res:
         out.print(f"moecli {res['moecli']}  torch {res['torch']}  python {res['python']}  "
-                  f"threads {res['threads']}  cuda {res['cuda']}")
+                  f"threads {res['threads']} (expert threads: {res['expert_threads']})  cuda {res['cuda']}")
         t = Table(title="bundled recipes", title_justify="left")
         t.add_column("name")
         t.add_column("description")

@@ -1,0 +1,143 @@
+"""The threaded CPU expert path (experts._ThreadedSwiGLU on cpu_threads workers) equals the loop."""
+
+import json
+
+import pytest
+import torch
+
+from moecli import cpu_threads
+from moecli import experts as X
+from moecli.config import BalanceConfig, MoEConfig
+from moecli.errors import UserError
+from moecli.moe import MoELayer
+from moecli.train import TrainArgs, train
+
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    """The threaded path needs >= 2 intra-op threads; give the test two even on a 1-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.delenv("MOECLI_EXPERT_THREADS", raising=False)
+    yield
+    torch.set_num_threads(before)
+    X.THREADED = None
+
+
+def run_experts(ex, x, counts, g, mode):
+    X.THREADED = mode
+    assert (X.use_threads(x, ex.w1_EDF) is not None) == mode  # the path under test really runs
+    x.grad = None
+    ex.zero_grad(set_to_none=True)
+    y = ex(x, counts)
+    y.backward(g)
+    return [y.detach(), x.grad] + [p.grad for p in (ex.w1_EDF, ex.w3_EDF, ex.w2_EFD)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_threaded_equals_loop_bitwise(two_threads, dtype):
+    """Output, input gradient and all three weight gradients equal to the last bit; experts with
+    no tokens get zero gradients; uneven loads are split over the workers."""
+    torch.manual_seed(0)
+    ex = X.GroupedExperts(6, 32, 48).to(dtype)
+    counts = torch.tensor([300, 0, 17, 1, 250, 0])
+    x = torch.randn(int(counts.sum()), 32, dtype=dtype, requires_grad=True)
+    g = torch.randn_like(x)
+    loop, threaded = run_experts(ex, x, counts, g, False), run_experts(ex, x, counts, g, True)
+    for a, b in zip(loop, threaded):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert threaded[2][1].abs().sum() == 0 and threaded[4][5].abs().sum() == 0  # w1 of expert 1, w2 of expert 5
+
+
+def test_threaded_equals_loop_in_the_layer_under_autocast(two_threads):
+    """fp32 parameters under a bf16 autocast: the same bf16 output and fp32 gradients as the loop
+    (x's gradient is summed in fp32 from its two uses, as autocast's casts do)."""
+    torch.manual_seed(0)
+    layer = MoELayer(32, MoEConfig(num_experts=4, top_k=2, expert_ffn=48, num_shared_experts=1),
+                     BalanceConfig(aux_loss_coef=0.01, z_loss_coef=0.001))
+    x = torch.randn(2, 100, 32, requires_grad=True)
+    results = []
+    for mode in (False, True):
+        X.THREADED = mode
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert (X.use_threads(x.view(-1, 32), layer.experts.w1_EDF) == torch.bfloat16) == mode
+            y = layer(x)
+        (y.float().pow(2).mean() + layer.aux["aux"]).backward()
+        results.append([y.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    assert results[0][0].dtype == torch.bfloat16 and results[0][1].dtype == torch.float32
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_training_is_identical_with_and_without_threads(two_threads, tmp_path, tiny_recipe):
+    """A short fp32 run gives the same losses and weights on either path."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"line {i}: a b c {i % 7}\n" for i in range(300)))
+    recipe = str(tiny_recipe(train={"max_steps": 3, "eval_interval": 3, "ckpt_interval": 3}))
+    runs = {}
+    for mode in (False, True):
+        X.THREADED = mode
+        out = tmp_path / f"t{mode}"
+        train(TrainArgs(recipe, [str(corpus)], out, quiet=True))
+        runs[mode] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
+    assert len(runs[True]) == 3 and runs[True] == runs[False]
+
+
+def test_second_backward_fails_as_usual(two_threads):
+    X.THREADED = True
+    ex = X.GroupedExperts(2, 8, 8)
+    y = ex(torch.randn(10, 8, requires_grad=True), torch.tensor([6, 4]))
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+
+
+def test_choice_of_path(two_threads, monkeypatch):
+    ex16 = X.GroupedExperts(8, 64, 128).to(torch.bfloat16)
+    assert X.use_threads(torch.empty(4096, 64, dtype=torch.bfloat16), ex16.w1_EDF) == torch.bfloat16
+    assert X.use_threads(torch.empty(4, 64, dtype=torch.bfloat16), ex16.w1_EDF) is None  # decoding: too little work
+    small, big = X.GroupedExperts(8, 64, 128), X.GroupedExperts(2, 512, 1024)
+    assert X.use_threads(torch.empty(4096, 64), small.w1_EDF) == torch.float32
+    assert X.use_threads(torch.empty(4096, 512), big.w1_EDF) is None  # fp32, 2^30 multiply-adds per expert
+    monkeypatch.setenv("MOECLI_EXPERT_THREADS", "on")
+    assert X.use_threads(torch.empty(4096, 512), big.w1_EDF) == torch.float32
+    monkeypatch.setenv("MOECLI_EXPERT_THREADS", "off")
+    assert X.use_threads(torch.empty(4096, 64, dtype=torch.bfloat16), ex16.w1_EDF) is None
+    monkeypatch.setenv("MOECLI_EXPERT_THREADS", "sometimes")
+    with pytest.raises(UserError, match="MOECLI_EXPERT_THREADS: must be auto, on or off, got 'sometimes'"):
+        X.use_threads(torch.empty(4096, 64), small.w1_EDF)
+    torch.set_num_threads(1)
+    monkeypatch.setenv("MOECLI_EXPERT_THREADS", "on")
+    assert X.use_threads(torch.empty(4096, 64), small.w1_EDF) is None  # one thread: nothing to split over
+
+
+def test_bad_env_is_a_one_line_error(cli, tmp_path):
+    r = cli("build", "mixtral", "-o", tmp_path / "m", env={"MOECLI_EXPERT_THREADS": "yes please"})
+    assert r.returncode == 2 and not (tmp_path / "m").exists()
+    assert r.stderr.strip() == "error: MOECLI_EXPERT_THREADS: must be auto, on or off, got 'yes please'"
+
+
+def test_worker_errors_reach_the_caller_and_the_pool_goes_on(two_threads):
+    pool = cpu_threads.pool()
+    assert pool.num_workers == 2
+    done = []
+
+    def bad():
+        raise ValueError("job failed")
+
+    with pytest.raises(ValueError, match="job failed"):
+        pool.run([bad, lambda: done.append(1)])
+    pool.run([lambda: done.append(2), lambda: done.append(3)])
+    assert sorted(done) == [1, 2, 3]
+    assert torch.get_num_threads() == 2  # the workers' one-thread setting stays theirs
+
+
+def test_split_by_load_balances_and_is_deterministic():
+    loads = [300, 0, 17, 1, 250, 0, 90, 400]
+    groups = cpu_threads.split_by_load(loads, 2)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    totals = [sum(loads[i] for i in g) for g in groups]
+    assert max(totals) - min(totals) <= max(loads) and totals == [508, 550]
+    assert groups == cpu_threads.split_by_load(list(loads), 2)
