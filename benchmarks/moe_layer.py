@@ -9,9 +9,11 @@ warm-up. Ratios are speeds (other_time / moecli_time): 1.0 = as fast; the ratio 
 dense is the median over alternating moecli/dense pairs, which is robust to the
 machine's drift (bf16 times on this VM vary by up to 2x from one call to the next).
 Also printed: achieved GFLOP/s (active FLOPs) against this machine's torch.mm
-peak on a 2048^3 product, and the same layer with torch._grouped_mm experts in
-place of the per-expert loop (the path moecli does not take where it is slower). Hugging Face's block (transformers' Mixtral, every
-experts implementation that runs here) is timed when transformers is installed.
+peak on a 2048^3 product; the same layer with torch._grouped_mm experts in place of
+moecli's (a path moecli does not take: slower here); and, where moecli takes its
+threaded expert path (moecli/experts.py: use_threads), the same layer held to the
+per-expert loop. Hugging Face's block (transformers' Mixtral, every experts
+implementation that runs here) is timed when transformers is installed.
 --breakdown adds fwd+bwd times of the experts alone and of the routing alone (see breakdown()).
 Targets on 2 CPU cores: fwd+bwd >= 0.9x dense (small), >= 0.75x dense (many),
 >= 1.2x the fastest transformers implementation.
