@@ -120,12 +120,12 @@ class _ThreadedSwiGLU(torch.autograd.Function):
     forward(x_ND, w1_EDF, w3_EDF, w2_EFD, counts) -> y_ND, rows sorted by expert as in
     GroupedExperts, computed in the weights' dtype (x_ND is cast per expert, and its gradient
     summed in x's dtype, as autocast's casts in the loop do). Experts are split over workers by
-    token count (cpu_threads.split_by_load); every output row and every weight gradient is written by exactly one worker, so results do
-    not depend on scheduling, and they equal the autograd loop's: the backward below does the
-    same products and elementwise steps in the same dtype. For the backward it keeps a = x w1
-    and b = x w3 per expert and recomputes silu(a) and h = silu(a) * b there: half the
-    activation memory autograd keeps for the loop (a, silu(a), b, h), at the same speed as
-    keeping all four (measured paired on 2 cores, bf16).
+    token count (cpu_threads.split_by_load); every output row and every weight gradient is
+    written by exactly one worker, so results do not depend on scheduling, and they equal the
+    autograd loop's: the backward below does the same products and elementwise steps in the
+    same dtype. For the backward it keeps a = x w1 and b = x w3 per expert and recomputes
+    silu(a) and h = silu(a) * b there: half the activation memory autograd keeps for the loop
+    (a, silu(a), b, h), at the same speed as keeping all four (measured paired on 2 cores, bf16).
     """
 
     @staticmethod
