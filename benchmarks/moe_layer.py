@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from moecli.config import BalanceConfig, MoEConfig  # noqa: E402
-from moecli.experts import SwiGLU, use_threads  # noqa: E402
+from moecli.experts import SwiGLU  # noqa: E402
 from moecli.moe import MoELayer  # noqa: E402
 
 SHAPES = {"small": dict(T=4096, D=512, F=1024, E=8, K=2), "many": dict(T=4096, D=256, F=512, E=64, K=8)}
@@ -111,11 +111,12 @@ def grouped_mm_variant(layer):
     v = copy.deepcopy(layer)
     ex = v.experts
 
-    def forward(x_ND, counts_E):
+    def forward(x_ND, counts_E, w_N=None):
         offs = torch.cumsum(counts_E, 0).to(torch.int32)
         a = _ContiguousGrad.apply(torch._grouped_mm(x_ND, ex.w1_EDF, offs=offs))
         b = _ContiguousGrad.apply(torch._grouped_mm(x_ND, ex.w3_EDF, offs=offs))
-        return _ContiguousGrad.apply(torch._grouped_mm(F.silu(a) * b, ex.w2_EFD, offs=offs))
+        y = _ContiguousGrad.apply(torch._grouped_mm(F.silu(a) * b, ex.w2_EFD, offs=offs))
+        return y if w_N is None else y * w_N.to(y.dtype).unsqueeze(-1)
 
     ex.forward = forward
     return v
@@ -132,10 +133,10 @@ def loop_variant(layer):
     ex = v.experts
     plain = ex.forward
 
-    def forward(x_ND, counts_E):
+    def forward(x_ND, counts_E, w_N=None):
         saved, experts_mod.THREADED = experts_mod.THREADED, False
         try:
-            return plain(x_ND, counts_E)
+            return plain(x_ND, counts_E, w_N)
         finally:
             experts_mod.THREADED = saved
 
@@ -146,7 +147,7 @@ def loop_variant(layer):
 def breakdown(ours, dense, x, g, repeats: int) -> dict:
     """Where the layer's time goes: its experts alone (on tokens already sorted by expert), its
     routing alone (router, sort, gather, weighted combine and their backward, experts replaced by
-    an identity), the whole layer, and the dense SwiGLU. Milliseconds, fwd+bwd, medians."""
+    an identity that applies the combine weights), the whole layer, and the dense SwiGLU. Milliseconds, fwd+bwd, medians."""
     import copy
 
     from moecli.moe import dispatch
@@ -165,7 +166,7 @@ def breakdown(ours, dense, x, g, repeats: int) -> dict:
         experts(x_ND, d.counts_E).backward(g_ND)
 
     routing = copy.deepcopy(ours)
-    routing.experts.forward = lambda x_ND, counts_E: x_ND
+    routing.experts.forward = lambda x_ND, counts_E, w_N: x_ND * w_N.to(x_ND.dtype).unsqueeze(-1)
     out = {}
     for name, fn in (("dense", fwd_bwd(dense, x, g)[1]), ("experts_only", experts_only),
                      ("routing_only", fwd_bwd(routing, x, g)[1]), ("layer", fwd_bwd(ours, x, g)[1])):
@@ -227,7 +228,9 @@ def main() -> None:
                 with torch.no_grad():
                     torch.testing.assert_close(gv(x), ours(x), rtol=0, atol=0)
                 variants.append(("moecli_grouped_mm", gv, lambda o: o))
-            threaded = use_threads(x.view(T, D), ours.experts.w1_EDF) is not None
+            with torch.no_grad():
+                ours(x)
+            threaded = ours.experts.last_path == "threaded"
             if threaded:
                 lv = loop_variant(ours)
                 with torch.no_grad():
@@ -254,7 +257,7 @@ def main() -> None:
                     r["fwd_bwd_of_mm_peak"] = r["fwd_bwd_gflops"] / peak
             summary = {}
             if "moecli_grouped_mm" in fns:  # > 1 would mean grouped_mm is the faster path here
-                summary["grouped_mm_speed_vs_loop_fwd_bwd"] = paired_ratio(fns["moecli_grouped_mm"][1],
+                summary["grouped_mm_speed_vs_moecli_fwd_bwd"] = paired_ratio(fns["moecli_grouped_mm"][1],
                                                                            fns["moecli"][1], a.repeats)
             summary["expert_path"] = "threaded" if threaded else "loop"
             if "moecli_loop" in fns:  # > 1: the threaded path is faster than the loop

@@ -36,6 +36,12 @@ class WorkerPool:
 
     @staticmethod
     def _loop(q: queue.SimpleQueue, started: threading.Barrier) -> None:
+        # torch sets up a thread's OpenMP thread count lazily, from the process default, on the
+        # thread's first parallel op; get_num_threads() does that now, so the 1 set next stays.
+        # (Otherwise the first elementwise op re-widens the worker to the default, the extra
+        # OpenMP threads outnumber the cores, and libgomp then stops spinning between parallel
+        # regions in every thread: measured 1.7x slower steps in the caller too.)
+        torch.get_num_threads()
         torch.set_num_threads(1)
         started.wait()
         while True:

@@ -24,10 +24,10 @@ from .errors import UserError
 # benchmarks). The environment variable MOECLI_EXPERT_THREADS=auto|on|off sets it for a run.
 THREADED: bool | None = None
 _ENV_CHOICES = {"auto": None, "on": True, "1": True, "off": False, "0": False}
-# Rules for THREADED = None, from paired fwd+bwd timings on 2 cores (README, "Expert threads"); work is
-# multiply-adds of one of the three products (rows x D x F):
-MIN_THREADED_WORK = 2**24  # below (e.g. decoding a few tokens) the hand-off to the workers costs more than it saves
-FP32_MAX_EXPERT_WORK = 2**28  # fp32 experts this big per expert already use both cores in each product
+# THREADED = None takes the threaded path for 16-bit compute with at least this much work (multiply-adds
+# of one of the three products: rows x D x F). Paired fwd+bwd timings on 2 cores (README, "Expert threads"):
+# bf16 1.08-2.0x the loop from 2^30 up; 0.99x at 2^28 (d=128); fp32 0.92-1.09x, so fp32 stays on the loop.
+MIN_THREADED_WORK = 2**30
 
 
 class SwiGLU(nn.Module):
@@ -54,19 +54,23 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, d_model: int, hidden: int):
         super().__init__()
         self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
+        self.last_path = ""  # "threaded" or "loop": which path the last forward took (benchmarks, tests)
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD):  # Transformer.init_weights re-initialises with a seed
             nn.init.normal_(w, std=0.02)
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, w_N: torch.Tensor | None = None) -> torch.Tensor:
+        """y_ND for x_ND sorted by expert; with w_N (one combine weight per row), y_ND * w_N."""
         counts = counts_E.tolist()
         dtype = use_threads(x_ND, self.w1_EDF)
+        self.last_path = "loop" if dtype is None else "threaded"
         if dtype is not None:
             ws = [w.to(dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD)]  # no-ops unless autocast
+            w_N1 = None if w_N is None else w_N.to(dtype).unsqueeze(-1)
             with torch.autocast("cpu", enabled=False):
-                return _ThreadedSwiGLU.apply(x_ND, *ws, counts)
+                return _ThreadedSwiGLU.apply(x_ND, *ws, w_N1, counts)
         # unbind once (not w[e] per expert): its backward stacks the per-expert
         # gradients in one go instead of writing a full zero gradient per expert.
         w1s, w3s, w2s = self.w1_EDF.unbind(0), self.w3_EDF.unbind(0), self.w2_EFD.unbind(0)
@@ -76,9 +80,9 @@ class GroupedExperts(nn.Module):
                 continue
             h_nF = F.silu(x_nD @ w1s[e]) * (x_nD @ w3s[e])
             outs.append(h_nF @ w2s[e])
-        if not outs:
-            return x_ND.new_zeros(0, self.d_model)
-        return torch.cat(outs, dim=0)
+        y_ND = torch.cat(outs, dim=0) if outs else x_ND.new_zeros(0, self.d_model)
+        # in y's dtype, which is bf16 under autocast (the residual add promotes it back)
+        return y_ND if w_N is None else y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
 
 
 def threads_from_env() -> bool | None:
@@ -94,11 +98,10 @@ def threads_from_env() -> bool | None:
 def use_threads(x_ND: torch.Tensor, w1_EDF: torch.Tensor) -> torch.dtype | None:
     """The dtype to run the threaded path in, or None for the loop.
 
-    Needs CPU tensors and more than one intra-op thread. Chosen (THREADED = None) when the
-    work is big enough to pay for the hand-off, and in fp32 only for small experts: on 2
-    cores the threaded path measured 1.3-1.8x the loop in bf16 at every expert size tried,
-    and in fp32 1.03-1.31x up to 2^28 multiply-adds per expert, 0.94-0.98x above.
-    Under a CPU autocast the compute dtype is autocast's.
+    Needs CPU tensors and more than one intra-op thread. Chosen by itself (THREADED = None,
+    MOECLI_EXPERT_THREADS unset or auto) for bf16/fp16 compute with at least MIN_THREADED_WORK;
+    forced on, it also runs fp32 (equal results, about the loop's speed). Under a CPU autocast
+    the compute dtype is autocast's.
     """
     mode = THREADED if THREADED is not None else threads_from_env()
     if x_ND.device.type != "cpu" or torch.get_num_threads() < 2 or mode is False:
@@ -107,9 +110,8 @@ def use_threads(x_ND: torch.Tensor, w1_EDF: torch.Tensor) -> torch.dtype | None:
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return None
     if mode is None:
-        E, D, F = w1_EDF.shape
-        work = x_ND.shape[0] * D * F
-        if work < MIN_THREADED_WORK or (dtype == torch.float32 and work / E > FP32_MAX_EXPERT_WORK):
+        _, D, F = w1_EDF.shape
+        if dtype == torch.float32 or x_ND.shape[0] * D * F < MIN_THREADED_WORK:
             return None
     return dtype
 
@@ -117,19 +119,21 @@ def use_threads(x_ND: torch.Tensor, w1_EDF: torch.Tensor) -> torch.dtype | None:
 class _ThreadedSwiGLU(torch.autograd.Function):
     """Grouped SwiGLU experts, each expert computed by one worker thread on one core.
 
-    forward(x_ND, w1_EDF, w3_EDF, w2_EFD, counts) -> y_ND, rows sorted by expert as in
-    GroupedExperts, computed in the weights' dtype (x_ND is cast per expert, and its gradient
-    summed in x's dtype, as autocast's casts in the loop do). Experts are split over workers by
-    token count (cpu_threads.split_by_load); every output row and every weight gradient is
-    written by exactly one worker, so results do not depend on scheduling, and they equal the
-    autograd loop's: the backward below does the same products and elementwise steps in the
-    same dtype. For the backward it keeps a = x w1 and b = x w3 per expert and recomputes
-    silu(a) and h = silu(a) * b there: half the activation memory autograd keeps for the loop
-    (a, silu(a), b, h), at the same speed as keeping all four (measured paired on 2 cores, bf16).
+    forward(x_ND, w1_EDF, w3_EDF, w2_EFD, w_N1 or None, counts) -> y_ND (times w_N1 when given),
+    rows sorted by expert as in GroupedExperts, computed in the weights' dtype (x_ND is cast
+    per expert, and its gradient summed in x's dtype, as autocast's casts in the loop do).
+    Experts are split over workers by token count (cpu_threads.split_by_load); every output row
+    and every weight gradient is written by exactly one worker, so results do not depend on
+    scheduling, and they equal the autograd loop's: the backward below does the same products
+    and elementwise steps in the same dtype. Applying the combine weights here keeps those
+    N x D products on the workers, in cache, instead of whole-tensor passes on the caller.
+    For the backward it keeps a = x w1, b = x w3 and the unweighted output per expert, and
+    recomputes silu(a) and h = silu(a) * b: less activation memory than autograd keeps for the
+    loop, at the same speed as keeping them (measured paired on 2 cores, bf16).
     """
 
     @staticmethod
-    def forward(ctx, x_ND, w1_EDF, w3_EDF, w2_EFD, counts):
+    def forward(ctx, x_ND, w1_EDF, w3_EDF, w2_EFD, w_N1, counts):
         N, D = x_ND.shape
         x_ND = x_ND.contiguous()
         cast = x_ND.dtype != w1_EDF.dtype
@@ -138,7 +142,7 @@ class _ThreadedSwiGLU(torch.autograd.Function):
             starts.append(starts[-1] + c)
         y_ND = w1_EDF.new_empty(N, D)
         keep = any(ctx.needs_input_grad)  # inference keeps nothing
-        saved: list = [None] * len(counts)  # per expert (x cast, a, b); a, b: n x F
+        saved: list = [None] * len(counts)  # per expert (x cast, a, b, unweighted y); a, b: n x F
 
         def job(experts):
             def run():
@@ -146,27 +150,35 @@ class _ThreadedSwiGLU(torch.autograd.Function):
                     s, t = starts[e], starts[e + 1]
                     x_nD = x_ND[s:t].to(w1_EDF.dtype)
                     a_nF, b_nF = x_nD @ w1_EDF[e], x_nD @ w3_EDF[e]
-                    torch.mm(F.silu(a_nF) * b_nF, w2_EFD[e], out=y_ND[s:t])
+                    h_nF = F.silu(a_nF) * b_nF
+                    if w_N1 is None:
+                        y_nD = None
+                        torch.mm(h_nF, w2_EFD[e], out=y_ND[s:t])
+                    else:
+                        y_nD = h_nF @ w2_EFD[e]
+                        torch.mul(y_nD, w_N1[s:t], out=y_ND[s:t])
                     if keep:
-                        saved[e] = (x_nD if cast else None, a_nF, b_nF)
+                        saved[e] = (x_nD if cast else None, a_nF, b_nF, y_nD)
             return run
 
         pool = cpu_threads.pool()
         groups = cpu_threads.split_by_load(counts, pool.num_workers)
         pool.run([job([e for e in g if counts[e] > 0]) for g in groups])
         if keep:  # through autograd's saved tensors, so a second backward fails as usual, not silently
-            ctx.save_for_backward(x_ND, w1_EDF, w3_EDF, w2_EFD, *(t for xab in saved for t in (xab or (None,) * 3)))
+            ctx.save_for_backward(x_ND, w1_EDF, w3_EDF, w2_EFD, w_N1,
+                                  *(t for per in saved for t in (per or (None,) * 4)))
         ctx.starts, ctx.groups, ctx.pool = starts, groups, pool
         return y_ND
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_ND):
-        x_ND, w1_EDF, w3_EDF, w2_EFD, *xab = ctx.saved_tensors
+        x_ND, w1_EDF, w3_EDF, w2_EFD, w_N1, *per_expert = ctx.saved_tensors
         starts = ctx.starts
         dy_ND = dy_ND.contiguous()
         dx_ND = torch.empty_like(x_ND)
         g1_EDF, g3_EDF, g2_EFD = (torch.empty_like(w) for w in (w1_EDF, w3_EDF, w2_EFD))
+        dw_N1 = None if w_N1 is None else torch.empty_like(w_N1)
 
         def job(experts):
             def run():
@@ -176,10 +188,13 @@ class _ThreadedSwiGLU(torch.autograd.Function):
                         for g in (g1_EDF, g3_EDF, g2_EFD):
                             g[e].zero_()
                         continue
-                    x_nD, a_nF, b_nF = xab[3 * e: 3 * e + 3]
+                    x_nD, a_nF, b_nF, y_nD = per_expert[4 * e: 4 * e + 4]
                     if x_nD is None:
                         x_nD = x_ND[s:t]
                     dy_nD = dy_ND[s:t]
+                    if w_N1 is not None:  # y * w: d/dw = sum over D of dy * y, d/dy = dy * w
+                        torch.sum(dy_nD * y_nD, dim=1, keepdim=True, out=dw_N1[s:t])
+                        dy_nD = dy_nD * w_N1[s:t]
                     sa_nF = F.silu(a_nF)
                     torch.mm((sa_nF * b_nF).t(), dy_nD, out=g2_EFD[e])
                     dh_nF = dy_nD.mm(w2_EFD[e].t())
@@ -192,4 +207,4 @@ class _ThreadedSwiGLU(torch.autograd.Function):
             return run
 
         ctx.pool.run([job(g) for g in ctx.groups])
-        return dx_ND, g1_EDF, g3_EDF, g2_EFD, None
+        return dx_ND, g1_EDF, g3_EDF, g2_EFD, dw_N1, None

@@ -98,13 +98,14 @@ class MoELayer(nn.Module):
         d = dispatch(route.idx_TK, route.keep_TK, E, cap)
 
         x_ND = x_TD.index_select(0, d.token_N)
+        w_N = route.weight_TK[d.token_N, d.choice_N]
         if self.ep_world > 1:
             y_ND = expert_parallel_ffn(self.experts, x_ND, d.counts_E, self.ep_world)
+            y_ND = y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
         else:
-            y_ND = self.experts(x_ND, d.counts_E)
-        w_N = route.weight_TK[d.token_N, d.choice_N].to(y_ND.dtype)
+            y_ND = self.experts(x_ND, d.counts_E, w_N)  # weighted: y * w per row
         # in y's dtype, which is bf16 under autocast (the residual add promotes it back)
-        out_TD = y_ND.new_zeros(T, D).index_add_(0, d.token_N, y_ND * w_N.unsqueeze(-1))
+        out_TD = y_ND.new_zeros(T, D).index_add_(0, d.token_N, y_ND)
         if self.shared is not None:
             s_TD = self.shared(x_TD)
             if self.shared_gate is not None:

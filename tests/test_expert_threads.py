@@ -24,26 +24,33 @@ def two_threads(monkeypatch):
     X.THREADED = None
 
 
-def run_experts(ex, x, counts, g, mode):
+def run_experts(ex, x, counts, g, mode, w=None):
     X.THREADED = mode
     assert (X.use_threads(x, ex.w1_EDF) is not None) == mode  # the path under test really runs
     x.grad = None
+    if w is not None:
+        w.grad = None
     ex.zero_grad(set_to_none=True)
-    y = ex(x, counts)
+    y = ex(x, counts, w)
+    assert ex.last_path == ("threaded" if mode else "loop")
     y.backward(g)
-    return [y.detach(), x.grad] + [p.grad for p in (ex.w1_EDF, ex.w3_EDF, ex.w2_EFD)]
+    return [y.detach(), x.grad] + [p.grad for p in (ex.w1_EDF, ex.w3_EDF, ex.w2_EFD)] + ([w.grad] if w is not None else [])
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
-def test_threaded_equals_loop_bitwise(two_threads, dtype):
-    """Output, input gradient and all three weight gradients equal to the last bit; experts with
-    no tokens get zero gradients; uneven loads are split over the workers."""
+def test_threaded_equals_loop_bitwise(two_threads, dtype, weighted):
+    """Output, input gradient, all three weight gradients and (weighted: y * w per row, as the
+    layer's combine uses) the row weights' gradient equal to the last bit; experts with no
+    tokens get zero gradients; uneven loads are split over the workers."""
     torch.manual_seed(0)
     ex = X.GroupedExperts(6, 32, 48).to(dtype)
     counts = torch.tensor([300, 0, 17, 1, 250, 0])
     x = torch.randn(int(counts.sum()), 32, dtype=dtype, requires_grad=True)
+    w = torch.rand(len(x), requires_grad=True) if weighted else None  # fp32, as the router gives them
     g = torch.randn_like(x)
-    loop, threaded = run_experts(ex, x, counts, g, False), run_experts(ex, x, counts, g, True)
+    loop, threaded = run_experts(ex, x, counts, g, False, w), run_experts(ex, x, counts, g, True, w)
+    assert len(threaded) == (6 if weighted else 5)
     for a, b in zip(loop, threaded):
         assert a.dtype == b.dtype and torch.equal(a, b)
     assert threaded[2][1].abs().sum() == 0 and threaded[4][5].abs().sum() == 0  # w1 of expert 1, w2 of expert 5
@@ -95,22 +102,24 @@ def test_second_backward_fails_as_usual(two_threads):
 
 
 def test_choice_of_path(two_threads, monkeypatch):
-    ex16 = X.GroupedExperts(8, 64, 128).to(torch.bfloat16)
-    assert X.use_threads(torch.empty(4096, 64, dtype=torch.bfloat16), ex16.w1_EDF) == torch.bfloat16
-    assert X.use_threads(torch.empty(4, 64, dtype=torch.bfloat16), ex16.w1_EDF) is None  # decoding: too little work
-    small, big = X.GroupedExperts(8, 64, 128), X.GroupedExperts(2, 512, 1024)
-    assert X.use_threads(torch.empty(4096, 64), small.w1_EDF) == torch.float32
-    assert X.use_threads(torch.empty(4096, 512), big.w1_EDF) is None  # fp32, 2^30 multiply-adds per expert
+    ex16 = X.GroupedExperts(8, 256, 512).to(torch.bfloat16)
+    assert X.use_threads(torch.empty(8192, 256, dtype=torch.bfloat16), ex16.w1_EDF) == torch.bfloat16  # 2^30
+    assert X.use_threads(torch.empty(8191, 256, dtype=torch.bfloat16), ex16.w1_EDF) is None  # just under
+    assert X.use_threads(torch.empty(4, 256, dtype=torch.bfloat16), ex16.w1_EDF) is None  # decoding
+    ex32 = X.GroupedExperts(8, 256, 512)
+    assert X.use_threads(torch.empty(8192, 256), ex32.w1_EDF) is None  # fp32: the loop
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert X.use_threads(torch.empty(8192, 256), ex32.w1_EDF) == torch.bfloat16
     monkeypatch.setenv("MOECLI_EXPERT_THREADS", "on")
-    assert X.use_threads(torch.empty(4096, 512), big.w1_EDF) == torch.float32
+    assert X.use_threads(torch.empty(4, 256), ex32.w1_EDF) == torch.float32
     monkeypatch.setenv("MOECLI_EXPERT_THREADS", "off")
-    assert X.use_threads(torch.empty(4096, 64, dtype=torch.bfloat16), ex16.w1_EDF) is None
+    assert X.use_threads(torch.empty(8192, 256, dtype=torch.bfloat16), ex16.w1_EDF) is None
     monkeypatch.setenv("MOECLI_EXPERT_THREADS", "sometimes")
     with pytest.raises(UserError, match="MOECLI_EXPERT_THREADS: must be auto, on or off, got 'sometimes'"):
-        X.use_threads(torch.empty(4096, 64), small.w1_EDF)
+        X.use_threads(torch.empty(8192, 256), ex32.w1_EDF)
     torch.set_num_threads(1)
     monkeypatch.setenv("MOECLI_EXPERT_THREADS", "on")
-    assert X.use_threads(torch.empty(4096, 64), small.w1_EDF) is None  # one thread: nothing to split over
+    assert X.use_threads(torch.empty(8192, 256), ex32.w1_EDF) is None  # one thread: nothing to split over
 
 
 def test_bad_env_is_a_one_line_error(cli, tmp_path):
@@ -132,6 +141,20 @@ def test_worker_errors_reach_the_caller_and_the_pool_goes_on(two_threads):
     pool.run([lambda: done.append(2), lambda: done.append(3)])
     assert sorted(done) == [1, 2, 3]
     assert torch.get_num_threads() == 2  # the workers' one-thread setting stays theirs
+
+
+def test_workers_stay_on_one_thread_after_parallel_ops(two_threads):
+    """torch sets a thread's OpenMP width lazily on its first parallel op; a worker must not be
+    widened back to the default then (its extra OpenMP threads slowed every thread, the caller too)."""
+    pool = cpu_threads.pool()
+    widths = []
+
+    def job():
+        torch.nn.functional.silu(torch.randn(512, 4096))  # big enough for an intra-op parallel loop
+        widths.append(torch.get_num_threads())
+
+    pool.run([job, job])
+    assert widths == [1, 1]
 
 
 def test_split_by_load_balances_and_is_deterministic():
