@@ -4,9 +4,9 @@ Shape legend: N routed token-copies (sorted by expert), D model dim, F hidden di
 n one expert's token-copies.
 
 The grouped experts have two CPU paths with equal results: a plain loop over experts
-(autograd does the backward), and for 16-bit weights on more than one intra-op thread,
-experts split over worker threads that each run on one core, forward and backward
-(``_ThreadedSwiGLU``). See ``use_threads``.
+(autograd does the backward), and for big enough 16-bit compute (bf16/fp16 weights, or a
+16-bit CPU autocast) on more than one intra-op thread, experts split over worker threads
+that each run on one core, forward and backward (``_ThreadedSwiGLU``). See ``use_threads``.
 """
 
 from __future__ import annotations
