@@ -207,13 +207,14 @@ def export(
     output: Path = typer.Option(..., "-o", "--output", help="Output directory (a Hugging Face model directory)."),
     fmt: str = typer.Option("auto", "--format", help="auto | mixtral | qwen3_moe | qwen2_moe | llama | qwen3 | qwen2"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    shard_size_mb: float = typer.Option(2000.0, "--shard-size-mb", help="Largest weights file; more: an index."),
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ):
     """Write a checkpoint as a Hugging Face model directory (transformers loads it); checked on a probe."""
     from .export import export as export_fn
 
-    _run(lambda: export_fn(checkpoint, output, fmt, dtype, force), as_json, render.render_export)
+    _run(lambda: export_fn(checkpoint, output, fmt, dtype, force, shard_size_mb), as_json, render.render_export)
 
 
 @app.command("inspect-routing")

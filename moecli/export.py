@@ -19,6 +19,7 @@ from .checkpoint import FORMAT, find_checkpoint_dir, load_checkpoint, model_stat
 from .config import Recipe
 from .errors import UserError
 from .fileio import atomic_dir, atomic_write_json
+from .st_stream import assign_shards
 from .hf import (TOKENIZER_FILES, _expert_names, check_writable, hf_config_for, plain_name_map,
                  qwen2_empty_shared_expert)
 from .upcycle import probe_logits
@@ -78,9 +79,12 @@ def hf_state(model, recipe: Recipe, fmt: str, dtype: torch.dtype) -> dict[str, t
     return out
 
 
-def export(checkpoint: str, output: Path, fmt: str = "auto", dtype: str = "float32", force: bool = False) -> dict:
+def export(checkpoint: str, output: Path, fmt: str = "auto", dtype: str = "float32", force: bool = False,
+           shard_size_mb: float = 2000.0) -> dict:
     if dtype not in DTYPES:
         raise UserError(f"--dtype: one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not shard_size_mb > 0:
+        raise UserError(f"--shard-size-mb: must be > 0, got {shard_size_mb}")
     model, cfg = load_checkpoint(checkpoint)  # the tokenizer is not needed: only its files are copied
     directory = find_checkpoint_dir(checkpoint)
     recipe = model.recipe
@@ -95,8 +99,19 @@ def export(checkpoint: str, output: Path, fmt: str = "auto", dtype: str = "float
     hf_cfg["torch_dtype"] = hf_cfg["dtype"] = dtype
     tensors = hf_state(model, recipe, fmt, DTYPES[dtype])
     tok_files = [f for f in TOKENIZER_FILES if (Path(directory) / f).is_file()]
+    names = list(tensors)
+    shards = assign_shards(names, [t.numel() * t.element_size() for t in tensors.values()],
+                           int(shard_size_mb * 2**20))
     with atomic_dir(output, overwrite=force) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        weight_map = {}
+        for k, shard in enumerate(shards):  # Hugging Face's names: model.safetensors, or shards + index
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({n: tensors[n] for n in shard}, str(tmp / fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in shard})
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            atomic_write_json(tmp / "model.safetensors.index.json",
+                              {"metadata": {"total_size": total}, "weight_map": weight_map})
         atomic_write_json(tmp / "config.json", hf_cfg)
         for f in tok_files:
             shutil.copyfile(Path(directory) / f, tmp / f)
@@ -104,7 +119,7 @@ def export(checkpoint: str, output: Path, fmt: str = "auto", dtype: str = "float
     diff = float((ref - probe_logits(load_checkpoint(output)[0])).abs().max())
     return {
         "source": str(directory), "output": str(output), "format": fmt, "dtype": dtype,
-        "architecture": hf_cfg["architectures"][0], "tensors": len(tensors),
+        "architecture": hf_cfg["architectures"][0], "tensors": len(tensors), "shards": len(shards),
         "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
         "copied": tok_files,  # tokenizer / generation files of the source (none: moecli's byte tokenizer)
         "max_abs_logit_diff": diff, "max_abs_logit": float(ref.abs().max()),

@@ -217,7 +217,8 @@ def _mb(n: int) -> str:
 
 def render_export(res: dict) -> None:
     rows = [("source", res["source"]), ("architecture", f"{res['architecture']} ({res['format']}, {res['dtype']})"),
-            ("tensors", str(res["tensors"])), ("size", _mb(res["bytes"])),
+            ("tensors", f"{res['tensors']} in {res['shards']} file{'s' if res['shards'] > 1 else ''}"),
+            ("size", _mb(res["bytes"])),
             ("copied from source", ", ".join(res["copied"]) or "nothing (byte tokenizer: no tokenizer.json)"),
             ("max |logit diff| on probe", f"{res['max_abs_logit_diff']:.3g} (largest logit "
                                           f"{res['max_abs_logit']:.3g})"), ("written to", res["output"])]

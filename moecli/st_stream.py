@@ -137,3 +137,19 @@ class LazyTensors:
 
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.handles)
+
+
+def assign_shards(names: list[str], sizes: list[int], limit: int) -> list[list[str]]:
+    """Names in order, cut into shards of at most `limit` bytes (a tensor bigger than that gets one alone)."""
+    shards: list[list[str]] = []
+    cur: list[str] = []
+    size = 0
+    for name, b in zip(names, sizes):
+        if cur and size + b > limit:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(name)
+        size += b
+    if cur:
+        shards.append(cur)
+    return shards

@@ -42,7 +42,7 @@ from .fileio import atomic_dir, atomic_write_json
 from .hf import (MOE_TYPES, TOKENIZER_FILES, check_writable, hf_config_for, plain_name_map, read_hf_config,
                  recipe_from_hf)
 from .model import Transformer
-from .st_stream import LazyTensors, SafetensorsWriter, nbytes
+from .st_stream import LazyTensors, SafetensorsWriter, assign_shards, nbytes
 
 HF_OUT = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe"}
 
@@ -414,17 +414,9 @@ def upcycle(source: str, output: Path | None, o: UpcycleOptions, dry_run: bool =
 
 
 def _assign_shards(plan, limit):
-    shards, cur, size = [], [], 0
-    for row in plan:
-        b = nbytes(row[2], row[3])
-        if cur and size + b > limit:
-            shards.append(cur)
-            cur, size = [], 0
-        cur.append(row)
-        size += b
-    if cur:
-        shards.append(cur)
-    return shards
+    names = [row[0] for row in plan]
+    rows = dict(zip(names, plan))
+    return [[rows[n] for n in shard] for shard in assign_shards(names, [nbytes(r[2], r[3]) for r in plan], limit)]
 
 
 def _tick(progress, name):

@@ -86,6 +86,35 @@ def test_export_bf16_and_refusals(tmp_path, cli):
     assert (tmp_path / "moe" / "model.safetensors").is_file()  # the source is untouched
 
 
+def test_export_in_shards_loads_in_transformers(tmp_path, cli):
+    """--shard-size-mb: several files plus an index (Hugging Face's names); transformers loads them with
+    the moecli model's logits, and every tensor is in exactly one shard."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    m = checkpoint(tmp_path / "moe", moe=MOE)
+    r = cli("export", tmp_path / "moe", "-o", tmp_path / "out", "--shard-size-mb", "0.05", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    files = sorted(p.name for p in (tmp_path / "out").glob("model-*.safetensors"))
+    assert res["shards"] == len(files) > 2 and not (tmp_path / "out" / "model.safetensors").exists()
+    assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    seen = {}
+    for f in files:
+        part = load_file(tmp_path / "out" / f)
+        seen.update({k: f for k in part})
+        assert sum(t.numel() * t.element_size() for t in part.values()) <= 0.05 * 2**20 or len(part) == 1
+    assert seen == index["weight_map"] and len(seen) == res["tensors"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    x = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        a, b = m(x).logits_BSV, hf(x).logits
+    assert float((a - b).abs().max()) < 1e-4 * float(a.abs().max())
+    r = cli("export", tmp_path / "moe", "-o", tmp_path / "o0", "--shard-size-mb", "0")
+    assert r.returncode == 2 and "--shard-size-mb: must be > 0, got 0.0" in r.stderr and not (tmp_path / "o0").exists()
+
+
 def test_export_of_a_hugging_face_checkpoint_keeps_its_token_ids(tmp_path, cli):
     from hf_models import make
 
