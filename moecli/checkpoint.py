@@ -78,28 +78,29 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: not a readable safetensors file: {e}") from None
 
 
-def load_checkpoint(path: str | Path) -> tuple[Transformer, dict]:
-    """Load a moecli checkpoint, or a Hugging Face model directory (see hf.py). Returns (model, config)."""
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, dict]:
+    """Load a moecli checkpoint, or a Hugging Face model directory (see hf.py), with its parameters in
+    `dtype`. Returns (model, config)."""
     directory = find_checkpoint_dir(path)
     cfg = read_config(directory)
     if cfg.get("format") != FORMAT:
         if "model_type" in cfg:
             from .hf import load_hf_model
 
-            return load_hf_model(directory), cfg
+            return load_hf_model(directory, dtype), cfg
         raise UserError(f"{directory / CONFIG_FILE}: not a moecli checkpoint (no \"format\": \"{FORMAT}\")")
     recipe = recipe_from_dict(cfg.get("recipe"), str(directory / CONFIG_FILE) + " recipe")
-    model = Transformer(recipe)
+    model = Transformer(recipe).to(dtype)
     load_into(model, load_state_file(directory / MODEL_FILE), directory / MODEL_FILE)
     model.eval()
     return model, cfg
 
 
-def load_with_tokenizer(path: str | Path):
+def load_with_tokenizer(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, config, directory, tokenizer) for a checkpoint, refusing a tokenizer larger than the model's vocab."""
     from .data import check_vocab, tokenizer_from_checkpoint
 
-    model, cfg = load_checkpoint(path)
+    model, cfg = load_checkpoint(path, dtype)
     directory = find_checkpoint_dir(path)
     tok = tokenizer_from_checkpoint(directory, cfg)
     check_vocab(tok, model, directory)

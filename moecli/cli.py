@@ -135,12 +135,13 @@ def eval_(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length (default: the recipe's)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Score at most this many windows."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute; loss in fp32)."),
     as_json: bool = JSON_OPT,
 ):
     """Loss and perplexity of a checkpoint on text."""
     from .evaluate import evaluate
 
-    _run(lambda: evaluate(checkpoint, data, seq_len, batch_size, max_windows), as_json, render.render_eval)
+    _run(lambda: evaluate(checkpoint, data, seq_len, batch_size, max_windows, dtype), as_json, render.render_eval)
 
 
 @app.command()

@@ -254,7 +254,7 @@ def load_hf_model(directory: Path, dtype=torch.float32):
     mt = cfg["model_type"]
     recipe = recipe_from_hf(cfg, str(directory / "config.json"))
     src = LazyTensors.from_dir(directory)
-    model = Transformer(recipe)
+    model = Transformer(recipe).to(dtype)
     sd = {}
     for ours, theirs in plain_name_map(recipe, mt).items():
         if theirs not in src:

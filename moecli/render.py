@@ -175,7 +175,7 @@ def render_train(res: dict) -> None:
 
 def render_eval(res: dict) -> None:
     out.print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  "
-              f"({res['tokens']:,} tokens in {res['windows']} windows of {res['seq_len']})")
+              f"({res['tokens']:,} tokens in {res['windows']} windows of {res['seq_len']}, {res['dtype']})")
 
 
 def render_generate(res: dict) -> None:

@@ -164,3 +164,26 @@ def test_split_by_load_balances_and_is_deterministic():
     totals = [sum(loads[i] for i in g) for g in groups]
     assert max(totals) - min(totals) <= max(loads) and totals == [508, 550]
     assert groups == cpu_threads.split_by_load(list(loads), 2)
+
+
+def test_bf16_eval_same_loss_on_both_paths(tmp_path, tiny_recipe, cli):
+    """`moe eval --dtype bfloat16`: bf16 weights and compute, the same loss with the threaded path
+    forced on or off (the CLI runs on all cores; with one core both take the loop), close to the fp32
+    loss; a bad --dtype is a one-line error."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"line {i}: a b c {i % 7}\n" for i in range(300)))
+    run = tmp_path / "run"
+    train(TrainArgs(str(tiny_recipe(train={"max_steps": 2, "eval_interval": 2, "ckpt_interval": 2})),
+                    [str(corpus)], run, quiet=True))
+    losses = {}
+    for dtype, mode in (("float32", "off"), ("bfloat16", "off"), ("bfloat16", "on")):
+        r = cli("eval", run, corpus, "--dtype", dtype, "--json", env={"MOECLI_EXPERT_THREADS": mode})
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)
+        assert res["dtype"] == dtype
+        losses[dtype, mode] = res["loss"]
+    assert losses["bfloat16", "on"] == losses["bfloat16", "off"]
+    assert losses["bfloat16", "on"] == pytest.approx(losses["float32", "off"], rel=2e-2)
+    assert losses["bfloat16", "on"] != losses["float32", "off"]  # it really ran in bf16
+    r = cli("eval", run, corpus, "--dtype", "int8")
+    assert r.returncode == 2 and r.stderr.strip() == "error: --dtype: one of float32, bfloat16, got 'int8'"
