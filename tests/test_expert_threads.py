@@ -34,7 +34,8 @@ def run_experts(ex, x, counts, g, mode, w=None):
     y = ex(x, counts, w)
     assert ex.last_path == ("threaded" if mode else "loop")
     y.backward(g)
-    return [y.detach(), x.grad] + [p.grad for p in (ex.w1_EDF, ex.w3_EDF, ex.w2_EFD)] + ([w.grad] if w is not None else [])
+    grads = [x.grad] + [p.grad for p in (ex.w1_EDF, ex.w3_EDF, ex.w2_EFD)]
+    return [y.detach()] + grads + ([w.grad] if w is not None else [])
 
 
 @pytest.mark.parametrize("weighted", [False, True])
