@@ -3,7 +3,7 @@
 Shape legend: N routed token-copies (sorted by expert), D model dim, F hidden dim, E experts,
 n one expert's token-copies.
 
-The grouped experts have two CPU paths with equal results: a plain loop over experts
+The grouped experts have two CPU paths with the same results: a plain loop over experts
 (autograd does the backward), and for big enough 16-bit compute (bf16/fp16 weights, or a
 16-bit CPU autocast) on more than one intra-op thread, experts split over worker threads
 that each run on one core, forward and backward (``_ThreadedSwiGLU``). See ``use_threads``.
@@ -100,7 +100,7 @@ def use_threads(x_ND: torch.Tensor, w1_EDF: torch.Tensor) -> torch.dtype | None:
 
     Needs CPU tensors and more than one intra-op thread. Chosen by itself (THREADED = None,
     MOECLI_EXPERT_THREADS unset or auto) for bf16/fp16 compute with at least MIN_THREADED_WORK;
-    forced on, it also runs fp32 (equal results, about the loop's speed). Under a CPU autocast
+    forced on, it also runs fp32 (the same results, about the loop's speed). Under a CPU autocast
     the compute dtype is autocast's.
     """
     mode = THREADED if THREADED is not None else threads_from_env()
@@ -124,9 +124,12 @@ class _ThreadedSwiGLU(torch.autograd.Function):
     per expert, and its gradient summed in x's dtype, as autocast's casts in the loop do).
     Experts are split over workers by token count (cpu_threads.split_by_load); every output row
     and every weight gradient is written by exactly one worker, so results do not depend on
-    scheduling, and they equal the autograd loop's: the backward below does the same products
-    and elementwise steps in the same dtype. Applying the combine weights here keeps those
-    N x D products on the workers, in cache, instead of whole-tensor passes on the caller.
+    scheduling. The backward below does autograd's products and elementwise steps in the same
+    dtype, so the results equal the loop's run on one intra-op thread to the bit; against the
+    loop on more threads they can differ in the last bits, as torch's own products do between
+    thread counts for some shapes (e.g. 241 x 1024 @ 1024 x 512, fp32 and bf16 alike).
+    Applying the combine weights here keeps those N x D products on the workers, in cache,
+    instead of whole-tensor passes on the caller.
     For the backward it keeps a = x w1, b = x w3 and the unweighted output per expert, and
     recomputes silu(a) and h = silu(a) * b: less activation memory than autograd keeps for the
     loop, at the same speed as keeping them (measured paired on 2 cores, bf16).

@@ -1,4 +1,9 @@
-"""The threaded CPU expert path (experts._ThreadedSwiGLU on cpu_threads workers) equals the loop."""
+"""The threaded CPU expert path (experts._ThreadedSwiGLU on cpu_threads workers) equals the loop.
+
+Bitwise against the loop run on one intra-op thread: every product is then single-threaded on both
+sides. Against the loop on two threads only to rounding: torch's own matrix products give
+thread-count-dependent last bits for some shapes (e.g. 241 x 1024 @ 1024 x 512 in bf16).
+"""
 
 import json
 
@@ -24,42 +29,67 @@ def two_threads(monkeypatch):
     X.THREADED = None
 
 
-def run_experts(ex, x, counts, g, mode, w=None):
+def run_experts(ex, x, counts, g, mode, w=None, autocast=False):
+    """Forward + backward on the threaded path (mode True) or the loop on one intra-op thread."""
     X.THREADED = mode
-    assert (X.use_threads(x, ex.w1_EDF) is not None) == mode  # the path under test really runs
+    torch.set_num_threads(2 if mode else 1)
     x.grad = None
     if w is not None:
         w.grad = None
     ex.zero_grad(set_to_none=True)
-    y = ex(x, counts, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        assert (X.use_threads(x, ex.w1_EDF) is not None) == mode  # the path under test really runs
+        y = ex(x, counts, w)
     assert ex.last_path == ("threaded" if mode else "loop")
-    y.backward(g)
+    y.backward(g.to(y.dtype))
+    torch.set_num_threads(2)
     grads = [x.grad] + [p.grad for p in (ex.w1_EDF, ex.w3_EDF, ex.w2_EFD)]
     return [y.detach()] + grads + ([w.grad] if w is not None else [])
 
 
+SHAPES = {"small": (32, 48, [300, 0, 17, 1, 250, 0]),
+          "expert-size": (512, 1024, [241, 0, 256, 1, 258])}  # 241 rows: 1 and 2 threads differ in bf16
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
-def test_threaded_equals_loop_bitwise(two_threads, dtype, weighted):
+def test_threaded_equals_loop_bitwise(two_threads, dtype, weighted, shape):
     """Output, input gradient, all three weight gradients and (weighted: y * w per row, as the
     layer's combine uses) the row weights' gradient equal to the last bit; experts with no
     tokens get zero gradients; uneven loads are split over the workers."""
     torch.manual_seed(0)
-    ex = X.GroupedExperts(6, 32, 48).to(dtype)
-    counts = torch.tensor([300, 0, 17, 1, 250, 0])
-    x = torch.randn(int(counts.sum()), 32, dtype=dtype, requires_grad=True)
+    D, Fh, counts = SHAPES[shape]
+    ex = X.GroupedExperts(len(counts), D, Fh).to(dtype)
+    counts = torch.tensor(counts)
+    x = torch.randn(int(counts.sum()), D, dtype=dtype, requires_grad=True)
     w = torch.rand(len(x), requires_grad=True) if weighted else None  # fp32, as the router gives them
     g = torch.randn_like(x)
     loop, threaded = run_experts(ex, x, counts, g, False, w), run_experts(ex, x, counts, g, True, w)
     assert len(threaded) == (6 if weighted else 5)
     for a, b in zip(loop, threaded):
         assert a.dtype == b.dtype and torch.equal(a, b)
-    assert threaded[2][1].abs().sum() == 0 and threaded[4][5].abs().sum() == 0  # w1 of expert 1, w2 of expert 5
+    assert threaded[2][1].abs().sum() == 0 and threaded[4][1].abs().sum() == 0  # w1 and w2 of expert 1 (no rows)
 
 
-def test_threaded_equals_loop_in_the_layer_under_autocast(two_threads):
-    """fp32 parameters under a bf16 autocast: the same bf16 output and fp32 gradients as the loop
-    (x's gradient is summed in fp32 from its two uses, as autocast's casts do)."""
+def test_threaded_equals_loop_bitwise_under_autocast(two_threads):
+    """fp32 parameters and input under a bf16 autocast: the same bf16 output and fp32 gradients as
+    the loop, to the bit (x's gradient summed in fp32 from its two uses, as autocast's casts do)."""
+    torch.manual_seed(0)
+    ex = X.GroupedExperts(4, 64, 96)
+    counts = torch.tensor([100, 3, 0, 97])
+    x = torch.randn(200, 64, requires_grad=True)
+    w = torch.rand(200, requires_grad=True)
+    g = torch.randn(200, 64)
+    loop, threaded = run_experts(ex, x, counts, g, False, w, True), run_experts(ex, x, counts, g, True, w, True)
+    assert threaded[0].dtype == torch.bfloat16 and threaded[1].dtype == torch.float32
+    for a, b in zip(loop, threaded):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_threaded_layer_under_autocast_matches_the_loop(two_threads):
+    """The whole MoE layer (router, shared expert, combine, balance loss) under a bf16 autocast on
+    either expert path, both on two threads: equal up to the products' thread-dependent rounding."""
     torch.manual_seed(0)
     layer = MoELayer(32, MoEConfig(num_experts=4, top_k=2, expert_ffn=48, num_shared_experts=1),
                      BalanceConfig(aux_loss_coef=0.01, z_loss_coef=0.001))
@@ -70,17 +100,17 @@ def test_threaded_equals_loop_in_the_layer_under_autocast(two_threads):
         x.grad = None
         layer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert (X.use_threads(x.view(-1, 32), layer.experts.w1_EDF) == torch.bfloat16) == mode
             y = layer(x)
+        assert layer.experts.last_path == ("threaded" if mode else "loop")
         (y.float().pow(2).mean() + layer.aux["aux"]).backward()
         results.append([y.detach(), x.grad] + [p.grad for p in layer.parameters()])
-    assert results[0][0].dtype == torch.bfloat16 and results[0][1].dtype == torch.float32
+    assert results[1][0].dtype == torch.bfloat16 and results[1][1].dtype == torch.float32
     for a, b in zip(*results):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-4)
 
 
-def test_training_is_identical_with_and_without_threads(two_threads, tmp_path, tiny_recipe):
-    """A short fp32 run gives the same losses and weights on either path."""
+def test_training_is_the_same_with_and_without_threads(two_threads, tmp_path, tiny_recipe):
+    """A short fp32 run gives the same losses on either path (to rounding; bitwise on this machine)."""
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"line {i}: a b c {i % 7}\n" for i in range(300)))
     recipe = str(tiny_recipe(train={"max_steps": 3, "eval_interval": 3, "ckpt_interval": 3}))
@@ -90,7 +120,7 @@ def test_training_is_identical_with_and_without_threads(two_threads, tmp_path, t
         out = tmp_path / f"t{mode}"
         train(TrainArgs(recipe, [str(corpus)], out, quiet=True))
         runs[mode] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
-    assert len(runs[True]) == 3 and runs[True] == runs[False]
+    assert len(runs[True]) == 3 and runs[True] == pytest.approx(runs[False], rel=1e-5)
 
 
 def test_second_backward_fails_as_usual(two_threads):
@@ -168,9 +198,8 @@ def test_split_by_load_balances_and_is_deterministic():
 
 
 def test_bf16_eval_same_loss_on_both_paths(tmp_path, tiny_recipe, cli):
-    """`moe eval --dtype bfloat16`: bf16 weights and compute, the same loss with the threaded path
-    forced on or off (the CLI runs on all cores; with one core both take the loop), close to the fp32
-    loss; a bad --dtype is a one-line error."""
+    """`moe eval --dtype bfloat16`: bf16 weights and compute, the same loss (to rounding) with the
+    threaded path forced on or off, close to the fp32 loss; a bad --dtype is a one-line error."""
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"line {i}: a b c {i % 7}\n" for i in range(300)))
     run = tmp_path / "run"
@@ -183,7 +212,7 @@ def test_bf16_eval_same_loss_on_both_paths(tmp_path, tiny_recipe, cli):
         res = json.loads(r.stdout)
         assert res["dtype"] == dtype
         losses[dtype, mode] = res["loss"]
-    assert losses["bfloat16", "on"] == losses["bfloat16", "off"]
+    assert losses["bfloat16", "on"] == pytest.approx(losses["bfloat16", "off"], rel=1e-3)
     assert losses["bfloat16", "on"] == pytest.approx(losses["float32", "off"], rel=2e-2)
     assert losses["bfloat16", "on"] != losses["float32", "off"]  # it really ran in bf16
     r = cli("eval", run, corpus, "--dtype", "int8")
