@@ -110,7 +110,7 @@ def test_threaded_layer_under_autocast_matches_the_loop(two_threads):
 
 
 def test_training_is_the_same_with_and_without_threads(two_threads, tmp_path, tiny_recipe):
-    """A short fp32 run gives the same losses on either path (to rounding; bitwise on this machine)."""
+    """A short fp32 run gives the same losses on either path, to rounding."""
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"line {i}: a b c {i % 7}\n" for i in range(300)))
     recipe = str(tiny_recipe(train={"max_steps": 3, "eval_interval": 3, "ckpt_interval": 3}))
