@@ -217,3 +217,10 @@ def test_bf16_eval_same_loss_on_both_paths(tmp_path, tiny_recipe, cli):
     assert losses["bfloat16", "on"] != losses["float32", "off"]  # it really ran in bf16
     r = cli("eval", run, corpus, "--dtype", "int8")
     assert r.returncode == 2 and r.stderr.strip() == "error: --dtype: one of float32, bfloat16, got 'int8'"
+
+
+def test_info_shows_the_setting(cli):
+    for env, shown in (("auto", "auto"), ("off", "off"), ("ON", "on")):
+        r = cli("info", "--json", env={"MOECLI_EXPERT_THREADS": env})
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["expert_threads"] == shown
