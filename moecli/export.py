@@ -21,7 +21,7 @@ from .errors import UserError
 from .fileio import atomic_dir, atomic_write_json
 from .st_stream import assign_shards
 from .hf import (TOKENIZER_FILES, _expert_names, check_writable, hf_config_for, plain_name_map,
-                 qwen2_empty_shared_expert)
+                 qwen2_empty_shared_expert, shard_file_name, write_shard_index)
 from .upcycle import probe_logits
 
 MOE_FORMATS = ("mixtral", "qwen3_moe", "qwen2_moe")
@@ -100,18 +100,15 @@ def export(checkpoint: str, output: Path, fmt: str = "auto", dtype: str = "float
     tensors = hf_state(model, recipe, fmt, DTYPES[dtype])
     tok_files = [f for f in TOKENIZER_FILES if (Path(directory) / f).is_file()]
     names = list(tensors)
-    shards = assign_shards(names, [t.numel() * t.element_size() for t in tensors.values()],
-                           int(shard_size_mb * 2**20))
+    sizes = [t.numel() * t.element_size() for t in tensors.values()]
+    shards = assign_shards(names, sizes, int(shard_size_mb * 2**20))
     with atomic_dir(output, overwrite=force) as tmp:
         weight_map = {}
-        for k, shard in enumerate(shards):  # Hugging Face's names: model.safetensors, or shards + index
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        for k, shard in enumerate(shards):
+            fname = shard_file_name(k, len(shards))
             save_file({n: tensors[n] for n in shard}, str(tmp / fname), metadata={"format": "pt"})
             weight_map.update({n: fname for n in shard})
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            atomic_write_json(tmp / "model.safetensors.index.json",
-                              {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_shard_index(tmp, weight_map, sum(sizes))
         atomic_write_json(tmp / "config.json", hf_cfg)
         for f in tok_files:
             shutil.copyfile(Path(directory) / f, tmp / f)
@@ -120,7 +117,7 @@ def export(checkpoint: str, output: Path, fmt: str = "auto", dtype: str = "float
     return {
         "source": str(directory), "output": str(output), "format": fmt, "dtype": dtype,
         "architecture": hf_cfg["architectures"][0], "tensors": len(tensors), "shards": len(shards),
-        "bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        "bytes": sum(sizes),
         "copied": tok_files,  # tokenizer / generation files of the source (none: moecli's byte tokenizer)
         "max_abs_logit_diff": diff, "max_abs_logit": float(ref.abs().max()),
     }

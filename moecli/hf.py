@@ -17,6 +17,7 @@ import torch
 
 from .config import Recipe, recipe_from_dict
 from .errors import UserError
+from .fileio import atomic_write_json
 from .st_stream import LazyTensors
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -114,6 +115,18 @@ def _expert_names(mt: str, i: int, e: int) -> tuple[str, str, str]:
     if mt == "mixtral":
         return f"{p}.w1.weight", f"{p}.w3.weight", f"{p}.w2.weight"
     return f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight"
+
+
+def shard_file_name(k: int, n: int) -> str:
+    """Hugging Face's name for weight file k of n: model.safetensors alone, else model-0000k-of-0000n."""
+    return "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_shard_index(directory: Path, weight_map: dict[str, str], total_bytes: int) -> None:
+    """model.safetensors.index.json, which a sharded Hugging Face directory needs (none for one file)."""
+    if len(set(weight_map.values())) > 1:
+        atomic_write_json(Path(directory) / "model.safetensors.index.json",
+                          {"metadata": {"total_size": total_bytes}, "weight_map": weight_map})
 
 
 def qwen2_empty_shared_expert(i: int, D: int) -> list[tuple[str, tuple[int, int]]]:

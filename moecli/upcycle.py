@@ -40,7 +40,7 @@ from .config import Recipe, _FieldError, _section_from_dict, recipe_from_dict
 from .errors import RunFailed, UserError
 from .fileio import atomic_dir, atomic_write_json
 from .hf import (MOE_TYPES, TOKENIZER_FILES, check_writable, hf_config_for, plain_name_map, read_hf_config,
-                 recipe_from_hf)
+                 recipe_from_hf, shard_file_name, write_shard_index)
 from .model import Transformer
 from .st_stream import LazyTensors, SafetensorsWriter, assign_shards, nbytes
 
@@ -442,7 +442,7 @@ def _write_hf(tmp: Path, shards, prod: Producer, recipe: Recipe, fmt: str, src: 
     weight_map = {}
     n = len(shards)
     for k, shard in enumerate(shards):
-        fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        fname = shard_file_name(k, n)
         w = SafetensorsWriter(tmp / fname, [(r[0], r[2], r[3]) for r in shard], {"format": "pt"})
         for name, kind, dt, shape, srcinfo in shard:
             if kind == "plain":
@@ -456,10 +456,7 @@ def _write_hf(tmp: Path, shards, prod: Producer, recipe: Recipe, fmt: str, src: 
             weight_map[name] = fname
             _tick(progress, name)
         w.close()
-    if n > 1:
-        total = sum(nbytes(r[2], r[3]) for sh in shards for r in sh)
-        atomic_write_json(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total},
-                                                                  "weight_map": weight_map})
+    write_shard_index(tmp, weight_map, sum(nbytes(r[2], r[3]) for sh in shards for r in sh))
     cfg = hf_config_for(recipe, fmt, src.hf_config if src.hf_type else None)
     cfg["torch_dtype"] = cfg["dtype"] = str(prod.dtype).replace("torch.", "")
     atomic_write_json(tmp / "config.json", cfg)
