@@ -15,6 +15,9 @@ threaded expert path (moecli/experts.py: use_threads), the same layer held to th
 per-expert loop. Hugging Face's block (transformers' Mixtral, every experts
 implementation that runs here) is timed when transformers is installed.
 --breakdown adds fwd+bwd times of the experts alone and of the routing alone (see breakdown()).
+--runs N repeats everything in N fresh processes and reports each ratio's median, min and max:
+the dense baseline's speed depends on the process's heap state (page faults), so one process's
+ratio is one draw.
 Targets on 2 CPU cores: fwd+bwd >= 0.9x dense (small), >= 0.75x dense (many),
 >= 1.2x the fastest transformers implementation.
 """
@@ -189,6 +192,48 @@ def hf_block(sh, dtype, impl):
     return block
 
 
+def over_runs(runs: int) -> dict:
+    """The benchmark run `runs` times, each in a fresh Python process with this one's arguments less
+    --runs; every numeric summary field as median/min/max over the runs, targets judged on the median."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:  # drop --runs N / --runs=N
+        if skip:
+            skip = False
+        elif arg == "--runs":
+            skip = True
+        elif not arg.startswith("--runs="):
+            args.append(arg)
+    reports = []
+    for i in range(runs):
+        print(f"run {i + 1}/{runs}", file=sys.stderr)
+        done = subprocess.run([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, check=True)
+        reports.append(json.loads(done.stdout))
+    summary: dict = {}
+    for dname, per_dtype in reports[0]["results"].items():
+        for sname in per_dtype:
+            if sname == "mm_peak_gflops":
+                continue
+            each = [r["results"][dname][sname]["summary"] for r in reports]
+            out = {}
+            for key, first in each[0].items():
+                if key == "target_vs_dense":
+                    out[key] = first
+                elif isinstance(first, float):
+                    vals = [e[key] for e in each]
+                    out[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
+                                "values": vals}
+            out["meets_dense_target"] = out["fwd_bwd_speed_vs_dense"]["median"] >= TARGETS[sname]
+            if "fwd_bwd_speed_vs_best_hf" in out:
+                out["meets_hf_target"] = out["fwd_bwd_speed_vs_best_hf"]["median"] >= 1.2
+            summary.setdefault(dname, {})[sname] = out
+            ratio = out["fwd_bwd_speed_vs_dense"]
+            print(f"{dname} {sname}: fwd+bwd vs dense median {ratio['median']:.3f} "
+                  f"(min {ratio['min']:.3f}, max {ratio['max']:.3f})", file=sys.stderr)
+    return {"runs": runs, "summary": summary, "per_run": reports}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -200,7 +245,14 @@ def main() -> None:
     ap.add_argument("--hf-impls", default="eager,grouped_mm",
                     help="transformers experts implementations to time; batched_mm is left out by default because "
                          "it materialises a weight copy per token (34 GB at these shapes: it fails or is OOM-killed)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="run the whole benchmark this many times, each in a fresh process, and report the median, "
+                         "min and max of every ratio (the dense baseline's speed depends on the process's heap "
+                         "state: see the README)")
     a = ap.parse_args()
+    if a.runs > 1:
+        print(json.dumps(over_runs(a.runs), indent=2))
+        return
     torch.manual_seed(0)
     try:
         import transformers  # noqa: F401
