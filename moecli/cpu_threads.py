@@ -5,6 +5,13 @@ often do not use the second core at all (oneDNN's work split), while two product
 running side by side, one per core, do. ``run(jobs)`` runs one job per worker and
 waits for all; a job's exception is re-raised in the caller.
 
+Before handing jobs over, ``run`` asks the caller's OpenMP runtime to release its idle threads
+(``omp_pause_resource_all``, OpenMP 5.0): after the caller's last parallel op they keep spin-waiting
+for the next one for a few ms (libgomp's default spin count) and take the cores the workers were
+woken to run on. Measured in the 8-expert bf16 layer, fwd+bwd: workers started 1.4 ms late on
+average, 0.2-0.4 ms with the release, and the layer ran 1.05-1.07x faster (paired, 3 processes);
+the caller's next parallel op restarts its threads (~60 us).
+
 Workers run with autograd off (jobs write results into tensors given to them) and
 without the caller's autocast state: callers cast first. The pool is made on first
 use with as many workers as the caller's torch.get_num_threads(), and dropped in a
@@ -13,6 +20,7 @@ forked child (its threads do not exist there).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import threading
@@ -60,6 +68,8 @@ class WorkerPool:
     def run(self, jobs: list[Callable[[], None]]) -> None:
         if len(jobs) > self.num_workers:
             raise ValueError(f"{len(jobs)} jobs for {self.num_workers} workers")
+        if RELEASE_OPENMP and _omp_pause is not None:
+            _omp_pause(_OMP_PAUSE_SOFT)  # the caller's idle OpenMP threads stop spinning (module docstring)
         dones = []
         for q, job in zip(self._queues, jobs):
             done = queue.SimpleQueue()
@@ -71,6 +81,17 @@ class WorkerPool:
                 raise e
 
 
+def _find_omp_pause() -> Callable[[int], int] | None:
+    """omp_pause_resource_all of the OpenMP runtime loaded with torch, or None where there is none."""
+    try:
+        return ctypes.CDLL(None).omp_pause_resource_all
+    except (AttributeError, OSError, TypeError):  # TypeError: no CDLL(None) (Windows)
+        return None
+
+
+RELEASE_OPENMP = True  # False: run() leaves the caller's OpenMP threads alone (to measure the difference)
+_OMP_PAUSE_SOFT = 1  # omp_pause_soft: threads end, the runtime stays initialised
+_omp_pause = _find_omp_pause()
 _pool: WorkerPool | None = None
 _lock = threading.Lock()
 

@@ -8,6 +8,9 @@ rounding: torch's own matrix products give thread-count-dependent last bits for 
 """
 
 import json
+import os
+import sys
+import time
 
 import pytest
 import torch
@@ -208,6 +211,24 @@ def test_workers_stay_on_one_thread_after_parallel_ops(two_threads):
 
     pool.run([job, job])
     assert widths == [1, 1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc/self/task")
+def test_run_releases_the_callers_idle_openmp_threads(two_threads):
+    """After a parallel op the caller's OpenMP helper thread lingers (spin-waiting); run() ends it, and
+    the caller's next parallel op starts it again with the same results."""
+    assert cpu_threads._omp_pause is not None  # torch's OpenMP runtime is found here
+    pool = cpu_threads.pool()
+    a = torch.randn(1 << 22)
+    threads = lambda: len(os.listdir("/proc/self/task"))  # noqa: E731
+    want = torch.add(a, a)
+    with_helper = threads()
+    pool.run([lambda: None, lambda: None])
+    deadline = time.monotonic() + 5
+    while threads() >= with_helper and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threads() == with_helper - 1
+    assert torch.equal(torch.add(a, a), want) and threads() == with_helper
 
 
 def test_split_by_load_balances_and_is_deterministic():
