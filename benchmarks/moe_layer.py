@@ -5,9 +5,12 @@
 Shapes (4096 tokens each):  small: d=512, expert FFN 1024, 8 experts top-2 (dense FFN 2048)
                             many:  d=256, expert FFN 512, 64 experts top-8 (dense FFN 4096)
 Everything is measured in this run, on this machine: median of --repeats after a
-warm-up. Ratios are speeds (other_time / moecli_time): 1.0 = as fast; the ratio to
-dense is the median over alternating moecli/dense pairs, which is robust to the
-machine's drift (bf16 times on this VM vary by up to 2x from one call to the next).
+warm-up. Ratios are speeds (other_time / moecli_time): 1.0 = as fast. Each ratio to dense
+and to transformers is given two ways: the median over alternating moecli/other pairs
+(robust to the machine's drift: bf16 times on this VM vary by up to 2x from one call to
+the next), and "_of_medians", the other's median time over moecli's, each timed on its
+own (the pairs can be skewed by the heap state one side's frees leave for the other's next
+call). A target counts as met only when both are.
 Also printed: achieved GFLOP/s (active FLOPs) against this machine's torch.mm
 peak on a 2048^3 product; the same layer with torch._grouped_mm experts in place of
 moecli's (a path moecli does not take: slower here); and, where moecli takes its
@@ -225,13 +228,16 @@ def over_runs(runs: int) -> dict:
                     vals = [e[key] for e in each]
                     out[key] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
                                 "values": vals}
-            out["meets_dense_target"] = out["fwd_bwd_speed_vs_dense"]["median"] >= TARGETS[sname]
+            out["meets_dense_target"] = min(out["fwd_bwd_speed_vs_dense"]["median"],
+                                            out["fwd_bwd_speed_vs_dense_of_medians"]["median"]) >= TARGETS[sname]
             if "fwd_bwd_speed_vs_best_hf" in out:
-                out["meets_hf_target"] = out["fwd_bwd_speed_vs_best_hf"]["median"] >= HF_TARGET
+                out["meets_hf_target"] = min(out["fwd_bwd_speed_vs_best_hf"]["median"],
+                                             out["fwd_bwd_speed_vs_best_hf_of_medians"]["median"]) >= HF_TARGET
             summary.setdefault(dname, {})[sname] = out
-            ratio = out["fwd_bwd_speed_vs_dense"]
-            print(f"{dname} {sname}: fwd+bwd vs dense median {ratio['median']:.3f} "
-                  f"(min {ratio['min']:.3f}, max {ratio['max']:.3f})", file=sys.stderr)
+            for kind in ("", "_of_medians"):
+                ratio = out["fwd_bwd_speed_vs_dense" + kind]
+                print(f"{dname} {sname}: fwd+bwd vs dense{kind or ' (paired)'} median {ratio['median']:.3f} "
+                      f"(min {ratio['min']:.3f}, max {ratio['max']:.3f})", file=sys.stderr)
     return {"runs": runs, "summary": summary, "per_run": reports}
 
 
@@ -320,7 +326,11 @@ def main() -> None:
             summary |= {"fwd_speed_vs_dense": paired_ratio(fns["moecli"][0], fns["dense"][0], a.repeats),
                         "fwd_bwd_speed_vs_dense": paired_ratio(fns["moecli"][1], fns["dense"][1], a.repeats),
                         "target_vs_dense": TARGETS[sname]}
-            summary["meets_dense_target"] = summary["fwd_bwd_speed_vs_dense"] >= TARGETS[sname]
+            # the same ratio from the separately timed medians: the pairs can be skewed when one side's
+            # frees leave the heap so that the other side's next call page-faults (README, "Measured")
+            summary["fwd_bwd_speed_vs_dense_of_medians"] = rows["dense"]["fwd_bwd_s"] / rows["moecli"]["fwd_bwd_s"]
+            summary["meets_dense_target"] = min(summary["fwd_bwd_speed_vs_dense"],
+                                                summary["fwd_bwd_speed_vs_dense_of_medians"]) >= TARGETS[sname]
             hf_ok = [k for k, v in rows.items() if k.startswith("hf_") and "fwd_bwd_s" in v]
             if hf_ok:  # the fastest implementation by median, then paired against moecli
                 best_fb = min(hf_ok, key=lambda k: rows[k]["fwd_bwd_s"])
@@ -328,7 +338,10 @@ def main() -> None:
                 summary["best_hf_fwd_bwd"], summary["best_hf_fwd"] = best_fb, best_f
                 summary["fwd_bwd_speed_vs_best_hf"] = paired_ratio(fns["moecli"][1], fns[best_fb][1], a.repeats)
                 summary["fwd_speed_vs_best_hf"] = paired_ratio(fns["moecli"][0], fns[best_f][0], a.repeats)
-                summary["meets_hf_target"] = summary["fwd_bwd_speed_vs_best_hf"] >= HF_TARGET
+                summary["fwd_bwd_speed_vs_best_hf_of_medians"] = (rows[best_fb]["fwd_bwd_s"]
+                                                                  / rows["moecli"]["fwd_bwd_s"])
+                summary["meets_hf_target"] = min(summary["fwd_bwd_speed_vs_best_hf"],
+                                                 summary["fwd_bwd_speed_vs_best_hf_of_medians"]) >= HF_TARGET
             if a.breakdown:
                 summary["breakdown_fwd_bwd"] = {k: round(v, 2) for k, v in breakdown(ours, dense, x, g,
                                                                                      a.repeats).items()}
