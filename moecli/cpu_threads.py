@@ -82,7 +82,8 @@ class WorkerPool:
 
 
 def _find_omp_pause() -> Callable[[int], int] | None:
-    """omp_pause_resource_all of the OpenMP runtime loaded with torch, or None where there is none."""
+    """The process's global omp_pause_resource_all (torch's OpenMP runtime: libgomp in the Linux wheels,
+    whose symbols are global there; tested), or None where no such symbol is found."""
     try:
         return ctypes.CDLL(None).omp_pause_resource_all
     except (AttributeError, OSError, TypeError):  # TypeError: no CDLL(None) (Windows)
