@@ -21,6 +21,10 @@ implementation that runs here) is timed when transformers is installed.
 --runs N repeats everything in N fresh processes and reports each ratio's median, min and max:
 the dense baseline's speed depends on the process's heap state (page faults), so one process's
 ratio is one draw.
+--isolated N instead times moecli, the dense SwiGLU and each transformers implementation each alone in
+its own fresh process (fwd+bwd), N rounds, once under the default allocator and once with glibc told to
+keep freed memory (no page faults), and reports ratios of the medians over the rounds: no side's
+allocations shape the other's heap.
 Targets on 2 CPU cores: fwd+bwd >= 0.9x dense (small), >= 0.75x dense (many),
 >= 1.2x the fastest transformers implementation.
 """
@@ -182,6 +186,81 @@ def breakdown(ours, dense, x, g, repeats: int) -> dict:
     return out
 
 
+def make_case(sh, dtype):
+    """Input, output gradient, moecli's layer and the dense SwiGLU for one shape; seeded, so every
+    process builds the same ones."""
+    torch.manual_seed(0)
+    T, D, F, E, K = sh["T"], sh["D"], sh["F"], sh["E"], sh["K"]
+    x = torch.randn(1, T, D, dtype=dtype, requires_grad=True)
+    g = torch.randn(1, T, D, dtype=dtype)
+    ours = MoELayer(D, MoEConfig(num_experts=E, top_k=K, expert_ffn=F), BalanceConfig()).to(dtype)
+    with torch.no_grad():
+        ours.router.gate.weight.normal_(0, 0.02)
+    dense = SwiGLU(D, K * F).to(dtype)
+    return x, g, ours, dense
+
+
+def time_alone(kind: str, dname: str, sname: str, repeats: int) -> dict:
+    """fwd+bwd median of one implementation ("moecli", "dense" or "hf_<impl>"), the only thing this process
+    runs (--only): no other implementation's allocations shape its heap."""
+    sh, dtype = SHAPES[sname], DTYPES[dname]
+    x, g, ours, dense = make_case(sh, dtype)
+    if kind.startswith("hf_"):
+        module, out_of = hf_block(sh, dtype, kind[3:]), lambda o: o[0] if isinstance(o, tuple) else o
+    else:
+        module, out_of = {"moecli": ours, "dense": dense}[kind], lambda o: o
+    return {"kind": kind, "fwd_bwd_s": timeit(fwd_bwd(module, x, g, out_of)[1], repeats)}
+
+
+# glibc keeps freed memory instead of returning it (no page faults on reuse); see the README
+NO_PAGE_FAULTS_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184"}
+
+
+def isolated(rounds: int, a) -> dict:
+    """Each implementation timed alone in its own fresh process, `rounds` times, the order of the
+    implementations rotated each round; once under the default allocator and once with page faults
+    taken out (NO_PAGE_FAULTS_ENV). Ratios: the other's median over the rounds / moecli's, and per round."""
+    import os
+    import subprocess
+
+    kinds = ["moecli", "dense"]
+    if not a.no_hf:
+        try:
+            import transformers  # noqa: F401
+            kinds += [f"hf_{impl}" for impl in a.hf_impls.split(",")]
+        except ImportError:
+            pass
+    out: dict = {"rounds": rounds, "repeats": a.repeats, "allocators": {}}
+    for alloc, env in (("default", {}), ("no_page_faults", NO_PAGE_FAULTS_ENV)):
+        for dname in a.dtypes.split(","):
+            for sname in a.shapes.split(","):
+                times: dict = {k: [] for k in kinds}
+                for r in range(rounds):
+                    for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+                        cmd = [sys.executable, __file__, "--only", kind, "--dtypes", dname, "--shapes", sname,
+                               "--repeats", str(a.repeats)]
+                        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ | env)
+                        if done.returncode == 0:
+                            times[kind].append(json.loads(done.stdout)["fwd_bwd_s"])
+                        elif not kind.startswith("hf_"):  # an hf implementation may not run here
+                            raise SystemExit(f"{' '.join(cmd)} failed")
+                med = {k: statistics.median(v) for k, v in times.items() if v}
+                res = {"fwd_bwd_s": times, "fwd_bwd_s_median": med,
+                       "fwd_bwd_speed_vs_dense": med["dense"] / med["moecli"],
+                       "fwd_bwd_speed_vs_dense_per_round": [d / m for d, m in zip(times["dense"], times["moecli"])],
+                       "target_vs_dense": TARGETS[sname]}
+                res["meets_dense_target"] = res["fwd_bwd_speed_vs_dense"] >= TARGETS[sname]
+                hf = [k for k in med if k.startswith("hf_")]
+                if hf:
+                    best = min(hf, key=med.get)
+                    res |= {"best_hf": best, "fwd_bwd_speed_vs_best_hf": med[best] / med["moecli"],
+                            "meets_hf_target": med[best] / med["moecli"] >= HF_TARGET}
+                out["allocators"].setdefault(alloc, {}).setdefault(dname, {})[sname] = res
+                print(f"{alloc} {dname} {sname}: " + json.dumps({k: v for k, v in res.items() if "speed" in k}),
+                      file=sys.stderr)
+    return out
+
+
 def hf_block(sh, dtype, impl):
     import transformers
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -256,7 +335,17 @@ def main() -> None:
                     help="run the whole benchmark this many times, each in a fresh process, and report the median, "
                          "min and max of every ratio (the dense baseline's speed depends on the process's heap "
                          "state: see the README)")
+    ap.add_argument("--isolated", type=int, default=0, metavar="ROUNDS",
+                    help="instead: time each implementation alone in its own fresh process, ROUNDS times, under "
+                         "the default allocator and without page faults (fwd+bwd ratios of medians only)")
+    ap.add_argument("--only", help=argparse.SUPPRESS)  # one implementation, one dtype and shape (--isolated's runs)
     a = ap.parse_args()
+    if a.only:
+        print(json.dumps(time_alone(a.only, a.dtypes, a.shapes, a.repeats)))
+        return
+    if a.isolated:
+        print(json.dumps(isolated(a.isolated, a), indent=2))
+        return
     if a.runs > 1:
         print(json.dumps(over_runs(a.runs), indent=2))
         return
@@ -273,14 +362,8 @@ def main() -> None:
         report["results"].setdefault(dname, {"mm_peak_gflops": peak})
         for sname in a.shapes.split(","):
             sh = SHAPES[sname]
-            T, D, F, E, K = sh["T"], sh["D"], sh["F"], sh["E"], sh["K"]
-            flops = 2 * T * K * 3 * D * F  # active forward FLOPs of the experts
-            x = torch.randn(1, T, D, dtype=dtype, requires_grad=True)
-            g = torch.randn(1, T, D, dtype=dtype)
-            ours = MoELayer(D, MoEConfig(num_experts=E, top_k=K, expert_ffn=F), BalanceConfig()).to(dtype)
-            with torch.no_grad():
-                ours.router.gate.weight.normal_(0, 0.02)
-            dense = SwiGLU(D, K * F).to(dtype)
+            flops = 2 * sh["T"] * sh["K"] * 3 * sh["D"] * sh["F"]  # active forward FLOPs of the experts
+            x, g, ours, dense = make_case(sh, dtype)
             rows, fns = {}, {}
             variants = [("moecli", ours, lambda o: o), ("dense", dense, lambda o: o)]
             if hasattr(torch, "_grouped_mm"):
