@@ -206,7 +206,7 @@ def time_alone(kind: str, dname: str, sname: str, repeats: int) -> dict:
     sh, dtype = SHAPES[sname], DTYPES[dname]
     x, g, ours, dense = make_case(sh, dtype)
     if kind.startswith("hf_"):
-        module, out_of = hf_block(sh, dtype, kind[3:]), lambda o: o[0] if isinstance(o, tuple) else o
+        module, out_of = hf_block(sh, dtype, kind[3:]), hf_output
     else:
         module, out_of = {"moecli": ours, "dense": dense}[kind], lambda o: o
     return {"kind": kind, "fwd_bwd_s": timeit(fwd_bwd(module, x, g, out_of)[1], repeats)}
@@ -259,6 +259,11 @@ def isolated(rounds: int, a) -> dict:
                 print(f"{alloc} {dname} {sname}: " + json.dumps({k: v for k, v in res.items() if "speed" in k}),
                       file=sys.stderr)
     return out
+
+
+def hf_output(o):
+    """The hidden states from transformers' block output (a tuple with the router logits, or the tensor)."""
+    return o[0] if isinstance(o, tuple) else o
 
 
 def hf_block(sh, dtype, impl):
@@ -387,7 +392,7 @@ def main() -> None:
                 for impl in a.hf_impls.split(","):
                     try:
                         blk = hf_block(sh, dtype, impl)
-                        f, b = fwd_bwd(blk, x, g, lambda o: o[0] if isinstance(o, tuple) else o)
+                        f, b = fwd_bwd(blk, x, g, hf_output)
                         f()
                         fns[f"hf_{impl}"] = (f, b)
                         rows[f"hf_{impl}"] = {"fwd_s": timeit(f, a.repeats), "fwd_bwd_s": timeit(b, a.repeats)}
