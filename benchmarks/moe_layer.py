@@ -223,13 +223,7 @@ def isolated(rounds: int, a) -> dict:
     import os
     import subprocess
 
-    kinds = ["moecli", "dense"]
-    if not a.no_hf:
-        try:
-            import transformers  # noqa: F401
-            kinds += [f"hf_{impl}" for impl in a.hf_impls.split(",")]
-        except ImportError:
-            pass
+    kinds = ["moecli", "dense"] + ([f"hf_{impl}" for impl in a.hf_impls.split(",")] if use_hf(a) else [])
     out: dict = {"rounds": rounds, "repeats": a.repeats, "allocators": {}}
     for alloc, env in (("default", {}), ("no_page_faults", NO_PAGE_FAULTS_ENV)):
         for dname in a.dtypes.split(","):
@@ -259,6 +253,17 @@ def isolated(rounds: int, a) -> dict:
                 print(f"{alloc} {dname} {sname}: " + json.dumps({k: v for k, v in res.items() if "speed" in k}),
                       file=sys.stderr)
     return out
+
+
+def use_hf(a) -> bool:
+    """Time transformers' block: installed, and not turned off with --no-hf."""
+    if a.no_hf:
+        return False
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def hf_output(o):
@@ -355,11 +360,7 @@ def main() -> None:
         print(json.dumps(over_runs(a.runs), indent=2))
         return
     torch.manual_seed(0)
-    try:
-        import transformers  # noqa: F401
-        have_hf = not a.no_hf
-    except ImportError:
-        have_hf = False
+    have_hf = use_hf(a)
     report = {"threads": torch.get_num_threads(), "torch": torch.__version__, "results": {}}
     for dname in a.dtypes.split(","):
         dtype = DTYPES[dname]
