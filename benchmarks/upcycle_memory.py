@@ -34,7 +34,8 @@ for k, v in sd.items():
         w = k.split(".")[3]
         name = {"w1": "w1_EDF", "w3": "w3_EDF", "w2": "w2_EFD"}[w]
         out[f"layers.{i}.moe.experts.{name}"] = v.t().unsqueeze(0).repeat(E, 1, 1).contiguous()
-        out.setdefault(f"layers.{i}.moe.router.gate.weight", torch.randn(E, v.shape[1] if w != "w2" else v.shape[0]) * 0.02)
+        d_model = v.shape[1] if w != "w2" else v.shape[0]
+        out.setdefault(f"layers.{i}.moe.router.gate.weight", torch.randn(E, d_model) * 0.02)
     else:
         out[k] = v
 save_file(out, dst + "/model.safetensors")

@@ -4,9 +4,9 @@ Shape legend: N routed token-copies (sorted by expert), D model dim, F hidden di
 n one expert's token-copies.
 
 The grouped experts have two CPU paths with the same results: a plain loop over experts
-(autograd does the backward), and for big enough 16-bit compute (bf16/fp16 weights, or a
-16-bit CPU autocast) on more than one intra-op thread, experts split over worker threads
-that each run on one core, forward and backward (``_ThreadedSwiGLU``). See ``use_threads``.
+(autograd does the backward), and for big enough layers on more than one intra-op thread
+(16-bit compute, or fp32 when a backward follows), experts split over worker threads that
+each run on one core, forward and backward (``_ThreadedSwiGLU``). See ``use_threads``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from .errors import UserError
 # benchmarks). The environment variable MOECLI_EXPERT_THREADS=auto|on|off sets it for a run.
 THREADED: bool | None = None
 _ENV_CHOICES = {"auto": None, "on": True, "1": True, "off": False, "0": False}
-# THREADED = None takes the threaded path for 16-bit compute with at least this much work (multiply-adds
-# of one of the three products: rows x D x F). Paired fwd+bwd timings on 2 cores (README, "Expert threads"):
-# bf16 1.08-2.0x the loop from 2^30 up; 0.99x at 2^28 (d=128); fp32 0.92-1.09x, so fp32 stays on the loop.
+# THREADED = None takes the threaded path with at least this much work (multiply-adds of one of the
+# three products: rows x D x F). The layer on 2 cores (benchmarks/expert_paths.py, README "Which expert
+# path"), threaded speed over the loop's from 2^30 up: bf16 fwd+bwd 1.08-1.35x; fp32 fwd+bwd 0.99-1.13x
+# (the most with many experts) but forward alone 0.92-1.04x, so fp32 takes it only when a backward follows.
+# At 2^28 both dtypes' forwards are 0.71-0.96x.
 MIN_THREADED_WORK = 2**30
 
 
@@ -99,9 +101,9 @@ def use_threads(x_ND: torch.Tensor, w1_EDF: torch.Tensor) -> torch.dtype | None:
     """The dtype to run the threaded path in, or None for the loop.
 
     Needs CPU tensors and more than one intra-op thread. Chosen by itself (THREADED = None,
-    MOECLI_EXPERT_THREADS unset or auto) for bf16/fp16 compute with at least MIN_THREADED_WORK;
-    forced on, it also runs fp32 (the same results, about the loop's speed). Under a CPU autocast
-    the compute dtype is autocast's.
+    MOECLI_EXPERT_THREADS unset or auto) from MIN_THREADED_WORK up: for bf16/fp16 compute always,
+    for fp32 only when autograd will run a backward (forward alone is about the loop's speed);
+    forced on, it runs any of them. Under a CPU autocast the compute dtype is autocast's.
     """
     mode = THREADED if THREADED is not None else threads_from_env()
     if x_ND.device.type != "cpu" or torch.get_num_threads() < 2 or mode is False:
@@ -111,7 +113,9 @@ def use_threads(x_ND: torch.Tensor, w1_EDF: torch.Tensor) -> torch.dtype | None:
         return None
     if mode is None:
         _, D, F = w1_EDF.shape
-        if dtype == torch.float32 or x_ND.shape[0] * D * F < MIN_THREADED_WORK:
+        if x_ND.shape[0] * D * F < MIN_THREADED_WORK:
+            return None
+        if dtype == torch.float32 and not (torch.is_grad_enabled() and (x_ND.requires_grad or w1_EDF.requires_grad)):
             return None
     return dtype
 
