@@ -7,7 +7,8 @@ For each shape and dtype, moecli's MoE layer is timed with the threaded path for
 alone (no grad), alternating the two paths round by round in one process. Printed: loop time /
 threaded time per round (> 1: the threaded path is faster) and their median, with the shape's work
 (rows x D x F of one expert product, summed over experts), which experts.use_threads compares with
-MIN_THREADED_WORK, and the path that auto mode takes for each. The shapes straddle that threshold.
+MIN_THREADED_WORK (and, in fp32, with FP32_MIN_THREADED_WORK, besides the number of experts), and the
+path that auto mode takes for each. The shapes straddle those thresholds.
 --no-page-faults re-runs this script with glibc told to keep freed memory (moe_layer.NO_PAGE_FAULTS_ENV).
 """
 
@@ -87,7 +88,8 @@ def main() -> None:
     if torch.get_num_threads() < 2:
         raise SystemExit("the threaded path needs at least 2 intra-op threads (torch.get_num_threads())")
     report = {"threads": torch.get_num_threads(), "torch": torch.__version__, "no_page_faults": a.no_page_faults,
-              "min_threaded_work": X.MIN_THREADED_WORK, "results": {}}
+              "min_threaded_work": X.MIN_THREADED_WORK, "fp32_min_threaded_work": X.FP32_MIN_THREADED_WORK,
+              "fp32_min_experts": X.FP32_MIN_EXPERTS, "results": {}}
     for dname in a.dtypes.split(","):
         for shape in SHAPES:
             res = compare(*shape, DTYPES[dname], a.repeats, a.rounds)

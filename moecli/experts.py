@@ -5,7 +5,7 @@ n one expert's token-copies.
 
 The grouped experts have two CPU paths with the same results: a plain loop over experts
 (autograd does the backward), and for big enough layers on more than one intra-op thread
-(16-bit compute, or fp32 when a backward follows), experts split over worker threads that
+(16-bit compute, or fp32 training with many experts), experts split over worker threads that
 each run on one core, forward and backward (``_ThreadedSwiGLU``). See ``use_threads``.
 """
 
@@ -24,12 +24,16 @@ from .errors import UserError
 # benchmarks). The environment variable MOECLI_EXPERT_THREADS=auto|on|off sets it for a run.
 THREADED: bool | None = None
 _ENV_CHOICES = {"auto": None, "on": True, "1": True, "off": False, "0": False}
-# THREADED = None takes the threaded path with at least this much work (multiply-adds of one of the
-# three products: rows x D x F). The layer on 2 cores (benchmarks/expert_paths.py, README "Which expert
-# path"), threaded speed over the loop's from 2^30 up: bf16 fwd+bwd 1.08-1.35x; fp32 fwd+bwd 0.99-1.13x
-# (the most with many experts) but forward alone 0.92-1.04x, so fp32 takes it only when a backward follows.
-# At 2^28 both dtypes' forwards are 0.71-0.96x.
+# THREADED = None takes the threaded path for 16-bit compute with at least this much work (multiply-adds of
+# one of the three products: rows x D x F). The layer on 2 cores (benchmarks/expert_paths.py, README "Which
+# expert path"), threaded speed over the loop's: bf16 fwd+bwd 1.08-1.35x from 2^30 up; forwards at 2^28
+# 0.71-0.74x.
 MIN_THREADED_WORK = 2**30
+# fp32 products already use both cores, and the threaded path gains only in training with many experts:
+# layer fwd+bwd 1.06-1.13x at 32-64 experts from 2^32 up, 0.99-1.05x at 8-16; forward alone 0.92-1.04x;
+# `moe train` steps 1.05-1.19x at 64 experts (2^32) but 0.95x at 8 (d=512, 2^31) and 0.98x at 32 (2^31).
+FP32_MIN_EXPERTS = 32
+FP32_MIN_THREADED_WORK = 2**32
 
 
 class SwiGLU(nn.Module):
@@ -101,9 +105,10 @@ def use_threads(x_ND: torch.Tensor, w1_EDF: torch.Tensor) -> torch.dtype | None:
     """The dtype to run the threaded path in, or None for the loop.
 
     Needs CPU tensors and more than one intra-op thread. Chosen by itself (THREADED = None,
-    MOECLI_EXPERT_THREADS unset or auto) from MIN_THREADED_WORK up: for bf16/fp16 compute always,
-    for fp32 only when autograd will run a backward (forward alone is about the loop's speed);
-    forced on, it runs any of them. Under a CPU autocast the compute dtype is autocast's.
+    MOECLI_EXPERT_THREADS unset or auto) for bf16/fp16 compute from MIN_THREADED_WORK up, and for
+    fp32 only when autograd will run a backward, with FP32_MIN_EXPERTS experts or more and from
+    FP32_MIN_THREADED_WORK up (elsewhere fp32 runs about as fast or faster on the loop); forced on,
+    it runs any of them. Under a CPU autocast the compute dtype is autocast's.
     """
     mode = THREADED if THREADED is not None else threads_from_env()
     if x_ND.device.type != "cpu" or torch.get_num_threads() < 2 or mode is False:
@@ -112,10 +117,13 @@ def use_threads(x_ND: torch.Tensor, w1_EDF: torch.Tensor) -> torch.dtype | None:
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return None
     if mode is None:
-        _, D, F = w1_EDF.shape
-        if x_ND.shape[0] * D * F < MIN_THREADED_WORK:
-            return None
-        if dtype == torch.float32 and not (torch.is_grad_enabled() and (x_ND.requires_grad or w1_EDF.requires_grad)):
+        E, D, F = w1_EDF.shape
+        work = x_ND.shape[0] * D * F
+        if dtype == torch.float32:
+            backward = torch.is_grad_enabled() and (x_ND.requires_grad or w1_EDF.requires_grad)
+            if not backward or E < FP32_MIN_EXPERTS or work < FP32_MIN_THREADED_WORK:
+                return None
+        elif work < MIN_THREADED_WORK:
             return None
     return dtype
 

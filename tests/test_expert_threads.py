@@ -159,19 +159,21 @@ def test_choice_of_path(two_threads, monkeypatch):
     assert X.use_threads(torch.empty(8191, 256, dtype=torch.bfloat16), ex16.w1_EDF) is None  # just under
     assert X.use_threads(torch.empty(4, 256, dtype=torch.bfloat16), ex16.w1_EDF) is None  # decoding
     ex32 = X.GroupedExperts(8, 256, 512)
-    assert X.use_threads(torch.empty(8192, 256), ex32.w1_EDF) == torch.float32  # fp32 with a backward to run
+    assert X.use_threads(torch.empty(2**15, 256), ex32.w1_EDF) is None  # fp32, 8 experts: the loop
+    ex32m = X.GroupedExperts(32, 256, 512)
+    assert X.use_threads(torch.empty(2**15, 256), ex32m.w1_EDF) == torch.float32  # 32 experts, 2^32, a backward
+    assert X.use_threads(torch.empty(2**15 - 1, 256), ex32m.w1_EDF) is None  # just under 2^32
     with torch.no_grad():
-        assert X.use_threads(torch.empty(8192, 256), ex32.w1_EDF) is None  # fp32 forward alone: the loop
-    frozen = X.GroupedExperts(8, 256, 512).requires_grad_(False)
-    assert X.use_threads(torch.empty(8192, 256), frozen.w1_EDF) is None  # nothing needs a gradient
-    assert X.use_threads(torch.empty(8192, 256, requires_grad=True), frozen.w1_EDF) == torch.float32
-    assert X.use_threads(torch.empty(8191, 256), ex32.w1_EDF) is None  # fp32 just under 2^30
-    x32, counts = torch.randn(8192, 256), torch.full((8,), 1024)
-    ex32(x32, counts).sum().backward()  # the experts' forward takes the path use_threads names
-    assert ex32.last_path == "threaded" and ex32.w1_EDF.grad is not None
+        assert X.use_threads(torch.empty(2**15, 256), ex32m.w1_EDF) is None  # fp32 forward alone: the loop
+    frozen = X.GroupedExperts(32, 256, 512).requires_grad_(False)
+    assert X.use_threads(torch.empty(2**15, 256), frozen.w1_EDF) is None  # nothing needs a gradient
+    assert X.use_threads(torch.empty(2**15, 256, requires_grad=True), frozen.w1_EDF) == torch.float32
+    x32, counts = torch.randn(2**15, 256), torch.full((32,), 2**10)
+    ex32m(x32, counts).sum().backward()  # the experts' forward takes the path use_threads names
+    assert ex32m.last_path == "threaded" and ex32m.w1_EDF.grad is not None
     with torch.no_grad():
-        ex32(x32, counts)
-    assert ex32.last_path == "loop"
+        ex32m(x32, counts)
+    assert ex32m.last_path == "loop"
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert X.use_threads(torch.empty(8192, 256), ex32.w1_EDF) == torch.bfloat16
     monkeypatch.setenv("MOECLI_EXPERT_THREADS", "on")
