@@ -5,8 +5,9 @@ import os
 # Same seed, same numbers: MKL (torch's fp32 BLAS here) may pick its thread count per call at run time
 # (MKL_DYNAMIC) and round differently with buffer alignment; either changes a product's last bits. Measured
 # with `MOECLI_EXPERT_THREADS=off moe train mixtral --set model.d_model=512 --set moe.expert_ffn=1024
-# --max-steps 30`: left alone, 2 different final losses in 5 runs (apart from step 1's grad norm on);
-# with only MKL_CBWR=AUTO,STRICT, 2 in 8; with both settings below, 8 of 8 equal, at the same tokens/s.
+# --max-steps 30`: left alone, 2 different final losses in 5 runs (differing from step 1's grad norm on);
+# with only MKL_CBWR=AUTO,STRICT, 1 run of 8 differed; with both settings below, 8 of 8 were equal, at the
+# same tokens/s.
 # They must be set before torch loads MKL, so here; values the user set are kept.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")

@@ -274,10 +274,6 @@ def test_grad_accum_must_divide_the_batch(tmp_path, corpus, tiny_recipe, cli):
 def test_import_sets_mkl_reproducibility_keeping_the_users_values():
     """moecli asks MKL for a fixed thread count and alignment-independent rounding (moecli/__init__.py),
     before torch loads it; values the user set are kept."""
-    import os
-    import subprocess
-    import sys
-
     code = "import moecli, os; print(os.environ['MKL_DYNAMIC'], os.environ['MKL_CBWR'])"
     env = {k: v for k, v in os.environ.items() if k not in ("MKL_DYNAMIC", "MKL_CBWR")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
