@@ -27,10 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from moe_layer import DTYPES, NO_PAGE_FAULTS_ENV, fwd_bwd, timeit  # noqa: E402
+from moe_layer import DTYPES, NO_PAGE_FAULTS_ENV, fwd_bwd, make_case, timeit  # noqa: E402
 
 from moecli import experts as X  # noqa: E402
-from moecli.config import BalanceConfig, MoEConfig  # noqa: E402
 from moecli.moe import MoELayer  # noqa: E402
 
 # (tokens, d_model, expert FFN, experts, top-k): moe_layer.py's two shapes, then others around them
@@ -51,12 +50,7 @@ def auto_path(layer: MoELayer, x: torch.Tensor, grad: bool) -> str:
 
 
 def compare(T: int, D: int, F: int, E: int, K: int, dtype: torch.dtype, repeats: int, rounds: int) -> dict:
-    torch.manual_seed(0)
-    x = torch.randn(1, T, D, dtype=dtype, requires_grad=True)
-    g = torch.randn(1, T, D, dtype=dtype)
-    layer = MoELayer(D, MoEConfig(num_experts=E, top_k=K, expert_ffn=F), BalanceConfig()).to(dtype)
-    with torch.no_grad():
-        layer.router.gate.weight.normal_(0, 0.02)
+    x, g, layer, _ = make_case(dict(T=T, D=D, F=F, E=E, K=K), dtype)
     fwd, both = fwd_bwd(layer, x, g)
     out = {"shape": dict(T=T, D=D, F=F, E=E, K=K), "work": T * K * D * F,
            "auto_path_fwd_bwd": auto_path(layer, x, True), "auto_path_fwd": auto_path(layer, x, False)}
