@@ -17,6 +17,9 @@ moecli's (a path moecli does not take: slower here); and, where moecli takes its
 threaded expert path (moecli/experts.py: use_threads), the same layer held to the
 per-expert loop. Hugging Face's block (transformers' Mixtral, every experts
 implementation that runs here) is timed when transformers is installed.
+--fresh-inputs gives every call a different input (so the routing and each expert's row count change,
+as in training) instead of one fixed input; in bf16 that is where kernels for new product shapes get
+built (moecli pads its expert rows to a few sizes: experts.PAD_ROWS).
 --breakdown adds fwd+bwd times of the experts alone and of the routing alone (see breakdown()).
 --runs N repeats everything in N fresh processes and reports each ratio's median, min and max:
 the dense baseline's speed depends on the process's heap state (page faults), so one process's
@@ -32,6 +35,7 @@ Targets on 2 CPU cores: fwd+bwd >= 0.9x dense (small), >= 0.75x dense (many),
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -84,17 +88,31 @@ def mm_peak(dtype, repeats: int) -> float:
     return 2 * 2048**3 / timeit(lambda: torch.mm(a, b), repeats) / 1e9
 
 
-def fwd_bwd(module, x, g, out_of=lambda o: o):
+def fwd_bwd(module, x, g, out_of=lambda o: o, pool=None):
+    """The forward (no grad) and fwd+bwd calls timed; with a pool of inputs (--fresh-inputs), each call
+    takes the next one, so the routing and every expert's row count change from call to call."""
+    nxt = itertools.cycle(pool).__next__ if pool else (lambda: x)
+
     def fwd():
         with torch.no_grad():
-            module(x)
+            module(nxt())
 
     def both():
-        x.grad = None
+        xi = nxt()
+        xi.grad = None
         module.zero_grad(set_to_none=True)
-        out_of(module(x)).backward(g)
+        out_of(module(xi)).backward(g)
 
     return fwd, both
+
+
+FRESH_POOL = 64  # inputs per shape with --fresh-inputs: more than any implementation's calls here
+
+
+def input_pool(x, size: int) -> list:
+    """size seeded inputs shaped like x (--fresh-inputs)."""
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(x.shape, generator=gen).to(x.dtype).requires_grad_() for _ in range(size)]
 
 
 class _ContiguousGrad(torch.autograd.Function):
@@ -348,6 +366,10 @@ def main() -> None:
     ap.add_argument("--isolated", type=int, default=0, metavar="ROUNDS",
                     help="instead: time each implementation alone in its own fresh process, ROUNDS times, under "
                          "the default allocator and without page faults (fwd+bwd ratios of medians only)")
+    ap.add_argument("--fresh-inputs", action="store_true",
+                    help="a different input on every call (new routing, new row counts per expert, as in "
+                         "training) instead of one fixed input; in bf16 this is where oneDNN builds kernels for "
+                         "new product shapes (README, 'bf16 training')")
     ap.add_argument("--only", help=argparse.SUPPRESS)  # one implementation, one dtype and shape (--isolated's runs)
     a = ap.parse_args()
     if a.only:
@@ -361,7 +383,8 @@ def main() -> None:
         return
     torch.manual_seed(0)
     have_hf = use_hf(a)
-    report = {"threads": torch.get_num_threads(), "torch": torch.__version__, "results": {}}
+    report = {"threads": torch.get_num_threads(), "torch": torch.__version__, "fresh_inputs": a.fresh_inputs,
+              "results": {}}
     for dname in a.dtypes.split(","):
         dtype = DTYPES[dname]
         peak = mm_peak(dtype, a.repeats)
@@ -370,6 +393,7 @@ def main() -> None:
             sh = SHAPES[sname]
             flops = 2 * sh["T"] * sh["K"] * 3 * sh["D"] * sh["F"]  # active forward FLOPs of the experts
             x, g, ours, dense = make_case(sh, dtype)
+            pool = input_pool(x, FRESH_POOL) if a.fresh_inputs else None
             rows, fns = {}, {}
             variants = [("moecli", ours, lambda o: o), ("dense", dense, lambda o: o)]
             if hasattr(torch, "_grouped_mm"):
@@ -385,14 +409,14 @@ def main() -> None:
                 torch.testing.assert_close(lv(x).detach(), ours(x).detach())
                 variants.append(("moecli_loop", lv, lambda o: o))
             for name, mod, out_of in variants:
-                f, b = fwd_bwd(mod, x, g, out_of)
+                f, b = fwd_bwd(mod, x, g, out_of, pool)
                 fns[name] = (f, b)
                 rows[name] = {"fwd_s": timeit(f, a.repeats), "fwd_bwd_s": timeit(b, a.repeats)}
             if have_hf:
                 for impl in a.hf_impls.split(","):
                     try:
                         blk = hf_block(sh, dtype, impl)
-                        f, b = fwd_bwd(blk, x, g, hf_output)
+                        f, b = fwd_bwd(blk, x, g, hf_output, pool)
                         f()
                         fns[f"hf_{impl}"] = (f, b)
                         rows[f"hf_{impl}"] = {"fwd_s": timeit(f, a.repeats), "fwd_bwd_s": timeit(b, a.repeats)}

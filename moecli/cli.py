@@ -95,6 +95,8 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="train.seed"),
     eval_interval: Optional[int] = typer.Option(None, "--eval-interval", help="train.eval_interval"),
     ckpt_interval: Optional[int] = typer.Option(None, "--ckpt-interval", help="train.ckpt_interval"),
+    precision: Optional[str] = typer.Option(None, "--precision", help="train.precision: fp32 | bf16-mixed "
+                                            "(bf16 products, fp32 weights and optimizer)"),
     set_: Optional[List[str]] = SET_OPT,
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="A Hugging Face tokenizer.json (default: bytes)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its checkpoint."),
@@ -116,7 +118,7 @@ def train(
         ov = _overrides(set_, **{"train.max_steps": max_steps, "train.batch_size": batch_size,
                                  "train.grad_accum": grad_accum, "train.seq_len": seq_len,
                                  "train.lr": lr, "train.seed": seed, "train.eval_interval": eval_interval,
-                                 "train.ckpt_interval": ckpt_interval})
+                                 "train.ckpt_interval": ckpt_interval, "train.precision": precision})
         files = list(data or [])
         if init and recipe is not None:  # no recipe with --init: the first argument is DATA too
             files.insert(0, recipe)

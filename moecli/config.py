@@ -22,6 +22,7 @@ import yaml
 from .errors import UserError
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+PRECISIONS = ("fp32", "bf16-mixed")  # train.precision
 
 
 @dataclass
@@ -147,6 +148,9 @@ class TrainConfig:
     eval_batches: int = 8
     ckpt_interval: int = 100  # steps between checkpoints (and a final one)
     val_fraction: float = 0.05  # tail of the token stream held out for validation
+    # fp32 | bf16-mixed: forward (and so backward) products in bf16 under autocast, on the CPU's bf16
+    # units; weights, gradients, optimizer, router and loss stay fp32 (README "bf16 training")
+    precision: str = "fp32"
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_interval", "eval_batches",
@@ -162,6 +166,8 @@ class TrainConfig:
         _check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
         _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
         _check(0 < self.val_fraction < 0.5, "val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+        _check(self.precision in PRECISIONS, "precision",
+               f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass

@@ -13,11 +13,14 @@ from .checkpoint import load_with_tokenizer
 from .data import encode_to_file, eval_windows, expand_data_args, open_tokens
 from .distributed import all_sum_, current
 from .errors import UserError, check_at_least
+from .model import autocast
 
 
 @torch.no_grad()
-def evaluate_loss(model, tokens: torch.Tensor, seq_len: int, starts: list[int], batch_size: int) -> tuple[float, int]:
+def evaluate_loss(model, tokens: torch.Tensor, seq_len: int, starts: list[int], batch_size: int,
+                  precision: str = "fp32") -> tuple[float, int]:
     """Mean next-token cross-entropy over windows tokens[s : s+seq_len+1]; returns (loss, tokens scored).
+    The forward runs under ``precision``'s autocast (training's validation passes use train.precision).
 
     Under torch.distributed every rank scores an interleaved share of each batch and the sums are
     all-reduced (the result is the single-process one). Every rank runs the same number of forwards,
@@ -31,7 +34,8 @@ def evaluate_loss(model, tokens: torch.Tensor, seq_len: int, starts: list[int], 
         mine = starts[i: i + batch_size][info.rank::info.world]
         weight = 1.0 if mine else 0.0
         xy = torch.stack([tokens[s: s + seq_len + 1].long() for s in (mine or starts[i: i + 1])])
-        logits = model(xy[:, :-1]).logits_BSV
+        with autocast(model, precision):
+            logits = model(xy[:, :-1]).logits_BSV
         total += weight * float(F.cross_entropy(logits.flatten(0, 1).float(), xy[:, 1:].flatten(), reduction="sum"))
         count += int(weight) * xy[:, 1:].numel()
     model.train(was_training)

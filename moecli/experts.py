@@ -34,6 +34,12 @@ MIN_THREADED_WORK = 2**30
 # `moe train` steps 1.05-1.19x at 64 experts (2^32) but 0.95x at 8 (d=512, 2^31) and 0.98x at 32 (2^31).
 FP32_MIN_EXPERTS = 32
 FP32_MIN_THREADED_WORK = 2**32
+# 16-bit products on the CPU run on oneDNN, which builds (JIT-compiles) a kernel for each new product
+# shape and caches it: for a 1024 x 512 x 1024 bf16 product that takes 0.4 ms, a row count it has not
+# seen before costs about 3 ms. An expert's row count changes every training step, so both paths round
+# each expert's rows up to a few sizes (padded_rows; the added rows are zeros and add nothing to any
+# result) and later steps reuse the kernels. None: pad for 16-bit compute on the CPU; True/False: force.
+PAD_ROWS: bool | None = None
 
 
 class SwiGLU(nn.Module):
@@ -70,22 +76,26 @@ class GroupedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, w_N: torch.Tensor | None = None) -> torch.Tensor:
         """y_ND for x_ND sorted by expert; with w_N (one combine weight per row), y_ND * w_N."""
         counts = counts_E.tolist()
+        pad = pad_rows(x_ND, self.w1_EDF)
         dtype = use_threads(x_ND, self.w1_EDF)
         self.last_path = "loop" if dtype is None else "threaded"
         if dtype is not None:
             ws = [w.to(dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD)]  # no-ops unless autocast
             w_N1 = None if w_N is None else w_N.to(dtype).unsqueeze(-1)
             with torch.autocast("cpu", enabled=False):
-                return _ThreadedSwiGLU.apply(x_ND, *ws, w_N1, counts)
+                return _ThreadedSwiGLU.apply(x_ND, *ws, w_N1, counts, pad)
         # unbind once (not w[e] per expert): its backward stacks the per-expert
         # gradients in one go instead of writing a full zero gradient per expert.
         w1s, w3s, w2s = self.w1_EDF.unbind(0), self.w3_EDF.unbind(0), self.w2_EFD.unbind(0)
         outs = []
         for e, x_nD in enumerate(x_ND.split(counts)):
-            if counts[e] == 0:
+            n = counts[e]
+            if n == 0:
                 continue
-            h_nF = F.silu(x_nD @ w1s[e]) * (x_nD @ w3s[e])
-            outs.append(h_nF @ w2s[e])
+            m = padded_rows(n) if pad else n  # m >= n rows: x's extra rows are zeros, y's are dropped
+            x_mD = F.pad(x_nD, (0, 0, 0, m - n)) if m > n else x_nD
+            h_mF = F.silu(x_mD @ w1s[e]) * (x_mD @ w3s[e])
+            outs.append((h_mF @ w2s[e])[:n])
         y_ND = torch.cat(outs, dim=0) if outs else x_ND.new_zeros(0, self.d_model)
         # in y's dtype, which is bf16 under autocast (the residual add promotes it back)
         return y_ND if w_N is None else y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
@@ -101,6 +111,27 @@ def threads_from_env() -> bool | None:
     return _ENV_CHOICES[env.strip().lower()]
 
 
+def compute_dtype(w1_EDF: torch.Tensor) -> torch.dtype:
+    """The experts' products' dtype: the CPU autocast's when one is on, else the weights'."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else w1_EDF.dtype
+
+
+def padded_rows(n: int) -> int:
+    """n rounded up to a multiple of max(16, 2^(bit_length(n) - 5)): 16 sizes per doubling of n from
+    256 up, at most 1/16 extra rows there (1000 -> 1024, 1025 -> 1088); 1..16 -> 16, 17..32 -> 32."""
+    if n <= 0:
+        return 0
+    step = max(16, 1 << max(0, n.bit_length() - 5))
+    return -(-n // step) * step
+
+
+def pad_rows(x_ND: torch.Tensor, w1_EDF: torch.Tensor) -> bool:
+    """Whether the experts round their row counts up (PAD_ROWS): by default for bf16/fp16 compute on the CPU."""
+    if PAD_ROWS is not None:
+        return PAD_ROWS
+    return x_ND.device.type == "cpu" and compute_dtype(w1_EDF) in (torch.bfloat16, torch.float16)
+
+
 def use_threads(x_ND: torch.Tensor, w1_EDF: torch.Tensor) -> torch.dtype | None:
     """The dtype to run the threaded path in, or None for the loop.
 
@@ -113,7 +144,7 @@ def use_threads(x_ND: torch.Tensor, w1_EDF: torch.Tensor) -> torch.dtype | None:
     mode = THREADED if THREADED is not None else threads_from_env()
     if x_ND.device.type != "cpu" or torch.get_num_threads() < 2 or mode is False:
         return None
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else w1_EDF.dtype
+    dtype = compute_dtype(w1_EDF)
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return None
     if mode is None:
@@ -131,7 +162,7 @@ def use_threads(x_ND: torch.Tensor, w1_EDF: torch.Tensor) -> torch.dtype | None:
 class _ThreadedSwiGLU(torch.autograd.Function):
     """Grouped SwiGLU experts, each expert computed by one worker thread on one core.
 
-    forward(x_ND, w1_EDF, w3_EDF, w2_EFD, w_N1 or None, counts) -> y_ND (times w_N1 when given),
+    forward(x_ND, w1_EDF, w3_EDF, w2_EFD, w_N1 or None, counts, pad) -> y_ND (times w_N1 when given),
     rows sorted by expert as in GroupedExperts, computed in the weights' dtype (x_ND is cast
     per expert, and its gradient summed in x's dtype, as autocast's casts in the loop do).
     Experts are split over workers by token count (cpu_threads.split_by_load); every output row
@@ -143,6 +174,8 @@ class _ThreadedSwiGLU(torch.autograd.Function):
     bits (as accurate: tested against fp64). Against the loop on more threads any result can
     differ in the last bits, as torch's own products do between thread counts for some shapes
     (e.g. 241 x 1024 @ 1024 x 512, fp32 and bf16 alike).
+    With pad (PAD_ROWS), each expert computes on padded_rows(n) rows, zeros past its n, as the
+    loop does, so both run products of the same shapes.
     Applying the combine weights here keeps those N x D products on the workers, in cache,
     instead of whole-tensor passes on the caller.
     For the backward it keeps a = x w1, b = x w3 and the unweighted output per expert, and
@@ -151,32 +184,38 @@ class _ThreadedSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_ND, w1_EDF, w3_EDF, w2_EFD, w_N1, counts):
+    def forward(ctx, x_ND, w1_EDF, w3_EDF, w2_EFD, w_N1, counts, pad=False):
         N, D = x_ND.shape
         x_ND = x_ND.contiguous()
-        cast = x_ND.dtype != w1_EDF.dtype
+        dtype = w1_EDF.dtype
         starts = [0]
         for c in counts:
             starts.append(starts[-1] + c)
+        rows = [padded_rows(c) if pad else c for c in counts]  # m >= n rows per expert (PAD_ROWS)
         y_ND = w1_EDF.new_empty(N, D)
         keep = any(ctx.needs_input_grad)  # inference keeps nothing
-        saved: list = [None] * len(counts)  # per expert (x cast, a, b, unweighted y); a, b: n x F
+        saved: list = [None] * len(counts)  # per expert (x cast or padded, a, b, unweighted y); a, b: m x F
 
         def job(experts):
             def run():
                 for e in experts:
-                    s, t = starts[e], starts[e + 1]
-                    x_nD = x_ND[s:t].to(w1_EDF.dtype)
-                    a_nF, b_nF = x_nD @ w1_EDF[e], x_nD @ w3_EDF[e]
-                    h_nF = F.silu(a_nF) * b_nF
-                    if w_N1 is None:
+                    s, t, m = starts[e], starts[e + 1], rows[e]
+                    n = t - s
+                    x_mD = _rows(x_ND[s:t], m, dtype)
+                    a_mF, b_mF = x_mD @ w1_EDF[e], x_mD @ w3_EDF[e]
+                    h_mF = F.silu(a_mF) * b_mF
+                    if w_N1 is None and m == n:
                         y_nD = None
-                        torch.mm(h_nF, w2_EFD[e], out=y_ND[s:t])
+                        torch.mm(h_mF, w2_EFD[e], out=y_ND[s:t])
                     else:
-                        y_nD = h_nF @ w2_EFD[e]
-                        torch.mul(y_nD, w_N1[s:t], out=y_ND[s:t])
+                        y_nD = (h_mF @ w2_EFD[e])[:n]
+                        if w_N1 is None:
+                            y_ND[s:t] = y_nD
+                            y_nD = None
+                        else:
+                            torch.mul(y_nD, w_N1[s:t], out=y_ND[s:t])
                     if keep:
-                        saved[e] = (x_nD if cast else None, a_nF, b_nF, y_nD)
+                        saved[e] = (x_mD if m > n or x_mD.dtype != x_ND.dtype else None, a_mF, b_mF, y_nD)
             return run
 
         pool = cpu_threads.pool()
@@ -185,14 +224,14 @@ class _ThreadedSwiGLU(torch.autograd.Function):
         if keep:  # through autograd's saved tensors, so a second backward fails as usual, not silently
             ctx.save_for_backward(x_ND, w1_EDF, w3_EDF, w2_EFD, w_N1,
                                   *(t for per in saved for t in (per or (None,) * 4)))
-        ctx.starts, ctx.groups, ctx.pool = starts, groups, pool
+        ctx.starts, ctx.rows, ctx.groups, ctx.pool = starts, rows, groups, pool
         return y_ND
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_ND):
         x_ND, w1_EDF, w3_EDF, w2_EFD, w_N1, *per_expert = ctx.saved_tensors
-        starts = ctx.starts
+        starts, rows = ctx.starts, ctx.rows
         dy_ND = dy_ND.contiguous()
         dx_ND = torch.empty_like(x_ND)
         g1_EDF, g3_EDF, g2_EFD = (torch.empty_like(w) for w in (w1_EDF, w3_EDF, w2_EFD))
@@ -201,31 +240,45 @@ class _ThreadedSwiGLU(torch.autograd.Function):
         def job(experts):
             def run():
                 for e in experts:
-                    s, t = starts[e], starts[e + 1]
+                    s, t, m = starts[e], starts[e + 1], rows[e]
                     if s == t:  # no tokens: zero gradient, as the loop's unbind backward gives
                         for g in (g1_EDF, g3_EDF, g2_EFD):
                             g[e].zero_()
                         continue
-                    x_nD, a_nF, b_nF, y_nD = per_expert[4 * e: 4 * e + 4]
-                    if x_nD is None:
-                        x_nD = x_ND[s:t]
-                    dy_nD = dy_ND[s:t]
-                    if w_N1 is not None:  # y * w: d/dw = sum over D of dy * y, d/dy = dy * w
-                        torch.sum(dy_nD * y_nD, dim=1, keepdim=True, out=dw_N1[s:t])
-                        dy_nD = dy_nD * w_N1[s:t]
-                    sa_nF = F.silu(a_nF)
-                    torch.mm((sa_nF * b_nF).t(), dy_nD, out=g2_EFD[e])
-                    dh_nF = dy_nD.mm(w2_EFD[e].t())
-                    da_nF = torch.ops.aten.silu_backward(dh_nF * b_nF, a_nF)
-                    db_nF = dh_nF * sa_nF
+                    x_mD, a_mF, b_mF, y_nD = per_expert[4 * e: 4 * e + 4]
+                    if x_mD is None:
+                        x_mD = x_ND[s:t]
+                    n, dy_nD = t - s, dy_ND[s:t]
+                    dy_mD = _rows(dy_nD, m, dy_nD.dtype, copy=w_N1 is not None)  # rows past n: zeros, so
+                    if w_N1 is not None:  # y * w: d/dw = sum over D of dy * y, d/dy = dy * w   (every
+                        torch.sum(dy_nD * y_nD, dim=1, keepdim=True, out=dw_N1[s:t])  # gradient they reach is 0)
+                        torch.mul(dy_nD, w_N1[s:t], out=dy_mD[:n])
+                    sa_mF = F.silu(a_mF)
+                    torch.mm((sa_mF * b_mF).t(), dy_mD, out=g2_EFD[e])
+                    dh_mF = dy_mD.mm(w2_EFD[e].t())
+                    da_mF = torch.ops.aten.silu_backward(dh_mF * b_mF, a_mF)
+                    db_mF = dh_mF * sa_mF
                     # x^T copied contiguous once for both: a transposed-view operand makes these bf16
                     # products about 1.6x slower (in the layer: 2.1 -> 1.3 ms per expert, 8 x 1024 rows)
-                    xt_Dn = x_nD.t().contiguous()
-                    torch.mm(xt_Dn, da_nF, out=g1_EDF[e])
-                    torch.mm(xt_Dn, db_nF, out=g3_EDF[e])
-                    torch.add(da_nF.mm(w1_EDF[e].t()).to(dx_ND.dtype), db_nF.mm(w3_EDF[e].t()).to(dx_ND.dtype),
+                    xt_Dm = x_mD.t().contiguous()
+                    torch.mm(xt_Dm, da_mF, out=g1_EDF[e])
+                    torch.mm(xt_Dm, db_mF, out=g3_EDF[e])
+                    torch.add(da_mF.mm(w1_EDF[e].t())[:n].to(dx_ND.dtype), db_mF.mm(w3_EDF[e].t())[:n].to(dx_ND.dtype),
                               out=dx_ND[s:t])
             return run
 
         ctx.pool.run([job(g) for g in ctx.groups])
-        return dx_ND, g1_EDF, g3_EDF, g2_EFD, dw_N1, None
+        return dx_ND, g1_EDF, g3_EDF, g2_EFD, dw_N1, None, None
+
+
+def _rows(x_nD: torch.Tensor, m: int, dtype: torch.dtype, copy: bool = False) -> torch.Tensor:
+    """x_nD in dtype with m >= n rows, the rows past n zero (x_nD itself where nothing changes,
+    unless copy: a new tensor whose first n rows the caller writes)."""
+    n = x_nD.shape[0]
+    if m == n and not copy:
+        return x_nD.to(dtype)
+    x_mD = x_nD.new_empty(m, x_nD.shape[1], dtype=dtype)
+    if not copy:
+        x_mD[:n] = x_nD
+    x_mD[n:] = 0
+    return x_mD

@@ -170,6 +170,16 @@ class Transformer(nn.Module):
             moe.update_bias(load, rate)
 
 
+def autocast(model: nn.Module, precision: str):
+    """The forward's autocast context for train.precision: bf16 products for "bf16-mixed", none for "fp32".
+
+    Only the forward goes inside it (autograd runs the backward of each op in the op's own dtype);
+    weights stay fp32, and the router and the losses take fp32 inputs by themselves.
+    """
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+
 def build_model(recipe: Recipe, seed: int | None = None) -> Transformer:
     model = Transformer(recipe)
     model.init_weights(recipe.train.seed if seed is None else seed)

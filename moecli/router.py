@@ -49,7 +49,8 @@ class Router(nn.Module):
         cfg = self.cfg
         if self.training and cfg.router_jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
-        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        with torch.autocast(x_TD.device.type, enabled=False):  # fp32 under bf16-mixed too (Switch: the
+            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())  # router's softmax needs the range)
         noisy_TE = logits_TE
         if self.training and cfg.router_noise > 0:
             noisy_TE = logits_TE + torch.randn_like(logits_TE) * cfg.router_noise

@@ -38,7 +38,7 @@ from .distributed import (DistInfo, all_mean, all_sum_, barrier, current, expert
 from .errors import RunFailed, UserError
 from .evaluate import evaluate_loss
 from .fileio import atomic_dir, atomic_write_json, atomic_write_text
-from .model import Transformer, build_model
+from .model import Transformer, autocast, build_model
 
 SEED_STRIDE = 1_000_003
 
@@ -333,7 +333,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
     last_ckpt_step = start_step if args.resume else None
     summary = {"output": str(out), "recipe": recipe.name, "start_step": start_step, "steps": t.max_steps,
                "train_tokens": int(data.train.numel()), "val_tokens": int(data.val.numel()),
-               "processes": info.world, "expert_parallel": info.expert_parallel,
+               "processes": info.world, "expert_parallel": info.expert_parallel, "precision": t.precision,
                "init": str(st.init_dir) if st.init_dir is not None else None}
     local_b = t.batch_size // info.world
     rows = slice(info.rank * local_b, (info.rank + 1) * local_b)
@@ -353,7 +353,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
             x, y = sample_batch(data.train, t.batch_size, t.seq_len, gen)  # the global batch ...
             x, y = x[rows], y[rows]  # ... and this rank's share of it
             opt.zero_grad(set_to_none=True)
-            m = micro_steps(model, x, y, t.grad_accum)
+            m = micro_steps(model, x, y, t.grad_accum, t.precision)
             ce_all, loss_all = all_mean(m["ce"]), all_mean(m["loss"])
             if not math.isfinite(loss_all):
                 raise RunFailed(_nan_message(loss_all, step + 1, last_ckpt, last_ckpt_step))
@@ -380,7 +380,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
                 rec["dropped_frac"] = int(counts[0]) / max(1, int(counts[1]))
             done = step + 1 == t.max_steps
             if (step + 1) % t.eval_interval == 0 or done:
-                val_loss, _ = evaluate_loss(model, data.val, t.seq_len, val_starts, t.batch_size)
+                val_loss, _ = evaluate_loss(model, data.val, t.seq_len, val_starts, t.batch_size, t.precision)
                 if not math.isfinite(val_loss):
                     raise RunFailed(_nan_message(val_loss, step + 1, last_ckpt, last_ckpt_step, "validation loss"))
                 rec["val_loss"] = val_loss
@@ -414,8 +414,9 @@ def _train(args: TrainArgs, progress=None) -> dict:
     return summary
 
 
-def micro_steps(model, x_BS: torch.Tensor, y_BS: torch.Tensor, accum: int) -> dict:
+def micro_steps(model, x_BS: torch.Tensor, y_BS: torch.Tensor, accum: int, precision: str = "fp32") -> dict:
     """Forward and backward over ``accum`` equal micro-batches; the gradients add up to the batch mean's.
+    The forward runs under ``precision``'s autocast (train.precision), the backward outside it.
 
     Returns the batch means of the cross-entropy, the total loss and each balance term, and the
     expert loads, dropped and routed assignments summed over the micro-batches.
@@ -424,7 +425,8 @@ def micro_steps(model, x_BS: torch.Tensor, y_BS: torch.Tensor, accum: int) -> di
                                                          for _, moe in model.moe_layers],
            "dropped": 0, "assignments": 0}
     for x, y in zip(x_BS.chunk(accum), y_BS.chunk(accum)):
-        res = model(x)
+        with autocast(model, precision):
+            res = model(x)
         ce = F.cross_entropy(res.logits_BSV.flatten(0, 1).float(), y.flatten())
         loss = ce + res.balance_loss
         (loss / accum).backward()

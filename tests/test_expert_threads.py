@@ -31,7 +31,7 @@ def two_threads(monkeypatch):
     monkeypatch.delenv("MOECLI_EXPERT_THREADS", raising=False)
     yield
     torch.set_num_threads(before)
-    X.THREADED = None
+    X.THREADED = X.PAD_ROWS = None
 
 
 def run_experts(ex, x, counts, g, mode, w=None, autocast=False):
@@ -95,7 +95,8 @@ def fp64_grads(ex, x, counts, g, w=None):
 
 def test_threaded_equals_loop_bitwise_under_autocast(two_threads):
     """fp32 parameters and input under a bf16 autocast: the same bf16 output and fp32 gradients as
-    the loop, to the bit (x's gradient summed in fp32 from its two uses, as autocast's casts do)."""
+    the loop, to the bit (x's gradient summed in fp32 from its two uses, as autocast's casts do),
+    except w1's and w3's, which are as accurate as the loop's (as in the test above)."""
     torch.manual_seed(0)
     ex = X.GroupedExperts(4, 64, 96)
     counts = torch.tensor([100, 3, 0, 97])
@@ -104,8 +105,13 @@ def test_threaded_equals_loop_bitwise_under_autocast(two_threads):
     g = torch.randn(200, 64)
     loop, threaded = run_experts(ex, x, counts, g, False, w, True), run_experts(ex, x, counts, g, True, w, True)
     assert threaded[0].dtype == torch.bfloat16 and threaded[1].dtype == torch.float32
-    for a, b in zip(loop, threaded):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    for i, (a, b) in enumerate(zip(loop, threaded)):
+        assert a.dtype == b.dtype
+        if i not in (2, 3):
+            assert torch.equal(a, b)
+    for i, ref in zip((2, 3), fp64_grads(ex, x, counts, g, w)):
+        err_loop, err_threaded = ((t.double() - ref).abs().max() for t in (loop[i], threaded[i]))
+        assert err_threaded <= 1.25 * err_loop
 
 
 def test_threaded_layer_under_autocast_matches_the_loop(two_threads):
@@ -142,6 +148,53 @@ def test_training_is_the_same_with_and_without_threads(two_threads, tmp_path, ti
         train(TrainArgs(recipe, [str(corpus)], out, quiet=True))
         runs[mode] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").open()]
     assert len(runs[True]) == 3 and runs[True] == pytest.approx(runs[False], rel=1e-5)
+
+
+def test_padded_rows_sizes():
+    """Row counts round up to 16 sizes per doubling (at most 1/16 extra from 256 rows up), so a
+    training run meets few distinct product shapes."""
+    assert [X.padded_rows(n) for n in (0, 1, 16, 17, 255, 256, 257, 1000, 1024, 1025)] == \
+        [0, 16, 16, 32, 256, 256, 272, 1024, 1024, 1088]
+    sizes = [X.padded_rows(n) for n in range(1, 8193)]
+    assert all(m >= n for n, m in enumerate(sizes, 1)) and sizes == sorted(sizes)
+    assert all(m - n <= n / 16 for n, m in enumerate(sizes, 1) if n >= 256)
+    assert len(set(sizes[255:4096])) == 4 * 16 + 1  # rows 256..4096, four doublings: 256, 272, ..., 4096
+
+
+def test_pad_rows_for_16_bit_compute_on_the_cpu(two_threads):
+    ex = X.GroupedExperts(2, 8, 8)
+    x = torch.empty(3, 8)
+    assert not X.pad_rows(x, ex.w1_EDF)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert X.pad_rows(x, ex.w1_EDF)
+    assert X.pad_rows(x.bfloat16(), ex.to(torch.bfloat16).w1_EDF)
+    X.PAD_ROWS = True
+    assert X.pad_rows(x, ex.float().w1_EDF)
+
+
+@pytest.mark.parametrize("dtype,mode", [(torch.float64, False), (torch.float32, False), (torch.float32, True)])
+def test_padding_the_rows_changes_no_result(two_threads, dtype, mode):
+    """The zero rows added by PAD_ROWS add nothing to the output or to any gradient, on either path
+    (forced on here in fp64/fp32, where it is off by default, to compare against the unpadded run;
+    the threaded path does not take fp64)."""
+    torch.manual_seed(0)
+    ex = X.GroupedExperts(5, 64, 96).to(dtype)
+    counts = torch.tensor([100, 3, 0, 1, 97])  # padded to 112, 16, 0, 16, 112
+    x = torch.randn(201, 64, dtype=dtype, requires_grad=True)
+    w = torch.rand(201, dtype=dtype, requires_grad=True)
+    g = torch.randn(201, 64, dtype=dtype)
+    runs = []
+    for pad in (False, True):
+        X.PAD_ROWS, X.THREADED = pad, mode
+        x.grad = w.grad = None
+        ex.zero_grad(set_to_none=True)
+        y = ex(x, counts, w)
+        y.backward(g)
+        assert ex.last_path == ("threaded" if mode else "loop") and y.shape == x.shape
+        runs.append([y.detach(), x.grad, w.grad] + [p.grad for p in ex.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+    assert runs[1][3][2].abs().sum() == 0  # expert 2 has no rows: still a zero gradient
 
 
 def test_second_backward_fails_as_usual(two_threads):

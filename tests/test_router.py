@@ -214,3 +214,16 @@ def test_load_health(load, k, status, dead):
     assert (h["status"], h["dead"]) == (status, dead)
     mean = sum(load) / len(load)
     assert h["max_vio"] == pytest.approx(max(load) / mean - 1)
+
+
+def test_router_stays_fp32_under_bf16_autocast():
+    """train.precision bf16-mixed runs the forward under autocast; the router's logits, scores and
+    choices are still the fp32 ones (a bf16 router product would round the logits)."""
+    torch.manual_seed(0)
+    r = Router(32, MoEConfig(num_experts=8, top_k=2))
+    x = torch.randn(50, 32)
+    ref = r(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = r(x)
+    assert out.logits_TE.dtype == torch.float32 and torch.equal(out.logits_TE, ref.logits_TE)
+    assert torch.equal(out.idx_TK, ref.idx_TK) and torch.equal(out.weight_TK, ref.weight_TK)
