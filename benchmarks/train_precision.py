@@ -1,6 +1,7 @@
 """bf16 on the CPU: padded expert rows, and `moe train --precision bf16-mixed` against fp32.
 
     python benchmarks/train_precision.py [--steps 12] [--rounds 2] [--quality-steps 300] [--data FILE]
+                                         [--parts layer,train,quality]
 
 Three parts, each measuring its baseline in this run:
 1. layer: moecli's bf16 MoE layer (the moe_layer.py shapes), fwd+bwd, on a fresh input every call (new

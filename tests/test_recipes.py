@@ -64,3 +64,24 @@ def test_same_seed_same_weights():
     for (n, p), (_, q), (_, s) in zip(a.named_parameters(), b.named_parameters(), c.named_parameters()):
         assert torch.equal(p, q), n
     assert not torch.equal(a.tok_embeddings.weight, c.tok_embeddings.weight)
+
+
+def test_attention_under_bf16_autocast_runs_in_fp32_only_below_the_threshold():
+    """train.precision bf16-mixed: attention with S * Dh < 2^15 is computed in fp32 (faster on the CPU
+    there, and exactly the fp32 result), longer or wider in bf16 (within bf16 rounding of fp32)."""
+    import torch.nn.functional as F
+
+    from moecli.model import FP32_ATTENTION_BELOW, attend
+
+    torch.manual_seed(0)
+    for S, Dh in ((64, 32), (256, 128)):
+        q, k, v = (torch.randn(2, 4, S, Dh) for _ in range(3))
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), gqa=False)
+        exact = F.scaled_dot_product_attention(*(t.bfloat16().float() for t in (q, k, v)), is_causal=True)
+        if S * Dh < FP32_ATTENTION_BELOW:
+            assert o.dtype == torch.float32 and torch.equal(o, exact)
+        else:
+            assert o.dtype == torch.bfloat16
+            torch.testing.assert_close(o.float(), ref, rtol=0.05, atol=0.05)
