@@ -204,16 +204,14 @@ class _ThreadedSwiGLU(torch.autograd.Function):
                     x_mD = _rows(x_ND[s:t], m, dtype)
                     a_mF, b_mF = x_mD @ w1_EDF[e], x_mD @ w3_EDF[e]
                     h_mF = F.silu(a_mF) * b_mF
+                    y_nD = None  # the unweighted output, kept only when the combine weights need it
                     if w_N1 is None and m == n:
-                        y_nD = None
                         torch.mm(h_mF, w2_EFD[e], out=y_ND[s:t])
+                    elif w_N1 is None:
+                        y_ND[s:t] = (h_mF @ w2_EFD[e])[:n]
                     else:
                         y_nD = (h_mF @ w2_EFD[e])[:n]
-                        if w_N1 is None:
-                            y_ND[s:t] = y_nD
-                            y_nD = None
-                        else:
-                            torch.mul(y_nD, w_N1[s:t], out=y_ND[s:t])
+                        torch.mul(y_nD, w_N1[s:t], out=y_ND[s:t])
                     if keep:
                         saved[e] = (x_mD if m > n or x_mD.dtype != x_ND.dtype else None, a_mF, b_mF, y_nD)
             return run
@@ -249,9 +247,12 @@ class _ThreadedSwiGLU(torch.autograd.Function):
                     if x_mD is None:
                         x_mD = x_ND[s:t]
                     n, dy_nD = t - s, dy_ND[s:t]
-                    dy_mD = _rows(dy_nD, m, dy_nD.dtype, copy=w_N1 is not None)  # rows past n: zeros, so
-                    if w_N1 is not None:  # y * w: d/dw = sum over D of dy * y, d/dy = dy * w   (every
-                        torch.sum(dy_nD * y_nD, dim=1, keepdim=True, out=dw_N1[s:t])  # gradient they reach is 0)
+                    # dy with m rows, zeros past n (every gradient those rows reach is 0)
+                    if w_N1 is None:
+                        dy_mD = _rows(dy_nD, m, dy_nD.dtype)
+                    else:  # y * w: d/dw = sum over D of dy * y, d/dy = dy * w (written into the first n rows)
+                        torch.sum(dy_nD * y_nD, dim=1, keepdim=True, out=dw_N1[s:t])
+                        dy_mD = _zero_tail(n, m, dy_nD)
                         torch.mul(dy_nD, w_N1[s:t], out=dy_mD[:n])
                     sa_mF = F.silu(a_mF)
                     torch.mm((sa_mF * b_mF).t(), dy_mD, out=g2_EFD[e])
@@ -271,14 +272,19 @@ class _ThreadedSwiGLU(torch.autograd.Function):
         return dx_ND, g1_EDF, g3_EDF, g2_EFD, dw_N1, None, None
 
 
-def _rows(x_nD: torch.Tensor, m: int, dtype: torch.dtype, copy: bool = False) -> torch.Tensor:
-    """x_nD in dtype with m >= n rows, the rows past n zero (x_nD itself where nothing changes,
-    unless copy: a new tensor whose first n rows the caller writes)."""
+def _zero_tail(n: int, m: int, like_nD: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A new m x D tensor (like_nD's width and device, dtype or like_nD's) whose rows past n are zero;
+    the caller writes the first n."""
+    t_mD = like_nD.new_empty(m, like_nD.shape[1], dtype=dtype or like_nD.dtype)
+    t_mD[n:] = 0
+    return t_mD
+
+
+def _rows(x_nD: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
+    """x_nD in dtype with m >= n rows, the rows past n zero; x_nD itself where nothing changes."""
     n = x_nD.shape[0]
-    if m == n and not copy:
+    if m == n:
         return x_nD.to(dtype)
-    x_mD = x_nD.new_empty(m, x_nD.shape[1], dtype=dtype)
-    if not copy:
-        x_mD[:n] = x_nD
-    x_mD[n:] = 0
+    x_mD = _zero_tail(n, m, x_nD, dtype)
+    x_mD[:n] = x_nD
     return x_mD
