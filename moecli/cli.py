@@ -133,8 +133,10 @@ def train(
 @app.command("eval")
 def eval_(
     checkpoint: str = typer.Argument(..., help="Checkpoint directory (or a training run directory)."),
-    data: List[str] = typer.Argument(..., help="Text files, globs, directories, or - for stdin."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length (default: the recipe's)."),
+    data: Optional[List[str]] = typer.Argument(
+        None, help="Text files, globs, directories, or - for stdin; none: the training run's validation split."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length (default: the recipe's, or a "
+                                                               "shorter text's length)."),
     batch_size: int = typer.Option(16, "--batch-size"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Score at most this many windows."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute; loss in fp32)."),
@@ -143,7 +145,7 @@ def eval_(
     """Loss and perplexity of a checkpoint on text."""
     from .evaluate import evaluate
 
-    _run(lambda: evaluate(checkpoint, data, seq_len, batch_size, max_windows, dtype), as_json, render.render_eval)
+    _run(lambda: evaluate(checkpoint, data or [], seq_len, batch_size, max_windows, dtype), as_json, render.render_eval)
 
 
 @app.command()

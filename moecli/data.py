@@ -241,13 +241,38 @@ def prepare_tokens(data_args: list[str], tokenizer, cache_dir: Path, val_fractio
             meta = {"fingerprint": fp, "tokens": n, "bytes": bin_path.stat().st_size, "sources": len(sources)}
             atomic_write_json(meta_path, meta)
     n = meta["tokens"]
-    n_val = max(int(n * val_fraction), seq_len + 1)
+    n_val = val_tokens(n, val_fraction, seq_len)
     if n - n_val < seq_len + 1:
         where = ", ".join(str(s) for s in data_args) or "default corpus"
         raise UserError(f"{where}: only {n} tokens; need at least {2 * (seq_len + 1)} for training and "
                         f"validation at seq_len {seq_len}")
     tokens = open_tokens(bin_path, n, tokenizer.vocab_size)
     return TokenData(tokens[: n - n_val], tokens[n - n_val:], meta["sources"], meta["fingerprint"])
+
+
+def val_tokens(n: int, val_fraction: float, seq_len: int) -> int:
+    """How many of n tokens (the tail) the validation split holds: val_fraction of them, at least one window."""
+    return max(int(n * val_fraction), seq_len + 1)
+
+
+def run_val_split(checkpoint_dir: Path, recipe, vocab_size: int) -> tuple[torch.Tensor, Path]:
+    """The validation split a training run held out, for a checkpoint inside that run's output directory
+    (RUN/checkpoint, whose token cache is RUN/data): (tokens, cache directory). The cache must still hold
+    the tokens the checkpoint was trained on (train_state.json's fingerprint)."""
+    cache = checkpoint_dir.parent / "data"
+    meta = _read_meta(cache / "tokens.json", cache / "tokens.bin")
+    try:
+        trained_on = json.loads((checkpoint_dir / "train_state.json").read_text()).get("data")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        trained_on = None
+    if checkpoint_dir.name != "checkpoint" or not trained_on or not meta:
+        raise UserError(f"{checkpoint_dir}: DATA: give a file, directory, glob or - for stdin (with no DATA, "
+                        f"the checkpoint must be a `moe train` run's, with its token cache in RUN/data)")
+    if meta.get("fingerprint") != trained_on:
+        raise UserError(f"{cache}: the run's token cache no longer holds the tokens it trained on; give DATA")
+    n = meta["tokens"]
+    n_val = val_tokens(n, recipe.train.val_fraction, recipe.train.seq_len)
+    return open_tokens(cache / "tokens.bin", n, vocab_size)[max(0, n - n_val):], cache
 
 
 def _read_meta(meta_path: Path, bin_path: Path) -> dict | None:

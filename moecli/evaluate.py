@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_with_tokenizer
-from .data import encode_to_file, eval_windows, expand_data_args, open_tokens
+from .data import encode_to_file, eval_windows, expand_data_args, open_tokens, run_val_split
 from .distributed import all_sum_, current
 from .errors import UserError, check_at_least
 from .model import autocast
@@ -52,29 +52,41 @@ EVAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: int, max_windows: int | None,
              dtype: str = "float32") -> dict:
+    """Loss on DATA; with no DATA, on the validation split of the training run the checkpoint belongs to.
+    Without --seq-len, a text shorter than one window of the recipe's length is scored as one window."""
     check_at_least("--batch-size", batch_size, 1)
     if max_windows is not None:
         check_at_least("--max-windows", max_windows, 1)
+    if seq_len is not None:
+        check_at_least("--seq-len", seq_len, 1)
     if dtype not in EVAL_DTYPES:
         raise UserError(f"--dtype: one of {', '.join(EVAL_DTYPES)}, got {dtype!r}")
     model, _, directory, tok = load_with_tokenizer(checkpoint, EVAL_DTYPES[dtype])
     context = model.recipe.model.context
-    seq_len = min(context, model.recipe.train.seq_len) if seq_len is None else seq_len
-    if not 1 <= seq_len <= context:
+    if seq_len is not None and seq_len > context:
         raise UserError(f"--seq-len: must be between 1 and the model's context ({context}), got {seq_len}")
     with tempfile.TemporaryDirectory(prefix="moe-eval-") as tmp:
-        sources = expand_data_args(data) if data else []
-        if not sources:
-            raise UserError("DATA: give at least one file, directory, glob, or - for stdin")
-        path = Path(tmp) / "tokens.bin"
-        n = encode_to_file(sources, tok, path)
-        if n < seq_len + 1:
-            raise UserError(f"{', '.join(data)}: only {n} tokens; need at least {seq_len + 1} to score one window")
-        tokens = open_tokens(path, n, tok.vocab_size)
+        if data:
+            sources = expand_data_args(data)
+            if not sources:
+                raise UserError("DATA: give at least one file, directory, glob, or - for stdin")
+            path = Path(tmp) / "tokens.bin"
+            n = encode_to_file(sources, tok, path)
+            tokens, where = open_tokens(path, n, tok.vocab_size), ", ".join(data)
+        else:
+            tokens, cache = run_val_split(directory, model.recipe, tok.vocab_size)
+            n, where = tokens.numel(), f"validation split of {cache.parent}"
+        if n < 2:
+            raise UserError(f"{where}: only {n} tokens; need at least 2 to score one")
+        if seq_len is None:  # the recipe's window, or the whole text when it is shorter
+            seq_len = min(context, model.recipe.train.seq_len, n - 1)
+        elif n < seq_len + 1:
+            raise UserError(f"{where}: only {n} tokens; need at least {seq_len + 1} to score one window "
+                            f"of --seq-len {seq_len}")
         starts = eval_windows(tokens, seq_len, max_windows)
         loss, count = evaluate_loss(model, tokens, seq_len, starts, batch_size)
     return {
-        "checkpoint": str(directory), "loss": loss, "perplexity": math.exp(min(loss, 700)),
+        "checkpoint": str(directory), "data": where, "loss": loss, "perplexity": math.exp(min(loss, 700)),
         "bits_per_token": loss / math.log(2), "tokens": count, "windows": len(starts), "seq_len": seq_len,
         "dtype": dtype,
     }

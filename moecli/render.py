@@ -175,7 +175,9 @@ def render_train(res: dict) -> None:
 
 def render_eval(res: dict) -> None:
     out.print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  "
-              f"({res['tokens']:,} tokens in {res['windows']} windows of {res['seq_len']}, {res['dtype']})")
+              f"({res['tokens']:,} tokens in {res['windows']} window{'s' * (res['windows'] != 1)} of {res['seq_len']}, "
+              f"{res['dtype']}; "
+              f"{res['data']})")
 
 
 def render_generate(res: dict) -> None:

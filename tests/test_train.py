@@ -108,6 +108,39 @@ def test_eval_generate_stdin_and_bias(tmp_path, corpus, tiny_recipe, cli):
     assert json.loads(g1.stdout)["new_tokens"] == 20
 
 
+def test_eval_defaults_to_the_runs_validation_split_and_scores_short_text(tmp_path, corpus, tiny_recipe, cli):
+    run = tmp_path / "r"
+    res = cli("train", tiny_recipe(), corpus, "-o", run, "--json", "-q")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    # no DATA: the split training validated on; training scored eval_batches x batch_size = 2 x 4 windows of it
+    ev = cli("eval", run, "--max-windows", 8, "--json")
+    assert ev.returncode == 0, ev.stderr
+    out = json.loads(ev.stdout)
+    assert out["loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
+    assert out["windows"] == 8 and out["seq_len"] == 32 and out["data"].startswith("validation split of")
+    whole = json.loads(cli("eval", run, "--json").stdout)
+    assert whole["tokens"] > out["tokens"]
+    # a text shorter than one window of the recipe's 32 is scored as one window of its own length
+    short = cli("eval", run, "-", "--json", input="Line 1: the quick")
+    assert short.returncode == 0, short.stderr
+    s = json.loads(short.stdout)
+    assert (s["windows"], s["seq_len"], s["tokens"]) == (1, 16, 16) and s["loss"] > 0
+    # ... unless --seq-len asks for more than it has
+    long = cli("eval", run, "-", "--seq-len", 32, input="Line 1: the quick")
+    assert long.returncode == 2 and long.stderr.strip() == (
+        "error: -: only 17 tokens; need at least 33 to score one window of --seq-len 32")
+    # no DATA and no run around the checkpoint, or a token cache changed since: one line, exit 2
+    import shutil
+    shutil.copytree(run / "checkpoint", tmp_path / "copy")
+    bare = cli("eval", tmp_path / "copy")
+    assert bare.returncode == 2 and len(bare.stderr.strip().splitlines()) == 1 and "DATA" in bare.stderr
+    meta = run / "data" / "tokens.json"
+    meta.write_text(json.dumps(json.loads(meta.read_text()) | {"fingerprint": "0"}))
+    changed = cli("eval", run)
+    assert changed.returncode == 2 and "no longer holds" in changed.stderr and "Traceback" not in changed.stderr
+
+
 def test_training_lowers_loss_and_metrics(tmp_path, corpus, tiny_recipe):
     recipe = str(tiny_recipe(moe={"capacity_factor": 1.0}, balance={"aux_loss_coef": 0.01, "z_loss_coef": 0.001}))
     run = tmp_path / "m"
