@@ -225,7 +225,8 @@ def export(
 @app.command("inspect-routing")
 def inspect_routing(
     checkpoint: str = typer.Argument(..., help="moecli checkpoint, or a Hugging Face MoE directory."),
-    data: List[str] = typer.Argument(..., help="Text files, globs, directories, or - for stdin."),
+    data: Optional[List[str]] = typer.Argument(
+        None, help="Text files, globs, directories, or - for stdin; none: the training run's validation split."),
     max_tokens: int = typer.Option(65536, "--max-tokens", help="Read at most this many tokens."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len"),
     batch_size: int = typer.Option(8, "--batch-size"),

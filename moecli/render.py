@@ -278,7 +278,7 @@ def routing_tables(res: dict, detail_layer: str | None = None) -> list:
     from rich.text import Text
 
     items = []
-    s = Table(title=f"routing of {res['recipe']} over {res['tokens']:,} tokens "
+    s = Table(title=f"routing of {res['recipe']} over {res['tokens']:,} tokens of {res.get('data', 'DATA')} "
                     f"(capacity factor {res['capacity_factor']} for the dropped column)", title_justify="left")
     for col in ("layer", "E/k", "MaxVio", "CV", "H(route)", "H(load)", "dead/near", "dropped", "gate1", "z mean/max",
                 "vocab", "status"):

@@ -112,6 +112,26 @@ def test_domains_saturation_svg(tmp_path, trained, cli):
     assert r.returncode == 2 and "not an MoE layer" in r.stderr
 
 
+def test_no_data_reads_the_validation_split_and_short_text_is_one_window(tmp_path, trained, cli):
+    run, corpus = trained
+    text = corpus.read_bytes()  # byte tokenizer, one file: the validation split is the corpus's last bytes
+    train_cfg = json.loads((run / "checkpoint" / "config.json").read_text())["recipe"]["train"]
+    n_val = max(int(len(text) * train_cfg["val_fraction"]), train_cfg["seq_len"] + 1)
+    tail = tmp_path / "tail.txt"
+    tail.write_bytes(text[-n_val:])
+    r = cli("inspect-routing", run, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["data"] == f"validation split of {run}"
+    ref = json.loads(cli("inspect-routing", run, tail, "--json").stdout)
+    assert res["tokens"] == ref["tokens"] > 0 and res["layers"] == ref["layers"]
+    short = cli("inspect-routing", run, "-", "--json", input="alpha beta 7")  # 12 tokens < the recipe's 32
+    assert short.returncode == 0, short.stderr
+    assert (json.loads(short.stdout)["tokens"], json.loads(short.stdout)["seq_len"]) == (12, 12)
+    r = cli("inspect-routing", run, "-", "--seq-len", "32", input="alpha beta 7")
+    assert r.returncode == 2 and r.stderr.strip() == "error: -: only 12 tokens; need at least --seq-len 32"
+
+
 def test_saturation_between_different_checkpoints(tmp_path, trained, cli):
     run, corpus = trained
     r = cli("upcycle", run, "-o", tmp_path / "x")  # a trained MoE is not upcycled
