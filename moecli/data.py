@@ -255,6 +255,12 @@ def val_tokens(n: int, val_fraction: float, seq_len: int) -> int:
     return max(int(n * val_fraction), seq_len + 1)
 
 
+def default_window(recipe, available: int) -> int:
+    """Window length when none is given: the recipe's training seq_len (within the context), or the
+    `available` tokens of a text shorter than that."""
+    return min(recipe.model.context, recipe.train.seq_len, max(1, available))
+
+
 def run_val_split(checkpoint_dir: Path, recipe, vocab_size: int) -> tuple[torch.Tensor, Path]:
     """The validation split a training run held out, for a checkpoint inside that run's output directory
     (RUN/checkpoint, whose token cache is RUN/data): (tokens, cache directory). The cache must still hold

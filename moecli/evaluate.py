@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_with_tokenizer
-from .data import encode_to_file, eval_windows, expand_data_args, open_tokens, run_val_split
+from .data import default_window, encode_to_file, eval_windows, expand_data_args, open_tokens, run_val_split
 from .distributed import all_sum_, current
 from .errors import UserError, check_at_least
 from .model import autocast
@@ -57,13 +57,11 @@ def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: 
     check_at_least("--batch-size", batch_size, 1)
     if max_windows is not None:
         check_at_least("--max-windows", max_windows, 1)
-    if seq_len is not None:
-        check_at_least("--seq-len", seq_len, 1)
     if dtype not in EVAL_DTYPES:
         raise UserError(f"--dtype: one of {', '.join(EVAL_DTYPES)}, got {dtype!r}")
     model, _, directory, tok = load_with_tokenizer(checkpoint, EVAL_DTYPES[dtype])
     context = model.recipe.model.context
-    if seq_len is not None and seq_len > context:
+    if seq_len is not None and not 1 <= seq_len <= context:
         raise UserError(f"--seq-len: must be between 1 and the model's context ({context}), got {seq_len}")
     with tempfile.TemporaryDirectory(prefix="moe-eval-") as tmp:
         if data:
@@ -78,8 +76,8 @@ def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: 
             n, where = tokens.numel(), f"validation split of {cache.parent}"
         if n < 2:
             raise UserError(f"{where}: only {n} tokens; need at least 2 to score one")
-        if seq_len is None:  # the recipe's window, or the whole text when it is shorter
-            seq_len = min(context, model.recipe.train.seq_len, n - 1)
+        if seq_len is None:
+            seq_len = default_window(model.recipe, n - 1)  # a window scores seq_len + 1 tokens
         elif n < seq_len + 1:
             raise UserError(f"{where}: only {n} tokens; need at least {seq_len + 1} to score one window "
                             f"of --seq-len {seq_len}")

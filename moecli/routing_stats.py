@@ -30,7 +30,7 @@ import torch
 
 from .balance import load_health
 from .checkpoint import load_checkpoint, load_with_tokenizer
-from .data import _utf8_text_chunks, expand_data_args, run_val_split
+from .data import _utf8_text_chunks, default_window, expand_data_args, run_val_split
 from .errors import UserError, check_at_least
 from .moe import expert_capacity
 
@@ -201,15 +201,16 @@ def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, s
     else:  # no DATA: the split the training run held out for validation
         val, cache = run_val_split(directory, model.recipe, tok.vocab_size)
         ids, where = val[:max_tokens].long(), f"validation split of {cache.parent}"
-    if seq_len is None:  # the recipe's window, or the whole text when it is shorter
-        seq_len = min(ctx, model.recipe.train.seq_len, max(1, ids.numel()))
+    if seq_len is None:
+        seq_len = default_window(model.recipe, ids.numel())
     if ids.numel() < seq_len:
         raise UserError(f"{where}: only {ids.numel()} tokens; need at least --seq-len {seq_len}")
     stream = Stream(ids, seq_len)
     accs, kept = run_routing(model, stream, batch_size, capacity_factor, keep_idx=compare is not None)
     layers = {str(i): layer_report(a, tok, top_tokens, near_dead, capacity_factor) for i, a in accs.items()}
     result = {
-        "checkpoint": str(directory), "recipe": model.recipe.name, "data": where, "tokens": int(stream.ids.numel() // seq_len * seq_len),
+        "checkpoint": str(directory), "recipe": model.recipe.name, "data": where,
+        "tokens": int(stream.ids.numel() // seq_len * seq_len),
         "seq_len": seq_len, "capacity_factor": capacity_factor, "near_dead_threshold": near_dead,
         "layers": layers,
         "flagged": {k: v["status"] for k, v in layers.items() if v["status"] != "ok"},
