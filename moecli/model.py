@@ -62,7 +62,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.hd * (cfg.n_heads if cfg.qk_norm_full else 1), cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.hd * (cfg.n_kv_heads if cfg.qk_norm_full else 1), cfg.norm_eps)
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: list | None = None) -> torch.Tensor:
+        """With kv ([k_BHkvLDh, v_BHkvLDh] of the L tokens before these, or [None, None]), x's tokens attend
+        to those too, and kv is extended with theirs (incremental decoding: KVCache)."""
         B, S, _ = x_BSD.shape
         q, k = self.wq(x_BSD), self.wk(x_BSD)
         if self.full_qk_norm:  # OLMoE: one norm over all heads
@@ -74,6 +77,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            if kv[0] is not None:
+                k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
+            kv[0], kv[1] = k, v
         o_BHSDh = attend(q, k, v, gqa=self.n_heads != self.n_kv_heads)
         return self.wo(o_BHSDh.transpose(1, 2).reshape(B, S, self.n_heads * self.hd))
 
@@ -84,14 +91,19 @@ class Attention(nn.Module):
 FP32_ATTENTION_BELOW = 2**15
 
 
-def attend(q_BHSDh, k_BHSDh, v_BHSDh, gqa: bool) -> torch.Tensor:
-    """Causal attention; in fp32 under a CPU autocast when S * Dh < FP32_ATTENTION_BELOW."""
+def attend(q_BHSDh, k_BHLDh, v_BHLDh, gqa: bool) -> torch.Tensor:
+    """Causal attention of S queries over L >= S keys, the queries being the last S positions; in fp32 under
+    a CPU autocast when S * Dh < FP32_ATTENTION_BELOW."""
     S, Dh = q_BHSDh.shape[-2:]
+    L = k_BHLDh.shape[-2]
+    # SDPA's is_causal aligns the mask to the top-left corner, right only for S == L; one query needs none
+    mask = dict(is_causal=True) if S == L else dict(is_causal=False) if S == 1 else dict(
+        attn_mask=torch.ones(S, L, dtype=torch.bool, device=q_BHSDh.device).tril(L - S))
     if q_BHSDh.device.type == "cpu" and torch.is_autocast_enabled("cpu") and S * Dh < FP32_ATTENTION_BELOW:
         with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q_BHSDh.float(), k_BHSDh.float(), v_BHSDh.float(), is_causal=True,
-                                                  enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDh, is_causal=True, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q_BHSDh.float(), k_BHLDh.float(), v_BHLDh.float(), enable_gqa=gqa,
+                                                  **mask)
+    return F.scaled_dot_product_attention(q_BHSDh, k_BHLDh, v_BHLDh, enable_gqa=gqa, **mask)
 
 
 class Block(nn.Module):
@@ -107,10 +119,22 @@ class Block(nn.Module):
         else:
             self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
-    def forward(self, x_BSD, cos, sin):
-        x_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), cos, sin)
+    def forward(self, x_BSD, cos, sin, kv: list | None = None):
+        x_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), cos, sin, kv)
         h = self.ffn_norm(x_BSD)
         return x_BSD + (self.moe(h) if self.is_moe else self.feed_forward(h))
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens a model has seen so far, per layer, so that the next token's forward
+    computes only its own (moe generate). Holds at most model.context tokens (Transformer.forward refuses more)."""
+    layers: list[list]  # per layer: [k_BHkvLDh, v_BHkvLDh], [None, None] before the first forward
+    pos: int = 0  # tokens seen: the next token's position
+
+    @classmethod
+    def empty(cls, n_layers: int) -> "KVCache":
+        return cls([[None, None] for _ in range(n_layers)])
 
 
 @dataclass
@@ -159,12 +183,22 @@ class Transformer(nn.Module):
             self._rope_cache[key] = rope_cos_sin(S, cfg.hd, cfg.rope_theta, device)
         return self._rope_cache[key]
 
-    def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
+    def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None) -> ModelOutput:
+        """Logits for every position. With a cache, tokens_BS continues the tokens it holds (positions
+        cache.pos onwards), and the cache is extended with them."""
         B, S = tokens_BS.shape
-        cos, sin = self.rope(S, tokens_BS.device)
+        if cache is None:
+            cos, sin = self.rope(S, tokens_BS.device)
+        else:
+            context = self.recipe.model.context
+            if cache.pos + S > context:
+                raise ValueError(f"KV cache: {cache.pos} + {S} tokens exceed the context ({context})")
+            cos, sin = (t[cache.pos: cache.pos + S] for t in self.rope(context, tokens_BS.device))
         x = self.tok_embeddings(tokens_BS)
-        for block in self.layers:
-            x = block(x, cos, sin)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.pos += S
         logits = self.output(self.norm(x))
         return ModelOutput(logits, *self._collect_balance(logits))
 

@@ -1,0 +1,71 @@
+"""`moe generate` speed: decoding with the KV cache vs re-running the whole window for every new token.
+
+    python benchmarks/generate.py [--rounds 3]
+
+Both run in this process on the same freshly built (seeded) model, prompt and greedy decoding,
+alternating, --rounds times; reported: new tokens/s of each (median of the rounds), the ratio
+cached/uncached per round, and whether both produced the same tokens (they should: see
+tests/test_generate.py). Cases: the bundled `mixtral` (d=128, context 256: 32-token prompt, 200
+new tokens), and a wider one (`mixtral` with d=512, expert FFN 1024, context 1024: 64-token prompt,
+448 new tokens). New tokens stay within the context, where the cache is used throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from moecli.build import prepare_recipe  # noqa: E402
+from moecli.generate import sample  # noqa: E402
+from moecli.model import build_model  # noqa: E402
+
+CASES = {
+    "mixtral": ({}, 32, 200),
+    "mixtral d512 ctx1024": ({"model.d_model": 512, "moe.expert_ffn": 1024, "model.context": 1024}, 64, 448),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=str(Path(__file__).with_name("results_generate.json")))
+    a = ap.parse_args()
+    results = {}
+    for name, (overrides, prompt_len, new) in CASES.items():
+        model = build_model(prepare_recipe("mixtral", overrides)).eval()
+        prompt = torch.randint(0, model.recipe.model.vocab_size, (prompt_len,),
+                               generator=torch.Generator().manual_seed(0)).tolist()
+        times = {True: [], False: []}
+        outputs = {}
+        for r in range(a.rounds):
+            for cached in ((True, False) if r % 2 == 0 else (False, True)):
+                t0 = time.perf_counter()
+                outputs[cached] = sample(model, prompt, new, 0.0, 0, seed=0, kv_cache=cached)
+                times[cached].append(time.perf_counter() - t0)
+        ratios = [u / c for c, u in zip(times[True], times[False])]
+        res = {
+            "prompt_tokens": prompt_len, "new_tokens": new,
+            "cached_tokens_per_s": new / statistics.median(times[True]),
+            "uncached_tokens_per_s": new / statistics.median(times[False]),
+            "speedup_median": statistics.median(ratios), "speedup_per_round": ratios,
+            "same_tokens": outputs[True] == outputs[False],
+        }
+        results[name] = res
+        print(f"{name}: cached {res['cached_tokens_per_s']:.1f} tok/s, uncached {res['uncached_tokens_per_s']:.1f} "
+              f"tok/s, speedup {res['speedup_median']:.2f}x (rounds {', '.join(f'{x:.2f}' for x in ratios)}), "
+              f"same tokens: {res['same_tokens']}", flush=True)
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": a.rounds}
+    Path(a.out).write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
