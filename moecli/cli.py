@@ -99,6 +99,8 @@ def train(
                                             "(bf16 products, fp32 weights and optimizer)"),
     set_: Optional[List[str]] = SET_OPT,
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="A Hugging Face tokenizer.json (default: bytes)."),
+    val_data: Optional[List[str]] = typer.Option(None, "--val-data", help="Validation text (repeatable: files, globs, "
+                                                 "directories, -); default: the last train.val_fraction of DATA."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its checkpoint."),
     init: Optional[str] = typer.Option(None, "--init", help="Start from this checkpoint's weights, recipe and "
                                        "tokenizer (a moecli or Hugging Face directory, e.g. an upcycled model)."),
@@ -109,6 +111,7 @@ def train(
     as_json: bool = JSON_OPT,
 ):
     """Train a model on text files; checkpoints and metrics go to --output."""
+    from .config import names_a_recipe
     from .train import TrainArgs, train as train_fn
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # by torchrun: one CLI per rank
@@ -119,11 +122,14 @@ def train(
                                  "train.grad_accum": grad_accum, "train.seq_len": seq_len,
                                  "train.lr": lr, "train.seed": seed, "train.eval_interval": eval_interval,
                                  "train.ckpt_interval": ckpt_interval, "train.precision": precision})
-        files = list(data or [])
-        if init and recipe is not None:  # no recipe with --init: the first argument is DATA too
+        files, recipe_arg = list(data or []), recipe
+        # no recipe with --init, and none needed with --resume: there the first argument is DATA too
+        # (with --resume, unless it reads as a recipe, which the run's own then replaces)
+        if recipe is not None and (init or (resume and not names_a_recipe(recipe))):
             files.insert(0, recipe)
-        args = TrainArgs(None if init else recipe, files, output, ov, resume, force, tokenizer, quiet,
-                         nproc, expert_parallel, init=init)
+            recipe_arg = None
+        args = TrainArgs(recipe_arg, files, output, ov, resume, force, tokenizer, quiet,
+                         nproc, expert_parallel, init=init, val_data=list(val_data or []))
         with render.TrainProgress(enabled=not quiet and nproc == 1 and not launched) as prog:  # ranks draw their own
             return train_fn(args, progress=prog.update)
 

@@ -313,6 +313,11 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     raise UserError(f"{name_or_path}: no such recipe file (bundled recipes: {', '.join(list_recipes())})")
 
 
+def names_a_recipe(arg: str) -> bool:
+    """Whether a command-line argument reads as a recipe (a .yaml/.yml path or a bundled name) rather than DATA."""
+    return arg.endswith((".yaml", ".yml")) or ("/" not in arg and (RECIPE_DIR / f"{arg}.yaml").is_file())
+
+
 def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 

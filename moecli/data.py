@@ -216,38 +216,60 @@ def open_tokens(path: Path, n: int, vocab_size: int) -> torch.Tensor:
 class TokenData:
     train: torch.Tensor  # 1-D token ids (memory-mapped)
     val: torch.Tensor
-    sources: int
-    fingerprint: str
+    fingerprint: str  # the token cache's, or "TRAIN+VAL" with --val-data
 
 
 def prepare_tokens(data_args: list[str], tokenizer, cache_dir: Path, val_fraction: float, seq_len: int,
-                   cached_fingerprint: str | None = None) -> TokenData:
+                   cached_fingerprint: str | None = None, val_args: list[str] | None = None) -> TokenData:
     """Tokenise DATA (or the default corpus) into ``cache_dir``, reusing the cache when unchanged.
 
-    With ``cached_fingerprint`` and no ``data_args`` (a resumed run), the cache is
-    used as it is, provided it still holds exactly those tokens.
+    The validation split is the tail ``val_fraction`` of the tokens, or with ``val_args`` (--val-data)
+    those texts, tokenised into a cache of their own (then all of DATA is training data; the run's
+    fingerprint is the two caches' joined by "+"). With ``cached_fingerprint`` and neither DATA nor
+    val_args (a resumed run, or a rank started by the launcher), the caches are used as they are,
+    provided they still hold exactly those tokens.
     """
-    meta_path, bin_path = cache_dir / "tokens.json", cache_dir / "tokens.bin"
+    reuse = cached_fingerprint is not None and not data_args and not val_args
+    fps = cached_fingerprint.split("+") if reuse else [None, None]
+    train_all, train_fp = _cached_tokens(cache_dir, "tokens", None if reuse else data_args, tokenizer, fps[0],
+                                         "DATA")
+    if val_args or (reuse and len(fps) == 2):
+        val, val_fp = _cached_tokens(cache_dir, "val", None if reuse else val_args, tokenizer, fps[-1],
+                                     "--val-data")
+        for toks, what in ((train_all, ", ".join(map(str, data_args)) or "DATA"),
+                           (val, "--val-data " + " ".join(map(str, val_args or [])))):
+            if toks.numel() < seq_len + 1:
+                raise UserError(f"{what.strip()}: only {toks.numel()} tokens; need at least {seq_len + 1} "
+                                f"for one window at seq_len {seq_len}")
+        return TokenData(train_all, val, train_fp + "+" + val_fp)
+    n = train_all.numel()
+    n_val = val_tokens(n, val_fraction, seq_len)
+    if n - n_val < seq_len + 1:
+        where = ", ".join(str(s) for s in data_args) or "default corpus"
+        raise UserError(f"{where}: only {n} tokens; need at least {2 * (seq_len + 1)} for training and "
+                        f"validation at seq_len {seq_len}")
+    return TokenData(train_all[: n - n_val], train_all[n - n_val:], train_fp)
+
+
+def _cached_tokens(cache_dir: Path, name: str, args: list[str] | None, tokenizer, cached_fp: str | None,
+                   what: str) -> tuple[torch.Tensor, str]:
+    """(tokens, fingerprint) of cache_dir/NAME.bin: with args None the cache must hold cached_fp's tokens;
+    else args (or the default corpus, for no DATA) are fingerprinted and tokenised unless already cached."""
+    meta_path, bin_path = cache_dir / f"{name}.json", cache_dir / f"{name}.bin"
     meta = _read_meta(meta_path, bin_path)
-    if cached_fingerprint is not None and not data_args:
-        if not meta or meta.get("fingerprint") != cached_fingerprint:
-            raise UserError(f"{cache_dir}: token cache missing or changed; pass the run's DATA again to resume")
+    if args is None:
+        if not meta or meta.get("fingerprint") != cached_fp:
+            raise UserError(f"{cache_dir}: token cache ({what}) missing, or changed since the checkpoint; give "
+                            f"the run's {what} again")
     else:
-        sources = expand_data_args(data_args) if data_args else default_corpus_files()
+        sources = expand_data_args(args) if args else default_corpus_files()
         cache_dir.mkdir(parents=True, exist_ok=True)
         fp = _fingerprint(sources, tokenizer)
         if not meta or meta.get("fingerprint") != fp:
             n = encode_to_file(sources, tokenizer, bin_path)
             meta = {"fingerprint": fp, "tokens": n, "bytes": bin_path.stat().st_size, "sources": len(sources)}
             atomic_write_json(meta_path, meta)
-    n = meta["tokens"]
-    n_val = val_tokens(n, val_fraction, seq_len)
-    if n - n_val < seq_len + 1:
-        where = ", ".join(str(s) for s in data_args) or "default corpus"
-        raise UserError(f"{where}: only {n} tokens; need at least {2 * (seq_len + 1)} for training and "
-                        f"validation at seq_len {seq_len}")
-    tokens = open_tokens(bin_path, n, tokenizer.vocab_size)
-    return TokenData(tokens[: n - n_val], tokens[n - n_val:], meta["sources"], meta["fingerprint"])
+    return open_tokens(bin_path, meta["tokens"], tokenizer.vocab_size), meta["fingerprint"]
 
 
 def val_tokens(n: int, val_fraction: float, seq_len: int) -> int:
@@ -261,24 +283,19 @@ def default_window(recipe, available: int) -> int:
     return min(recipe.model.context, recipe.train.seq_len, max(1, available))
 
 
-def run_val_split(checkpoint_dir: Path, recipe, vocab_size: int) -> tuple[torch.Tensor, Path]:
+def run_val_split(checkpoint_dir: Path, recipe, tokenizer) -> tuple[torch.Tensor, Path]:
     """The validation split a training run held out, for a checkpoint inside that run's output directory
     (RUN/checkpoint, whose token cache is RUN/data): (tokens, cache directory). The cache must still hold
     the tokens the checkpoint was trained on (train_state.json's fingerprint)."""
-    cache = checkpoint_dir.parent / "data"
-    meta = _read_meta(cache / "tokens.json", cache / "tokens.bin")
     try:
         trained_on = json.loads((checkpoint_dir / "train_state.json").read_text()).get("data")
     except (OSError, json.JSONDecodeError, AttributeError):
         trained_on = None
-    if checkpoint_dir.name != "checkpoint" or not trained_on or not meta:
+    if checkpoint_dir.name != "checkpoint" or not isinstance(trained_on, str):
         raise UserError(f"{checkpoint_dir}: DATA: give a file, directory, glob or - for stdin (with no DATA, "
                         f"the checkpoint must be a `moe train` run's, with its token cache in RUN/data)")
-    if meta.get("fingerprint") != trained_on:
-        raise UserError(f"{cache}: the run's token cache no longer holds the tokens it trained on; give DATA")
-    n = meta["tokens"]
-    n_val = val_tokens(n, recipe.train.val_fraction, recipe.train.seq_len)
-    return open_tokens(cache / "tokens.bin", n, vocab_size)[max(0, n - n_val):], cache
+    cache, t = checkpoint_dir.parent / "data", recipe.train
+    return prepare_tokens([], tokenizer, cache, t.val_fraction, t.seq_len, trained_on).val, cache
 
 
 def _read_meta(meta_path: Path, bin_path: Path) -> dict | None:

@@ -72,7 +72,7 @@ def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: 
             n = encode_to_file(sources, tok, path)
             tokens, where = open_tokens(path, n, tok.vocab_size), ", ".join(data)
         else:
-            tokens, cache = run_val_split(directory, model.recipe, tok.vocab_size)
+            tokens, cache = run_val_split(directory, model.recipe, tok)
             n, where = tokens.numel(), f"validation split of {cache.parent}"
         if n < 2:
             raise UserError(f"{where}: only {n} tokens; need at least 2 to score one")

@@ -199,7 +199,7 @@ def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, s
     if data:
         ids, where = read_tokens(data, tok, max_tokens), ", ".join(data)
     else:  # no DATA: the split the training run held out for validation
-        val, cache = run_val_split(directory, model.recipe, tok.vocab_size)
+        val, cache = run_val_split(directory, model.recipe, tok)
         ids, where = val[:max_tokens].long(), f"validation split of {cache.parent}"
     if seq_len is None:
         seq_len = default_window(model.recipe, ids.numel())

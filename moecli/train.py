@@ -57,6 +57,7 @@ class TrainArgs:
     expert_parallel: bool = False  # with nproc > 1: shard each layer's experts over the processes
     data_fingerprint: str | None = None  # set by the launcher: ranks reuse its token cache
     init: str | None = None  # start from this checkpoint's weights, recipe and tokenizer (e.g. an upcycled model)
+    val_data: list[str] = field(default_factory=list)  # validation texts (--val-data); none: DATA's tail
 
 
 def lr_at(step: int, t) -> float:
@@ -263,7 +264,7 @@ def train(args: TrainArgs, progress=None) -> dict:
         st = setup(args)  # validate and tokenise once, here, before starting the ranks
         st.out.mkdir(parents=True, exist_ok=True)
         data = _tokens(args, st)
-        rank_args = dataclasses.replace(args, data=[], data_fingerprint=data.fingerprint, output=st.out)
+        rank_args = dataclasses.replace(args, data=[], val_data=[], data_fingerprint=data.fingerprint, output=st.out)
         return spawn(args.nproc, _rank_main, rank_args)
     return _train(args, progress)
 
@@ -272,9 +273,10 @@ def _tokens(args: TrainArgs, st: Setup):
     """The run's token data (from DATA, the default corpus, or the cache a launcher or checkpoint names)."""
     t = st.recipe.train
     data = prepare_tokens(args.data, st.tokenizer, st.out / "data", t.val_fraction, t.seq_len,
-                          st.resume_state.get("data") or args.data_fingerprint)
+                          st.resume_state.get("data") or args.data_fingerprint, args.val_data)
     if args.resume and st.resume_state.get("data") != data.fingerprint:
-        raise UserError(f"{st.out}: the training data changed since the checkpoint; resume with the same DATA")
+        raise UserError(f"{st.out}: the training data changed since the checkpoint; resume with the same DATA "
+                        f"(and --val-data), or none to use the run's token cache")
     return data
 
 
@@ -333,6 +335,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
     last_ckpt_step = start_step if args.resume else None
     summary = {"output": str(out), "recipe": recipe.name, "start_step": start_step, "steps": t.max_steps,
                "train_tokens": int(data.train.numel()), "val_tokens": int(data.val.numel()),
+               "val_from": "--val-data" if "+" in data.fingerprint else f"the last {t.val_fraction:g} of the tokens",
                "processes": info.world, "expert_parallel": info.expert_parallel, "precision": t.precision,
                "init": str(st.init_dir) if st.init_dir is not None else None}
     local_b = t.batch_size // info.world
