@@ -283,9 +283,9 @@ def default_window(recipe, available: int) -> int:
     return min(recipe.model.context, recipe.train.seq_len, max(1, available))
 
 
-def run_val_split(checkpoint_dir: Path, recipe, tokenizer) -> tuple[torch.Tensor, Path]:
+def run_val_split(checkpoint_dir: Path, recipe, tokenizer) -> tuple[torch.Tensor, str]:
     """The validation split a training run held out, for a checkpoint inside that run's output directory
-    (RUN/checkpoint, whose token cache is RUN/data): (tokens, cache directory). The cache must still hold
+    (RUN/checkpoint, whose token cache is RUN/data): (tokens, "validation split of RUN"). The cache must still hold
     the tokens the checkpoint was trained on (train_state.json's fingerprint)."""
     try:
         trained_on = json.loads((checkpoint_dir / "train_state.json").read_text()).get("data")
@@ -295,7 +295,8 @@ def run_val_split(checkpoint_dir: Path, recipe, tokenizer) -> tuple[torch.Tensor
         raise UserError(f"{checkpoint_dir}: DATA: give a file, directory, glob or - for stdin (with no DATA, "
                         f"the checkpoint must be a `moe train` run's, with its token cache in RUN/data)")
     cache, t = checkpoint_dir.parent / "data", recipe.train
-    return prepare_tokens([], tokenizer, cache, t.val_fraction, t.seq_len, trained_on).val, cache
+    val = prepare_tokens([], tokenizer, cache, t.val_fraction, t.seq_len, trained_on).val
+    return val, f"validation split of {checkpoint_dir.parent}"
 
 
 def _read_meta(meta_path: Path, bin_path: Path) -> dict | None:

@@ -65,15 +65,12 @@ def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: 
         raise UserError(f"--seq-len: must be between 1 and the model's context ({context}), got {seq_len}")
     with tempfile.TemporaryDirectory(prefix="moe-eval-") as tmp:
         if data:
-            sources = expand_data_args(data)
-            if not sources:
-                raise UserError("DATA: give at least one file, directory, glob, or - for stdin")
             path = Path(tmp) / "tokens.bin"
-            n = encode_to_file(sources, tok, path)
+            n = encode_to_file(expand_data_args(data), tok, path)
             tokens, where = open_tokens(path, n, tok.vocab_size), ", ".join(data)
         else:
-            tokens, cache = run_val_split(directory, model.recipe, tok)
-            n, where = tokens.numel(), f"validation split of {cache.parent}"
+            tokens, where = run_val_split(directory, model.recipe, tok)
+            n = tokens.numel()
         if n < 2:
             raise UserError(f"{where}: only {n} tokens; need at least 2 to score one")
         if seq_len is None:

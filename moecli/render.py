@@ -176,8 +176,7 @@ def render_train(res: dict) -> None:
 def render_eval(res: dict) -> None:
     out.print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  "
               f"({res['tokens']:,} tokens in {res['windows']} window{'s' * (res['windows'] != 1)} of {res['seq_len']}, "
-              f"{res['dtype']}; "
-              f"{res['data']})")
+              f"{res['dtype']}; {res['data']})")
 
 
 def render_generate(res: dict) -> None:

@@ -199,8 +199,8 @@ def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, s
     if data:
         ids, where = read_tokens(data, tok, max_tokens), ", ".join(data)
     else:  # no DATA: the split the training run held out for validation
-        val, cache = run_val_split(directory, model.recipe, tok)
-        ids, where = val[:max_tokens].long(), f"validation split of {cache.parent}"
+        val, where = run_val_split(directory, model.recipe, tok)
+        ids = val[:max_tokens].long()
     if seq_len is None:
         seq_len = default_window(model.recipe, ids.numel())
     if ids.numel() < seq_len:
