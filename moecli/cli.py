@@ -82,8 +82,9 @@ def build(
 
 @app.command()
 def train(
-    recipe: Optional[str] = typer.Argument(None, help="Recipe YAML or bundled name (not needed with --resume; "
-                                           "none with --init: then every argument is DATA)."),
+    recipe: Optional[str] = typer.Argument(None, help="Recipe YAML or bundled name (not needed with --resume, "
+                                           "where a first argument that is not one is DATA; none with --init: "
+                                           "then every argument is DATA)."),
     data: Optional[List[str]] = typer.Argument(None, help="Text files, globs, directories, or - for stdin. "
                                                "Default: the Python standard library's source (embedded corpus)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Run directory (default runs/RECIPE)."),
