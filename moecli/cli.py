@@ -283,8 +283,31 @@ def _root(version: bool = typer.Option(False, "--version", help="Print the versi
         raise typer.Exit(0)
 
 
+def _is(e: BaseException, name: str) -> bool:
+    """Whether e is click's exception `name` (typer may ship its own copy of click, so match by class name)."""
+    return any(c.__name__ == name for c in type(e).__mro__)
+
+
 def main() -> None:
-    app()
+    """The entry point. Usage errors (a missing argument, an unknown option, a value of the wrong type) are
+    one line on stderr, exit 2, like every other bad input; `moe` alone prints the help (exit 2, as before)."""
+    try:
+        rc = app(prog_name="moe", standalone_mode=False)
+    except Exception as e:
+        if _is(e, "NoArgsIsHelpError"):  # the help is already printed
+            sys.exit(2)
+        if _is(e, "UsageError"):
+            cmd = e.ctx.command_path if getattr(e, "ctx", None) is not None else "moe"
+            render.error_line(f"{cmd}: {e.format_message()} (see {cmd} --help)")
+            sys.exit(2)
+        if _is(e, "ClickException"):
+            render.error_line(e.format_message())
+            sys.exit(e.exit_code)
+        if _is(e, "Abort"):
+            render.error_line("interrupted")
+            sys.exit(130)
+        raise
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -110,3 +110,23 @@ def test_cli_bad_numeric_options_exit_2(cli, tmp_path, tiny_recipe, args, messag
     r = cli(*[a.replace("{ckpt}", str(ckpt)) for a in args], input="hello world " * 100)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,line", [
+    (["eval"], "error: moe eval: Missing argument 'checkpoint'. (see moe eval --help)"),
+    (["generate", "x"], "error: moe generate: Missing option '--prompt' / '-p'. (see moe generate --help)"),
+    (["train", "--bogus"], "error: moe train: No such option: --bogus (see moe train --help)"),
+    (["train", "mixtral", "--max-steps", "abc"], "error: moe train: Invalid value for '--max-steps': "),
+    (["nosuch"], "error: moe: No such command 'nosuch'. (see moe --help)"),
+])
+def test_usage_errors_are_one_line_exit_2(cli, args, line):
+    r = cli(*args)
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(line), r.stderr
+
+
+def test_no_arguments_prints_the_help_and_help_exits_0(cli):
+    r = cli()
+    assert r.returncode == 2 and "Usage" in r.stdout and "train" in r.stdout
+    h = cli("train", "--help")
+    assert h.returncode == 0 and "--val-data" in h.stdout and h.stderr == ""
