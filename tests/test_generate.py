@@ -47,3 +47,21 @@ def test_generation_with_and_without_cache_gives_the_same_tokens(name):
     assert sample(model, prompt, 0, 1.0, 0, seed=5) == []
     long_prompt = prompt * 3  # longer than the context: no cache at all, the last 48 tokens each step
     assert sample(model, long_prompt, 5, 0.0, 0, 0) == sample(model, long_prompt, 5, 0.0, 0, 0, kv_cache=False)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe"])
+def test_greedy_generation_matches_transformers(tmp_path, kind):
+    """moecli's cached greedy decoding on a Hugging Face checkpoint gives the tokens transformers' generate gives
+    (its own KV cache), 30 new tokens after an 8-token prompt, within the 64-token context."""
+    pytest.importorskip("transformers")
+    from hf_models import make
+
+    from moecli.checkpoint import load_checkpoint
+
+    hf = make(kind, tmp_path / kind)
+    ours, _ = load_checkpoint(tmp_path / kind)
+    prompt = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        theirs = hf.generate(prompt, max_new_tokens=30, do_sample=False, min_new_tokens=30,
+                             pad_token_id=0)[0, 8:].tolist()
+    assert sample(ours, prompt[0].tolist(), 30, 0.0, 0, seed=0) == theirs
