@@ -80,6 +80,9 @@ class MoEConfig:
     router_noise: float = 0.0  # noisy top-k gating: N(0, std^2) added to logits while training
     random_routing: bool = False  # GShard: keep the 2nd..k-th expert with probability min(1, 2*gate)
     capacity_factor: float = 0.0  # 0 -> dropless; else each expert takes ceil(cf*T*k/E) tokens
+    # the capacity factor when not training (evaluation, generation, inspect-routing): Switch trains at 1-1.25
+    # and evaluates at 2.0, dropping fewer tokens; -1 -> capacity_factor, 0 -> dropless
+    eval_capacity_factor: float = -1.0
     first_k_dense: int = 0  # the first k layers keep a dense FFN (DeepSeek-V3: 3)
     moe_every_n: int = 1  # after those, every n-th layer is MoE (GLaM, Llama 4: 2)
 
@@ -108,6 +111,8 @@ class MoEConfig:
         _check(0 <= self.router_jitter < 1, "router_jitter", f"must be in [0, 1), got {self.router_jitter}")
         _check(self.router_noise >= 0, "router_noise", f"must be >= 0, got {self.router_noise}")
         _check(self.capacity_factor >= 0, "capacity_factor", f"must be >= 0 (0 = dropless), got {self.capacity_factor}")
+        _check(self.eval_capacity_factor >= 0 or self.eval_capacity_factor == -1, "eval_capacity_factor",
+               f"must be >= 0 (0 = dropless) or -1 (= capacity_factor), got {self.eval_capacity_factor}")
         _check(not self.random_routing or self.top_k >= 2, "random_routing", "needs top_k >= 2")
 
     @property

@@ -94,7 +94,10 @@ class MoELayer(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         T, E, K = B * S, self.cfg.num_experts, self.cfg.top_k
         route = self.router(x_TD)
-        cap = expert_capacity(T, K, E, self.cfg.capacity_factor) if self.cfg.capacity_factor > 0 else 0
+        cf = self.cfg.capacity_factor
+        if not self.training and self.cfg.eval_capacity_factor >= 0:
+            cf = self.cfg.eval_capacity_factor
+        cap = expert_capacity(T, K, E, cf) if cf > 0 else 0
         d = dispatch(route.idx_TK, route.keep_TK, E, cap)
 
         x_ND = x_TD.index_select(0, d.token_N)

@@ -16,6 +16,8 @@ BAD = [
     ("moe:\n  num_experts: 6\n  n_groups: 4\n", "moe.n_groups: must divide num_experts (6), got 4"),
     ("train:\n  lr: -1\n", "train.lr: must be > 0"),
     ("moe:\n  num_experts: 4\n  capacity_factor: -0.5\n", "moe.capacity_factor: must be >= 0"),
+    ("moe:\n  num_experts: 4\n  eval_capacity_factor: -0.5\n",
+     "moe.eval_capacity_factor: must be >= 0 (0 = dropless) or -1 (= capacity_factor), got -0.5"),
     ("moe: [1, 2]\n", "moe: must be a mapping"),
     ("trian:\n  lr: 1\n", "trian: unknown key (did you mean 'train'?)"),
     ("model:\n  context: 64\ntrain:\n  seq_len: 128\n", "train.seq_len: must be <= model.context (64)"),

@@ -112,6 +112,25 @@ def test_dropped_token_gets_zero_moe_output():
     assert layer.stats["dropped"] == 8 - cap
 
 
+@pytest.mark.parametrize("eval_cf,eval_dropped", [(-1.0, 6), (0.0, 0), (1.5, 8 - 6), (2.0, 0)])
+def test_eval_capacity_factor_applies_when_not_training(eval_cf, eval_dropped):
+    """Everyone wants expert 0 (8 tokens, top-1, 2 experts): training keeps ceil(0.5 * 8 / 2) = 2 of them;
+    out of training mode the capacity is eval_capacity_factor's (-1: the same, 0: dropless, 1.5: 6, 2.0: 8)."""
+    cfg = MoEConfig(num_experts=2, top_k=1, expert_ffn=16, capacity_factor=0.5, eval_capacity_factor=eval_cf)
+    layer = MoELayer(8, cfg, BalanceConfig())
+    with torch.no_grad():
+        layer.router.gate.weight.zero_()
+        layer.router.gate.weight[0] = 1.0
+    x = torch.rand(1, 8, 8) + 0.1
+    layer.train()
+    layer(x)
+    assert layer.stats["dropped"] == 6
+    layer.eval()
+    y = layer(x)
+    assert layer.stats["dropped"] == eval_dropped
+    assert (y[0, 8 - eval_dropped:] == 0).all() and (y[0, : 8 - eval_dropped].abs().sum(-1) > 0).all()
+
+
 def _identical_experts_layer(E, K, renormalize, shared=0):
     torch.manual_seed(1)
     cfg = MoEConfig(num_experts=E, top_k=K, expert_ffn=16, renormalize=renormalize, num_shared_experts=shared)
