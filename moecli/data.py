@@ -229,6 +229,8 @@ def prepare_tokens(data_args: list[str], tokenizer, cache_dir: Path, val_fractio
     val_args (a resumed run, or a rank started by the launcher), the caches are used as they are,
     provided they still hold exactly those tokens.
     """
+    if "-" in (data_args or []) and "-" in (val_args or []):
+        raise UserError("--val-data -: standard input is already DATA (it can be read once); give a file")
     reuse = cached_fingerprint is not None and not data_args and not val_args
     fps = cached_fingerprint.split("+") if reuse else [None, None]
     train_all, train_fp = _cached_tokens(cache_dir, "tokens", None if reuse else data_args, tokenizer, fps[0],

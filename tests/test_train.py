@@ -165,6 +165,9 @@ def test_val_data_is_the_validation_set_and_resumes_from_its_cache(tmp_path, cor
     for args in ((corpus,), (recipe, corpus)):  # DATA without its --val-data: another run's data
         changed = cli("train", *args, "-o", part, "--resume", "-q", "--max-steps", 9)
         assert changed.returncode == 2 and "training data changed" in changed.stderr
+    both = cli("train", recipe, "-", "--val-data", "-", "-o", tmp_path / "stdin", "-q", input=TEXT)
+    assert both.returncode == 2 and both.stderr.strip() == (
+        "error: --val-data -: standard input is already DATA (it can be read once); give a file")
     short = tmp_path / "short.txt"
     short.write_text("too short")
     bad = cli("train", recipe, corpus, "--val-data", short, "-o", tmp_path / "bad", "-q")
