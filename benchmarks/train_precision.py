@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from moe_layer import SHAPES, make_case  # noqa: E402
+from moe_layer import SHAPES, input_pool, make_case  # noqa: E402
 from moecli import experts as X  # noqa: E402
 from moecli.train import TrainArgs, train  # noqa: E402
 
@@ -47,7 +47,7 @@ def layer_part(rounds: int, calls: int) -> dict:
     out = {}
     for sname, sh in SHAPES.items():
         x, g, layer, _ = make_case(sh, torch.bfloat16)
-        fresh = [torch.randn_like(x).requires_grad_() for _ in range(rounds * 2 * calls)]
+        fresh = input_pool(x, rounds * 2 * calls)
         ratios = {"fresh": [], "fixed": []}
         times = {}
 

@@ -218,6 +218,11 @@ class TokenData:
     val: torch.Tensor
     fingerprint: str  # the token cache's, or "TRAIN+VAL" with --val-data
 
+    @property
+    def val_from_own_text(self) -> bool:
+        """Whether validation is --val-data's text (its own cache) rather than the tail of DATA."""
+        return "+" in self.fingerprint
+
 
 def prepare_tokens(data_args: list[str], tokenizer, cache_dir: Path, val_fraction: float, seq_len: int,
                    cached_fingerprint: str | None = None, val_args: list[str] | None = None) -> TokenData:

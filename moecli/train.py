@@ -335,7 +335,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
     last_ckpt_step = start_step if args.resume else None
     summary = {"output": str(out), "recipe": recipe.name, "start_step": start_step, "steps": t.max_steps,
                "train_tokens": int(data.train.numel()), "val_tokens": int(data.val.numel()),
-               "val_from": "--val-data" if "+" in data.fingerprint else f"the last {t.val_fraction:g} of the tokens",
+               "val_from": "--val-data" if data.val_from_own_text else f"the last {t.val_fraction:g} of the tokens",
                "processes": info.world, "expert_parallel": info.expert_parallel, "precision": t.precision,
                "init": str(st.init_dir) if st.init_dir is not None else None}
     local_b = t.batch_size // info.world
