@@ -162,15 +162,19 @@ def generate(
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
     top_k: int = typer.Option(50, "--top-k", help="Sample among the k most likely tokens (0 = all)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Then among the most likely tokens that make up this much "
+                                                    "probability (nucleus sampling; 1 = all)."),
     seed: int = typer.Option(0, "--seed"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute)."),
     as_json: bool = JSON_OPT,
 ):
-    """Sample a continuation of a prompt."""
+    """Sample a continuation of a prompt; printed as it is sampled (with --json, all at the end)."""
     from .generate import generate as generate_fn
 
     text = sys.stdin.read() if prompt == "-" else prompt
-    _run(lambda: generate_fn(checkpoint, text, max_new_tokens, temperature, top_k, seed), as_json,
-         render.render_generate)
+    out = None if as_json else render.GenerateStream(text)
+    _run(lambda: generate_fn(checkpoint, text, max_new_tokens, temperature, top_k, seed, top_p, dtype,
+                             on_text=out and out.piece), as_json, out and out.end)
 
 
 @app.command()

@@ -179,8 +179,22 @@ def render_eval(res: dict) -> None:
               f"{res['dtype']}; {res['data']})")
 
 
-def render_generate(res: dict) -> None:
-    sys.stdout.write(res["prompt"] + res["completion"] + "\n")
+class GenerateStream:
+    """Prints a completion as it is sampled: the prompt with the first piece, each piece as it comes
+    (flushed, so a pipe sees it at once), and the end of line last (with the prompt, if no piece came)."""
+
+    def __init__(self, prompt: str):
+        self.prompt, self.started = prompt, False
+
+    def piece(self, text: str) -> None:
+        if not self.started:
+            sys.stdout.write(self.prompt)
+            self.started = True
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def end(self, res: dict) -> None:
+        sys.stdout.write(("" if self.started else self.prompt) + "\n")
 
 
 class TensorProgress:

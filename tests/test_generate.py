@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from moecli.config import apply_overrides, load_recipe
-from moecli.generate import sample
+from moecli.data import ByteTokenizer
+from moecli.generate import TextStream, pick, sample
 from moecli.model import KVCache, build_model
 
 # dropless recipes covering the attention and routing variants: GQA, q/k norm per head (qwen3-moe), sigmoid
@@ -65,3 +66,49 @@ def test_greedy_generation_matches_transformers(tmp_path, kind):
         theirs = hf.generate(prompt, max_new_tokens=30, do_sample=False, min_new_tokens=30,
                              pad_token_id=0)[0, 8:].tolist()
     assert sample(ours, prompt[0].tolist(), 30, 0.0, 0, seed=0) == theirs
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p():
+    """Nucleus sampling over probabilities 0.5, 0.3, 0.15, 0.05: p = 0.7 keeps the first two (0.5 < 0.7 <= 0.8),
+    p = 0.45 only the first, p = 1 all four; top-k applies first."""
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    gen = torch.Generator().manual_seed(0)
+
+    def seen(**kw):
+        return {pick(logits, 1.0, kw.get("top_k", 0), kw["top_p"], gen) for _ in range(400)}
+
+    assert seen(top_p=0.7) == {0, 1}
+    assert seen(top_p=0.45) == {0}
+    assert seen(top_p=0.81) == {0, 1, 2}
+    assert seen(top_p=1.0) == {0, 1, 2, 3}
+    assert seen(top_p=0.81, top_k=2) == {0, 1}
+    assert pick(logits, 0.0, 0, 0.1, gen) == 0  # greedy ignores both
+
+
+def test_text_stream_releases_whole_characters_and_joins_to_the_decoding():
+    tok = ByteTokenizer()
+    text = "héllo, wörld ✓ 🙂!"
+    ids = tok.encode(text)
+    stream = TextStream(tok)
+    pieces = [stream.push(i) for i in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + stream.finish() == text
+    assert sum(1 for p in pieces if p) == len(text)  # one piece per character, as soon as it is whole
+    cut = TextStream(tok)  # a sample that ends inside a character: finish releases the replacement
+    assert [cut.push(i) for i in ids[:2]] == ["h", ""] and cut.finish() == "\ufffd"
+
+
+def test_generate_streams_what_json_reports(tmp_path, cli):
+    """The printed stream is the prompt and the completion --json reports for the same seed; bfloat16 runs."""
+    import json
+
+    run = tmp_path / "m"
+    assert cli("build", "mixtral", "-o", run, "--set", "model.n_layers=1", "--json").returncode == 0
+    args = ("generate", run, "-p", "héllo ", "-n", "40", "--seed", "4", "--top-p", "0.9")
+    as_json, printed = cli(*args, "--json"), cli(*args)
+    assert as_json.returncode == 0 and printed.returncode == 0, printed.stderr
+    res = json.loads(as_json.stdout)
+    assert res["new_tokens"] == 40 and res["top_p"] == 0.9
+    assert printed.stdout == "héllo " + res["completion"] + "\n"
+    bf16 = cli(*args, "--dtype", "bfloat16", "--json")
+    assert bf16.returncode == 0 and json.loads(bf16.stdout)["new_tokens"] == 40, bf16.stderr

@@ -263,6 +263,8 @@ def test_hf_tokenizer_json(tmp_path, corpus, tiny_recipe, cli):
     assert json.loads(ev.stdout)["tokens"] < len(TEXT) / 2  # BPE tokens, not bytes
     g = cli("generate", run, "--prompt", "Line 3:", "-n", "5", "--json")
     assert g.returncode == 0 and json.loads(g.stdout)["new_tokens"] == 5
+    printed = cli("generate", run, "--prompt", "Line 3:", "-n", "5")  # streamed piece by piece: the same text
+    assert printed.stdout == "Line 3:" + json.loads(g.stdout)["completion"] + "\n"
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     r = cli("train", tiny_recipe(), corpus, "-o", tmp_path / "r2", "--tokenizer", bad)
