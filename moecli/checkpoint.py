@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .config import recipe_from_dict
+from .config import Recipe, recipe_from_dict
 from .errors import UserError
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, save_safetensors
 from .model import Transformer
 
 FORMAT = "moecli-checkpoint"
@@ -38,8 +38,8 @@ def save_checkpoint(model: Transformer, directory: Path, extra: dict | None = No
     ``state`` replaces the model's own state dict (e.g. experts gathered from several ranks).
     """
     directory = Path(directory)
-    save_file(state if state is not None else model_state(model), str(directory / MODEL_FILE),
-              metadata={"format": "pt"})
+    save_safetensors(state if state is not None else model_state(model), directory / MODEL_FILE,
+                     metadata={"format": "pt"})
     config = {"format": FORMAT, "version": 1, "recipe": model.recipe.to_dict()}
     config.update(extra or {})
     atomic_write_json(directory / CONFIG_FILE, config)
@@ -78,18 +78,28 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: not a readable safetensors file: {e}") from None
 
 
+def read_recipe(path: str | Path) -> tuple[Recipe, dict, Path]:
+    """(recipe, config, directory) of a moecli checkpoint or a Hugging Face model directory (see hf.py),
+    without reading its weights."""
+    directory = find_checkpoint_dir(path)
+    cfg = read_config(directory)
+    if cfg.get("format") == FORMAT:
+        return recipe_from_dict(cfg.get("recipe"), str(directory / CONFIG_FILE) + " recipe"), cfg, directory
+    if "model_type" in cfg:
+        from .hf import read_hf_config, recipe_from_hf
+
+        return recipe_from_hf(read_hf_config(directory), str(directory / CONFIG_FILE)), cfg, directory
+    raise UserError(f"{directory / CONFIG_FILE}: not a moecli checkpoint (no \"format\": \"{FORMAT}\")")
+
+
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Transformer, dict]:
     """Load a moecli checkpoint, or a Hugging Face model directory (see hf.py), with its parameters in
     `dtype`. Returns (model, config)."""
-    directory = find_checkpoint_dir(path)
-    cfg = read_config(directory)
+    recipe, cfg, directory = read_recipe(path)
     if cfg.get("format") != FORMAT:
-        if "model_type" in cfg:
-            from .hf import load_hf_model
+        from .hf import load_hf_model
 
-            return load_hf_model(directory, dtype), cfg
-        raise UserError(f"{directory / CONFIG_FILE}: not a moecli checkpoint (no \"format\": \"{FORMAT}\")")
-    recipe = recipe_from_dict(cfg.get("recipe"), str(directory / CONFIG_FILE) + " recipe")
+        return load_hf_model(directory, dtype, recipe), cfg
     model = Transformer(recipe).to(dtype)
     load_into(model, load_state_file(directory / MODEL_FILE), directory / MODEL_FILE)
     model.eval()
@@ -107,14 +117,19 @@ def load_with_tokenizer(path: str | Path, dtype: torch.dtype = torch.float32):
     return model, cfg, directory, tok
 
 
-def load_into(model: Transformer, sd: dict[str, torch.Tensor], source: Path | str) -> None:
-    expected = model_state(model)
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
+def check_shapes(model: Transformer, shapes: dict[str, tuple], source: Path | str) -> None:
+    """The tensor names and shapes a checkpoint holds must be those of the model its config describes."""
+    expected = {k: tuple(v.shape) for k, v in model_state(model).items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise UserError(f"{source}: tensors do not match the config ({what})")
-    for k, v in sd.items():
-        if v.shape != expected[k].shape:
-            raise UserError(f"{source}: {k} has shape {tuple(v.shape)}, config says {tuple(expected[k].shape)}")
+    for k, shape in shapes.items():
+        if tuple(shape) != expected[k]:
+            raise UserError(f"{source}: {k} has shape {tuple(shape)}, config says {expected[k]}")
+
+
+def load_into(model: Transformer, sd: dict[str, torch.Tensor], source: Path | str) -> None:
+    check_shapes(model, {k: tuple(v.shape) for k, v in sd.items()}, source)
     model.load_state_dict(sd, strict=False)

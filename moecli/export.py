@@ -13,12 +13,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .checkpoint import FORMAT, find_checkpoint_dir, load_checkpoint, model_state
 from .config import Recipe
 from .errors import UserError
-from .fileio import atomic_dir, atomic_write_json
+from .fileio import atomic_dir, atomic_write_json, save_safetensors
 from .st_stream import assign_shards
 from .hf import (TOKENIZER_FILES, _expert_names, check_writable, hf_config_for, plain_name_map,
                  qwen2_empty_shared_expert, shard_file_name, write_shard_index)
@@ -106,7 +105,7 @@ def export(checkpoint: str, output: Path, fmt: str = "auto", dtype: str = "float
         weight_map = {}
         for k, shard in enumerate(shards):
             fname = shard_file_name(k, len(shards))
-            save_file({n: tensors[n] for n in shard}, str(tmp / fname), metadata={"format": "pt"})
+            save_safetensors({n: tensors[n] for n in shard}, tmp / fname, metadata={"format": "pt"})
             weight_map.update({n: fname for n in shard})
         write_shard_index(tmp, weight_map, sum(sizes))
         atomic_write_json(tmp / "config.json", hf_cfg)

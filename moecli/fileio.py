@@ -46,6 +46,30 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with the file given the usual permissions (save_file leaves it 0600, so
+    a checkpoint or export shared with a group could not be read by it)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def metrics_upto(path: Path, step: int) -> list[tuple[str, dict]]:
+    """(line, record) for each line of a metrics.jsonl whose step is at most `step`, in order; a line cut
+    short by a kill is skipped. Lines past a checkpoint's step belong to steps the checkpoint does not hold."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f.read().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and rec.get("step", 0) <= step:
+                rows.append((line, rec))
+    return rows
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path, overwrite: bool = False):
     """Yield a temporary directory; on success it replaces ``target`` in one rename.

@@ -257,15 +257,16 @@ def _expert_stack(src: LazyTensors, mt: str, i: int, E: int, dtype) -> dict[str,
     return {"w1_EDF": torch.stack(w1), "w3_EDF": torch.stack(w3), "w2_EFD": torch.stack(w2)}
 
 
-def load_hf_model(directory: Path, dtype=torch.float32):
-    """A Hugging Face dense or MoE checkpoint loaded into moecli's Transformer (eval mode)."""
+def load_hf_model(directory: Path, dtype=torch.float32, recipe: Recipe | None = None):
+    """A Hugging Face dense or MoE checkpoint loaded into moecli's Transformer (eval mode); `recipe`:
+    recipe_from_hf of its config, where the caller has it already."""
     from .checkpoint import load_into
     from .model import Transformer
 
     directory = Path(directory)
     cfg = read_hf_config(directory)
     mt = cfg["model_type"]
-    recipe = recipe_from_hf(cfg, str(directory / "config.json"))
+    recipe = recipe or recipe_from_hf(cfg, str(directory / "config.json"))
     src = LazyTensors.from_dir(directory)
     model = Transformer(recipe).to(dtype)
     sd = {}

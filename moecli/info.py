@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 from pathlib import Path
 
@@ -10,9 +11,12 @@ import torch
 from . import __version__
 from .config import list_recipes, load_recipe
 from .errors import UserError
+from .checkpoint import FORMAT, MODEL_FILE, check_shapes, read_recipe
 from .experts import threads_from_env
-from .model import build_model
+from .fileio import metrics_upto
+from .model import Transformer
 from .params import parameter_report
+from .st_stream import LazyTensors
 
 
 def info(target: str | None) -> dict:
@@ -28,11 +32,13 @@ def info(target: str | None) -> dict:
         }
     p = Path(target)
     if p.is_dir():
-        from .checkpoint import load_checkpoint
-
-        model, cfg = load_checkpoint(p)
         kind = "checkpoint"
+        recipe, cfg, directory = read_recipe(p)
+        with torch.device("meta"):  # shapes only: a checkpoint of any size is described without its weights
+            model = Transformer(recipe)
         extra = {k: cfg[k] for k in ("step", "tokens_seen", "source") if k in cfg}
+        extra["weights"] = weights_summary(model, cfg, directory)
+        extra.update(last_metrics(directory, cfg.get("step")))
     else:
         try:
             recipe = load_recipe(target)
@@ -40,9 +46,43 @@ def info(target: str | None) -> dict:
             if not p.exists():
                 raise UserError(f"{target}: no such checkpoint directory or recipe") from None
             raise
-        model, kind, extra = build_model(recipe), "recipe", {}
+        with torch.device("meta"):
+            model, kind, extra = Transformer(recipe), "recipe", {}
     r = model.recipe
     return {
         "kind": kind, "target": target, "recipe": r.name, "description": r.description,
         "moe_layers": r.moe_layers(), "params": parameter_report(model), "config": r.to_dict(), **extra,
     }
+
+
+def weights_summary(model: Transformer, cfg: dict, directory: Path) -> dict:
+    """Files, bytes, tensors and dtypes of a checkpoint's weights, read from the safetensors headers only.
+    A moecli checkpoint's tensor names and shapes are checked against its config, as loading it would."""
+    if cfg.get("format") == FORMAT:
+        src = LazyTensors([directory / MODEL_FILE]) if (directory / MODEL_FILE).is_file() else None
+        if src is None:
+            raise UserError(f"{directory / MODEL_FILE}: missing")
+        metas = {k: src.meta(k) for k in src.keys()}
+        check_shapes(model, {k: shape for k, (_, shape) in metas.items()}, directory / MODEL_FILE)
+    else:
+        src = LazyTensors.from_dir(directory)
+        metas = {k: src.meta(k) for k in src.keys()}
+    dtypes: dict[str, int] = {}
+    for dtype, shape in metas.values():
+        name = str(dtype).removeprefix("torch.")
+        dtypes[name] = dtypes.get(name, 0) + math.prod(shape)
+    return {"files": len(src.handles), "bytes": src.total_bytes(), "tensors": len(metas), "dtypes": dtypes}
+
+
+def last_metrics(directory: Path, step: int | None) -> dict:
+    """For a checkpoint in a training run (RUN/checkpoint beside RUN/metrics.jsonl): the last training loss
+    and validation loss logged up to the checkpoint's step (later lines belong to steps it does not hold)."""
+    path = directory.parent / "metrics.jsonl"
+    if step is None or directory.name != "checkpoint" or not path.is_file():
+        return {}
+    found: dict = {}
+    for _, row in metrics_upto(path, step):
+        for key in ("loss", "val_loss"):
+            if key in row:
+                found[key] = {"step": row["step"], "value": row[key]}
+    return found

@@ -88,6 +88,13 @@ def render_info(res: dict) -> None:
     for key in ("step", "tokens_seen", "source"):
         if key in res:
             out.print(f"{key}: {res[key]}")
+    for key in ("loss", "val_loss"):
+        if key in res:
+            out.print(f"{key}: {res[key]['value']:.4f} (step {res[key]['step']})")
+    if "weights" in res:
+        w = res["weights"]
+        dtypes = ", ".join(f"{n} {human(c)} values" for n, c in w["dtypes"].items())
+        out.print(f"weights: {w['tensors']} tensors in {w['files']} file(s), {_mb(w['bytes'])} ({dtypes})")
 
 
 class TrainProgress:

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from .build import prepare_recipe
 from .checkpoint import (CONFIG_FILE, load_into, load_state_file, load_with_tokenizer, model_state, read_config,
@@ -37,7 +36,7 @@ from .distributed import (DistInfo, all_mean, all_sum_, barrier, current, expert
                           init_from_env, shard_experts, spawn, sync_gradients)
 from .errors import RunFailed, UserError
 from .evaluate import evaluate_loss
-from .fileio import atomic_dir, atomic_write_json, atomic_write_text
+from .fileio import atomic_dir, atomic_write_json, atomic_write_text, metrics_upto, save_safetensors
 from .model import Transformer, autocast, build_model
 
 SEED_STRIDE = 1_000_003
@@ -142,7 +141,7 @@ def save_train_checkpoint(out: Path, model, opt, step: int, tokens_seen: int, to
         with atomic_dir(target, overwrite=True) as tmp:
             save_checkpoint(model, tmp, {"step": step, "tokens_seen": tokens_seen,
                                          "tokenizer": tokenizer.to_config()}, state=sd)
-            save_file(ostate["tensors"], str(tmp / "optimizer.safetensors"))
+            save_safetensors(ostate["tensors"], tmp / "optimizer.safetensors")
             atomic_write_json(tmp / "train_state.json", {
                 "step": step, "tokens_seen": tokens_seen, "param_groups": ostate["param_groups"], "data": data_fp,
             })
@@ -175,17 +174,8 @@ def load_optimizer_state(model, opt, directory: Path, info: DistInfo) -> dict:
 
 
 def _trim_metrics(path: Path, upto_step: int) -> None:
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if rec.get("step", 0) <= upto_step:
-            keep.append(line)
-    atomic_write_text(path, "".join(l + "\n" for l in keep))
+    if path.exists():
+        atomic_write_text(path, "".join(line + "\n" for line, _ in metrics_upto(path, upto_step)))
 
 
 # ---------------------------------------------------------------- set-up

@@ -99,3 +99,20 @@ def test_info_on_recipe_and_environment(cli):
     assert "mixtral" in json.loads(r.stdout)["recipes"]
     r = cli("info", "nope-nothing")
     assert r.returncode == 2 and "no such checkpoint directory or recipe" in r.stderr
+
+
+def test_info_on_a_hugging_face_directory(tmp_path, cli):
+    pytest.importorskip("transformers")
+    from hf_models import make
+
+    from moecli.checkpoint import load_checkpoint
+    from moecli.params import parameter_report
+
+    make("qwen2_moe", tmp_path / "hf")
+    from safetensors.torch import load_file
+    r = cli("info", tmp_path / "hf", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["params"] == parameter_report(load_checkpoint(tmp_path / "hf")[0])
+    saved = load_file(tmp_path / "hf" / "model.safetensors")
+    assert res["weights"]["tensors"] == len(saved) and res["weights"]["files"] == 1

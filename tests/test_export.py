@@ -106,6 +106,8 @@ def test_export_in_shards_loads_in_transformers(tmp_path, cli):
         seen.update({k: f for k in part})
         assert sum(t.numel() * t.element_size() for t in part.values()) <= 0.05 * 2**20 or len(part) == 1
     assert seen == index["weight_map"] and len(seen) == res["tensors"]
+    mode = (tmp_path / "out" / "config.json").stat().st_mode  # readable by whoever may read the JSON beside them
+    assert {(tmp_path / "out" / f).stat().st_mode for f in files} == {mode}
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     x = torch.randint(0, 256, (2, 12))
     with torch.no_grad():

@@ -378,3 +378,42 @@ def test_import_sets_mkl_reproducibility_keeping_the_users_values():
     env |= {"MKL_DYNAMIC": "TRUE", "MKL_CBWR": "COMPATIBLE"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["TRUE", "COMPATIBLE"]
+
+
+def test_info_reads_headers_only_and_reports_the_run(tmp_path, corpus, tiny_recipe, cli, monkeypatch):
+    """`moe info RUN`: parameter counts from the config on the meta device, weights from the safetensors header
+    (no tensor data read), the last loss and val_loss logged up to the checkpoint's step."""
+    import safetensors.torch
+    from safetensors.torch import load_file, save_file
+
+    from moecli import st_stream
+    from moecli.checkpoint import load_checkpoint
+    from moecli.info import info
+    from moecli.params import parameter_report
+
+    run = tmp_path / "run"
+    assert cli("train", tiny_recipe(), corpus, "-o", run, "-q").returncode == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    with (run / "metrics.jsonl").open("a") as f:  # a step past the checkpoint, as a killed run leaves behind
+        f.write(json.dumps({"step": 7, "loss": 99.0, "val_loss": 99.0}) + "\n{cut sho")
+
+    def no_reads(*a, **k):
+        raise AssertionError("tensor data read")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", no_reads)
+    monkeypatch.setattr(st_stream.LazyTensors, "get", no_reads)
+    res = info(str(run))
+    monkeypatch.undo()
+    assert res["step"] == 6 and res["loss"] == {"step": 6, "value": rows[-1]["loss"]}
+    assert res["val_loss"] == {"step": 6, "value": [r["val_loss"] for r in rows if "val_loss" in r][-1]}
+    st = run / "checkpoint" / "model.safetensors"
+    sd = load_file(st)
+    assert res["weights"] == {"files": 1, "bytes": st.stat().st_size, "tensors": len(sd),
+                              "dtypes": {"float32": sum(t.numel() for t in sd.values())}}
+    assert res["params"] == parameter_report(load_checkpoint(run)[0])
+    mode = (run / "checkpoint" / "config.json").stat().st_mode  # not safetensors' own 0600
+    assert {f.stat().st_mode for f in (run / "checkpoint").glob("*.safetensors")} == {mode}
+    sd["norm.weight"] = sd["norm.weight"][:3].clone()  # a tensor that does not fit the config: as loading says
+    save_file(sd, str(st))
+    r = cli("info", run)
+    assert r.returncode == 2 and r.stderr.strip().endswith("norm.weight has shape (3,), config says (32,)")
