@@ -147,12 +147,14 @@ def eval_(
     batch_size: int = typer.Option(16, "--batch-size"),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Score at most this many windows."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute; loss in fp32)."),
+    per_file: bool = typer.Option(False, "--per-file", help="Also score each file (and -) on its own."),
     as_json: bool = JSON_OPT,
 ):
     """Loss and perplexity of a checkpoint on text."""
     from .evaluate import evaluate
 
-    _run(lambda: evaluate(checkpoint, data or [], seq_len, batch_size, max_windows, dtype), as_json, render.render_eval)
+    _run(lambda: evaluate(checkpoint, data or [], seq_len, batch_size, max_windows, dtype, per_file), as_json,
+         render.render_eval)
 
 
 @app.command()

@@ -175,8 +175,9 @@ def _utf8_text_chunks(src):
     yield decoder.decode(b"", final=True)
 
 
-def encode_to_file(sources: list[str | Path], tokenizer, path: Path) -> int:
-    """Stream every source through the tokenizer into ``path``; returns the number of tokens."""
+def encode_to_file(sources: list[str | Path], tokenizer, path: Path, spans: list | None = None) -> int:
+    """Stream every source through the tokenizer into ``path``; returns the number of tokens. With
+    ``spans``, appends each source's (start, end) token offsets to it (the separators lie between)."""
     dtype = _dtype_for(tokenizer.vocab_size)
     n = 0
     tmp = path.with_name(path.name + ".tmp")
@@ -186,6 +187,7 @@ def encode_to_file(sources: list[str | Path], tokenizer, path: Path) -> int:
                 sep = tokenizer.encode("\n")
                 f.write(_to_bytes(sep, dtype))
                 n += len(sep)
+            start = n
             if isinstance(tokenizer, ByteTokenizer):
                 for chunk in _read_chunks(src):
                     f.write(chunk)
@@ -195,6 +197,8 @@ def encode_to_file(sources: list[str | Path], tokenizer, path: Path) -> int:
                     ids = tokenizer.encode(text)
                     f.write(_to_bytes(ids, dtype))
                     n += len(ids)
+            if spans is not None:
+                spans.append((start, n))
     os.replace(tmp, path)
     return n
 

@@ -51,37 +51,45 @@ EVAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: int, max_windows: int | None,
-             dtype: str = "float32") -> dict:
+             dtype: str = "float32", per_file: bool = False) -> dict:
     """Loss on DATA; with no DATA, on the validation split of the training run the checkpoint belongs to.
-    Without --seq-len, a text shorter than one window of the recipe's length is scored as one window."""
+    Without --seq-len, a text shorter than one window of the recipe's length is scored as one window.
+    With per_file, each source (a file, or - for stdin) is also scored on its own, under "files"."""
     check_at_least("--batch-size", batch_size, 1)
     if max_windows is not None:
         check_at_least("--max-windows", max_windows, 1)
     if dtype not in EVAL_DTYPES:
         raise UserError(f"--dtype: one of {', '.join(EVAL_DTYPES)}, got {dtype!r}")
+    if per_file and not data:
+        raise UserError("--per-file: needs DATA (the validation split is one text)")
     model, _, directory, tok = load_with_tokenizer(checkpoint, EVAL_DTYPES[dtype])
     context = model.recipe.model.context
     if seq_len is not None and not 1 <= seq_len <= context:
         raise UserError(f"--seq-len: must be between 1 and the model's context ({context}), got {seq_len}")
+
+    def score(tokens: torch.Tensor, where: str) -> dict:
+        n = tokens.numel()
+        if n < 2:
+            raise UserError(f"{where}: only {n} tokens; need at least 2 to score one")
+        window = seq_len
+        if window is None:
+            window = default_window(model.recipe, n - 1)  # a window scores seq_len + 1 tokens
+        elif n < window + 1:
+            raise UserError(f"{where}: only {n} tokens; need at least {window + 1} to score one window "
+                            f"of --seq-len {window}")
+        starts = eval_windows(tokens, window, max_windows)
+        loss, count = evaluate_loss(model, tokens, window, starts, batch_size)
+        return {"data": where, "loss": loss, "perplexity": math.exp(min(loss, 700)),
+                "bits_per_token": loss / math.log(2), "tokens": count, "windows": len(starts), "seq_len": window}
+
     with tempfile.TemporaryDirectory(prefix="moe-eval-") as tmp:
         if data:
-            path = Path(tmp) / "tokens.bin"
-            n = encode_to_file(expand_data_args(data), tok, path)
+            path, sources, spans = Path(tmp) / "tokens.bin", expand_data_args(data), []
+            n = encode_to_file(sources, tok, path, spans)
             tokens, where = open_tokens(path, n, tok.vocab_size), ", ".join(data)
         else:
             tokens, where = run_val_split(directory, model.recipe, tok)
-            n = tokens.numel()
-        if n < 2:
-            raise UserError(f"{where}: only {n} tokens; need at least 2 to score one")
-        if seq_len is None:
-            seq_len = default_window(model.recipe, n - 1)  # a window scores seq_len + 1 tokens
-        elif n < seq_len + 1:
-            raise UserError(f"{where}: only {n} tokens; need at least {seq_len + 1} to score one window "
-                            f"of --seq-len {seq_len}")
-        starts = eval_windows(tokens, seq_len, max_windows)
-        loss, count = evaluate_loss(model, tokens, seq_len, starts, batch_size)
-    return {
-        "checkpoint": str(directory), "data": where, "loss": loss, "perplexity": math.exp(min(loss, 700)),
-        "bits_per_token": loss / math.log(2), "tokens": count, "windows": len(starts), "seq_len": seq_len,
-        "dtype": dtype,
-    }
+        result = {"checkpoint": str(directory), **score(tokens, where), "dtype": dtype}
+        if per_file:
+            result["files"] = [score(tokens[a:b], str(src)) for src, (a, b) in zip(sources, spans)]
+    return result

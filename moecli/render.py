@@ -9,6 +9,7 @@ import json
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # results for people (stdout); wide when piped, since --json is the machine format
@@ -183,7 +184,15 @@ def render_train(res: dict) -> None:
 def render_eval(res: dict) -> None:
     out.print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  "
               f"({res['tokens']:,} tokens in {res['windows']} window{'s' * (res['windows'] != 1)} of {res['seq_len']}, "
-              f"{res['dtype']}; {res['data']})")
+              f"{res['dtype']}; {escape(res['data'])})")
+    if res.get("files"):
+        t = Table(title="per file", title_justify="left")
+        for col in ("file", "loss", "perplexity", "tokens", "windows"):
+            t.add_column(col, justify="left" if col == "file" else "right")
+        for f in res["files"]:
+            t.add_row(escape(f["data"]), f"{f['loss']:.4f}", f"{f['perplexity']:.3f}", f"{f['tokens']:,}",
+                      f"{f['windows']} x {f['seq_len']}")
+        out.print(t)
 
 
 class GenerateStream:

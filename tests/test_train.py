@@ -417,3 +417,31 @@ def test_info_reads_headers_only_and_reports_the_run(tmp_path, corpus, tiny_reci
     save_file(sd, str(st))
     r = cli("info", run)
     assert r.returncode == 2 and r.stderr.strip().endswith("norm.weight has shape (3,), config says (32,)")
+
+
+def test_eval_per_file(tmp_path, tiny_recipe, cli):
+    """--per-file: each source scored on its own equals evaluating it alone; the overall loss is unchanged;
+    stdin is one of the sources; a source too short for --seq-len is named."""
+    from moecli.evaluate import evaluate
+
+    ckpt = tmp_path / "ckpt"
+    assert cli("build", tiny_recipe(), "-o", ckpt).returncode == 0
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(TEXT[:3000])
+    b.write_text("Quite different text, with other words and Ünïcode. " * 40)
+    both = evaluate(str(ckpt), [str(a), str(b)], None, 4, None, per_file=True)
+    assert {k: v for k, v in both.items() if k != "files"} == evaluate(str(ckpt), [str(a), str(b)], None, 4, None)
+    alone = [evaluate(str(ckpt), [str(p)], None, 4, None) for p in (a, b)]
+    assert [f["data"] for f in both["files"]] == [str(a), str(b)]
+    for got, want in zip(both["files"], alone):
+        assert got == {k: v for k, v in want.items() if k not in ("checkpoint", "dtype")}
+    assert both["files"][0]["loss"] != both["files"][1]["loss"]
+    r = cli("eval", ckpt, a, "-", "--per-file", "--json", input=b.read_text())
+    assert r.returncode == 0, r.stderr
+    assert [f["loss"] for f in json.loads(r.stdout)["files"]] == pytest.approx([f["loss"] for f in alone], rel=1e-6)
+    (tmp_path / "short.txt").write_text("tiny")
+    r = cli("eval", ckpt, a, tmp_path / "short.txt", "--per-file", "--seq-len", "16")
+    assert r.returncode == 2 and r.stderr.strip().endswith("short.txt: only 4 tokens; need at least 17 to score one "
+                                                           "window of --seq-len 16")
+    r = cli("eval", ckpt, a, b, "--per-file")  # the table
+    assert r.returncode == 0 and "per file" in r.stdout and "b.txt" in r.stdout
