@@ -1,6 +1,7 @@
 """The ``moe`` command: parse arguments, call a library function, render its result.
 
-Exit codes: 0 success, 2 bad input (one-line message), 1 unexpected failure.
+Exit codes: 0 success, 2 bad input (one-line message), 1 unexpected failure; 130 interrupted, 141 (quietly)
+when the reader of stdout goes away, as in `moe generate ... | head`.
 Set MOE_DEBUG=1 to see the traceback of an unexpected failure.
 """
 
@@ -45,15 +46,21 @@ def _run(fn: Callable[[], dict], as_json: bool, draw: Callable[[dict], None] | N
     except KeyboardInterrupt:
         render.error_line("interrupted")
         raise typer.Exit(130) from None
+    except BrokenPipeError:  # a streamed `moe generate ... | head`
+        render.stdout_gone()
     except Exception as e:  # an unexpected failure: short message, traceback only on request
         if os.environ.get("MOE_DEBUG"):
             raise
         render.error_line(f"unexpected {type(e).__name__}: {e} (set MOE_DEBUG=1 for details)")
         raise typer.Exit(1) from None
-    if as_json:
-        render.print_json(result)
-    elif draw is not None:
-        draw(result)
+    try:
+        if as_json:
+            render.print_json(result)
+        elif draw is not None:
+            draw(result)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        render.stdout_gone()
 
 
 def _overrides(items: Optional[List[str]], **flags) -> dict:

@@ -6,14 +6,28 @@ Library functions return plain dicts; these functions only draw them.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+def stdout_gone() -> None:
+    """The reader of stdout went away (`moe ... | head`): stop quietly with 141 (128 + SIGPIPE), as Unix
+    tools do; stdout goes to /dev/null so that Python's flush at exit does not fail again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(141)
+
+
+class _Stdout(Console):
+    def on_broken_pipe(self) -> None:  # rich's own exits 1, which reads as a failure
+        self.quiet = True
+        stdout_gone()
+
+
 # results for people (stdout); wide when piped, since --json is the machine format
-out = Console(width=None if sys.stdout.isatty() else 160)
+out = _Stdout(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)  # progress, logs, errors
 
 

@@ -134,3 +134,20 @@ def test_no_arguments_prints_the_help_and_help_exits_0(cli):
     assert r.returncode == 2 and "Usage" in r.stdout and "train" in r.stdout
     h = cli("train", "--help")
     assert h.returncode == 0 and "--val-data" in h.stdout and h.stderr == ""
+
+
+@pytest.mark.parametrize("args", [["info"], ["info", "--json"], ["generate", "{ckpt}", "-p", "hi", "-n", "300"],
+                                  ["eval", "{ckpt}", "-", "--per-file"]])
+def test_a_closed_stdout_stops_quietly_with_141(tmp_path, tiny_recipe, cli, args):
+    """`moe ... | head`: when the reader of stdout has gone, exit 141 (128 + SIGPIPE) with nothing on stderr,
+    whether the output is streamed (generate), a rich table or JSON."""
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "ckpt"
+    assert cli("build", tiny_recipe(), "-o", ckpt).returncode == 0
+    p = subprocess.Popen([sys.executable, "-m", "moecli.cli", *[a.replace("{ckpt}", str(ckpt)) for a in args]],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the first write
+    _, err = p.communicate(input=b"some text to score " * 50, timeout=300)
+    assert p.returncode == 141 and err == b""
