@@ -24,7 +24,8 @@ def pick(logits_V: torch.Tensor, temperature: float, top_k: int, top_p: float, g
         logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
     if top_p < 1:
         sorted_V, order_V = torch.sort(logits_V, descending=True)
-        before_V = torch.softmax(sorted_V, -1).cumsum(-1) - torch.softmax(sorted_V, -1)  # mass ahead of each
+        p_V = torch.softmax(sorted_V, -1)
+        before_V = p_V.cumsum(-1) - p_V  # the probability ahead of each token
         cut_V = torch.zeros_like(logits_V, dtype=torch.bool)
         cut_V[order_V] = before_V >= top_p  # the most likely token is never cut (nothing ahead of it)
         logits_V = logits_V.masked_fill(cut_V, float("-inf"))
@@ -47,7 +48,9 @@ def stream(model, prompt_ids: list[int], max_new_tokens: int, temperature: float
     context = model.recipe.model.context
     ids = list(prompt_ids)
     model.eval()
-    cache = KVCache.empty(len(model.layers)) if kv_cache and len(ids) < context else None
+    # room for every token the cache can take: the prompt and the new tokens, up to the context
+    capacity = min(context, len(ids) + max_new_tokens - 1)
+    cache = KVCache.empty(len(model.layers), capacity) if kv_cache and len(ids) < context else None
     logits = model(torch.tensor([ids[-context:]]), cache).logits_BSV[0, -1].float()
     for i in range(max_new_tokens):
         nxt = pick(logits, temperature, top_k, top_p, gen)

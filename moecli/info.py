@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .checkpoint import FORMAT, MODEL_FILE, check_shapes, read_recipe
 from .config import list_recipes, load_recipe
 from .errors import UserError
-from .checkpoint import FORMAT, MODEL_FILE, check_shapes, read_recipe
 from .experts import threads_from_env
 from .fileio import metrics_upto
 from .model import Transformer
@@ -59,9 +59,9 @@ def weights_summary(model: Transformer, cfg: dict, directory: Path) -> dict:
     """Files, bytes, tensors and dtypes of a checkpoint's weights, read from the safetensors headers only.
     A moecli checkpoint's tensor names and shapes are checked against its config, as loading it would."""
     if cfg.get("format") == FORMAT:
-        src = LazyTensors([directory / MODEL_FILE]) if (directory / MODEL_FILE).is_file() else None
-        if src is None:
+        if not (directory / MODEL_FILE).is_file():
             raise UserError(f"{directory / MODEL_FILE}: missing")
+        src = LazyTensors([directory / MODEL_FILE])
         metas = {k: src.meta(k) for k in src.keys()}
         check_shapes(model, {k: shape for k, (_, shape) in metas.items()}, directory / MODEL_FILE)
     else:

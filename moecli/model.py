@@ -63,9 +63,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.hd * (cfg.n_kv_heads if cfg.qk_norm_full else 1), cfg.norm_eps)
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: list | None = None) -> torch.Tensor:
-        """With kv ([k_BHkvLDh, v_BHkvLDh] of the L tokens before these, or [None, None]), x's tokens attend
-        to those too, and kv is extended with theirs (incremental decoding: KVCache)."""
+                kv: LayerKV | None = None) -> torch.Tensor:
+        """With kv (the keys and values of the tokens before these), x's tokens attend to those too, and kv
+        is extended with theirs (incremental decoding: KVCache)."""
         B, S, _ = x_BSD.shape
         q, k = self.wq(x_BSD), self.wk(x_BSD)
         if self.full_qk_norm:  # OLMoE: one norm over all heads
@@ -78,9 +78,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is not None:
-            if kv[0] is not None:
-                k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
-            kv[0], kv[1] = k, v
+            k, v = kv.extend(k, v)
         o_BHSDh = attend(q, k, v, gqa=self.n_heads != self.n_kv_heads)
         return self.wo(o_BHSDh.transpose(1, 2).reshape(B, S, self.n_heads * self.hd))
 
@@ -119,22 +117,45 @@ class Block(nn.Module):
         else:
             self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
-    def forward(self, x_BSD, cos, sin, kv: list | None = None):
+    def forward(self, x_BSD, cos, sin, kv: LayerKV | None = None):
         x_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), cos, sin, kv)
         h = self.ffn_norm(x_BSD)
         return x_BSD + (self.moe(h) if self.is_moe else self.feed_forward(h))
 
 
+class LayerKV:
+    """One layer's keys and values in buffers of `capacity` positions, filled from the front: each forward
+    writes its tokens' in place (no copy of the earlier ones) and attends over the first n."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.n = capacity, 0
+        self.k_BHCDh = self.v_BHCDh = None  # allocated at the first forward, in its batch, dtype and device
+
+    def extend(self, k_BHSDh: torch.Tensor, v_BHSDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append S tokens' keys and values; returns those of all n tokens so far (views, B x H x n x Dh)."""
+        B, H, S, Dh = k_BHSDh.shape
+        if self.k_BHCDh is None:
+            self.k_BHCDh = k_BHSDh.new_empty(B, H, self.capacity, Dh)
+            self.v_BHCDh = v_BHSDh.new_empty(B, H, self.capacity, Dh)
+        if self.n + S > self.capacity:
+            raise ValueError(f"KV cache: {self.n} + {S} tokens exceed its capacity ({self.capacity})")
+        self.k_BHCDh[:, :, self.n: self.n + S] = k_BHSDh
+        self.v_BHCDh[:, :, self.n: self.n + S] = v_BHSDh
+        self.n += S
+        return self.k_BHCDh[:, :, : self.n], self.v_BHCDh[:, :, : self.n]
+
+
 @dataclass
 class KVCache:
     """Keys and values of the tokens a model has seen so far, per layer, so that the next token's forward
-    computes only its own (moe generate). Holds at most model.context tokens (Transformer.forward refuses more)."""
-    layers: list[list]  # per layer: [k_BHkvLDh, v_BHkvLDh], [None, None] before the first forward
+    computes only its own (moe generate). Holds at most `capacity` tokens, and never more than the model's
+    context (Transformer.forward refuses more)."""
+    layers: list[LayerKV]
     pos: int = 0  # tokens seen: the next token's position
 
     @classmethod
-    def empty(cls, n_layers: int) -> "KVCache":
-        return cls([[None, None] for _ in range(n_layers)])
+    def empty(cls, n_layers: int, capacity: int) -> "KVCache":
+        return cls([LayerKV(capacity) for _ in range(n_layers)])
 
 
 @dataclass

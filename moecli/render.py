@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+
 def stdout_gone() -> None:
     """The reader of stdout went away (`moe ... | head`): stop quietly with 141 (128 + SIGPIPE), as Unix
     tools do; stdout goes to /dev/null so that Python's flush at exit does not fail again."""

@@ -25,15 +25,20 @@ def test_cached_logits_equal_the_full_forward(name):
     tokens = torch.randint(0, model.recipe.model.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(tokens).logits_BSV[0]
-        cache = KVCache.empty(len(model.layers))
+        cache = KVCache.empty(len(model.layers), 48)
         parts = [model(tokens[:, :17], cache).logits_BSV[0]]  # prefill
         parts += [model(tokens[:, i: i + 1], cache).logits_BSV[0] for i in range(17, 30)]  # one token at a time
         parts.append(model(tokens[:, 30:], cache).logits_BSV[0])  # several after a prefix: the offset mask
-    assert cache.pos == 40 and cache.layers[0][0].shape[2] == 40
+    assert cache.pos == 40 and all(layer.n == 40 for layer in cache.layers)
     # to rounding: the cached steps run products of other shapes than the full forward's
     torch.testing.assert_close(torch.cat(parts), full, rtol=1e-5, atol=1e-5)
     with torch.no_grad(), pytest.raises(ValueError, match="exceed the context"):  # 40 + 9 > 48
         model(tokens[:, :9], cache)
+    small_cache = KVCache.empty(len(model.layers), 20)  # buffers for 20 tokens, written in place
+    with torch.no_grad():
+        model(tokens[:, :20], small_cache)
+        with pytest.raises(ValueError, match=r"20 \+ 1 tokens exceed its capacity \(20\)"):
+            model(tokens[:, 20:21], small_cache)
 
 
 @pytest.mark.parametrize("name", ["mixtral", "deepseek-v3"])
