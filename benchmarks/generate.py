@@ -8,6 +8,8 @@ cached/uncached per round, and whether both produced the same tokens (they shoul
 tests/test_generate.py). Cases: the bundled `mixtral` (d=128, context 256: 32-token prompt, 200
 new tokens), and a wider one (`mixtral` with d=512, expert FFN 1024, context 1024: 64-token prompt,
 448 new tokens). New tokens stay within the context, where the cache is used throughout.
+Then --num-samples: BATCH continuations sampled together (temperature 1) against the same number
+sampled one after another, on the bundled `mixtral`, alternating, --rounds times (new tokens/s of all).
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from moecli.build import prepare_recipe  # noqa: E402
-from moecli.generate import sample  # noqa: E402
+from moecli.generate import sample, stream  # noqa: E402
 from moecli.model import build_model  # noqa: E402
 
+BATCH = 8
 CASES = {
     "mixtral": ({}, 32, 200),
     "mixtral d512 ctx1024": ({"model.d_model": 512, "moe.expert_ffn": 1024, "model.context": 1024}, 64, 448),
@@ -63,8 +66,34 @@ def main() -> None:
         print(f"{name}: cached {res['cached_tokens_per_s']:.1f} tok/s, uncached {res['uncached_tokens_per_s']:.1f} "
               f"tok/s, speedup {res['speedup_median']:.2f}x (rounds {', '.join(f'{x:.2f}' for x in ratios)}), "
               f"same tokens: {res['same_tokens']}", flush=True)
+    results["num_samples"] = batched(a.rounds)
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": a.rounds}
     Path(a.out).write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
+
+
+def batched(rounds: int) -> dict:
+    model = build_model(prepare_recipe("mixtral", {})).eval()
+    prompt = torch.randint(0, model.recipe.model.vocab_size, (32,), generator=torch.Generator().manual_seed(0)).tolist()
+    new = 200
+    times = {"batch": [], "one_by_one": []}
+    for r in range(rounds):
+        for kind in (("batch", "one_by_one") if r % 2 == 0 else ("one_by_one", "batch")):
+            t0 = time.perf_counter()
+            if kind == "batch":
+                list(stream(model, prompt, new, 1.0, 0, 0, num_samples=BATCH))
+            else:
+                for seed in range(BATCH):
+                    sample(model, prompt, new, 1.0, 0, seed=seed)
+            times[kind].append(time.perf_counter() - t0)
+    ratios = [o / b for b, o in zip(times["batch"], times["one_by_one"])]
+    res = {"samples": BATCH, "new_tokens": new,
+           "batch_tokens_per_s": BATCH * new / statistics.median(times["batch"]),
+           "one_by_one_tokens_per_s": BATCH * new / statistics.median(times["one_by_one"]),
+           "speedup_median": statistics.median(ratios), "speedup_per_round": ratios}
+    print(f"{BATCH} samples of mixtral: batch {res['batch_tokens_per_s']:.0f} tok/s, one by one "
+          f"{res['one_by_one_tokens_per_s']:.0f} tok/s, speedup {res['speedup_median']:.2f}x "
+          f"(rounds {', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
+    return res
 
 
 if __name__ == "__main__":

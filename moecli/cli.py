@@ -175,15 +175,17 @@ def generate(
                                                     "probability (nucleus sampling; 1 = all)."),
     seed: int = typer.Option(0, "--seed"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute)."),
+    num_samples: int = typer.Option(1, "--num-samples", help="Continuations sampled together (one batch)."),
     as_json: bool = JSON_OPT,
 ):
-    """Sample a continuation of a prompt; printed as it is sampled (with --json, all at the end)."""
+    """Sample a continuation of a prompt; printed as it is sampled (several, or with --json: at the end)."""
     from .generate import generate as generate_fn
 
     text = sys.stdin.read() if prompt == "-" else prompt
-    out = None if as_json else render.GenerateStream(text)
+    out = None if as_json else render.GenerateStream(text, streamed=num_samples == 1)
     _run(lambda: generate_fn(checkpoint, text, max_new_tokens, temperature, top_k, seed, top_p, dtype,
-                             on_text=out and out.piece), as_json, out and out.end)
+                             on_text=out.piece if out and out.streamed else None, num_samples=num_samples),
+         as_json, out and out.end)
 
 
 @app.command()

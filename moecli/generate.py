@@ -12,33 +12,33 @@ from .evaluate import EVAL_DTYPES
 from .model import KVCache
 
 
-def pick(logits_V: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> int:
-    """The next token from one position's logits: argmax at temperature 0; else sampled from
+def pick(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> list[int]:
+    """The next token of each row of logits: argmax at temperature 0; else sampled from
     softmax(logits / temperature), restricted to the top_k most likely (0 = all) and then to the
     smallest set of most likely tokens whose probabilities reach top_p (nucleus sampling; 1 = all)."""
     if temperature == 0:
-        return int(logits_V.argmax())
-    logits_V = logits_V / temperature
-    if 0 < top_k < logits_V.numel():
-        kth = logits_V.topk(top_k).values[-1]
-        logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
+        return logits_BV.argmax(-1).tolist()
+    logits_BV = logits_BV / temperature
+    if 0 < top_k < logits_BV.shape[-1]:
+        kth_B1 = logits_BV.topk(top_k, dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
     if top_p < 1:
-        sorted_V, order_V = torch.sort(logits_V, descending=True)
-        p_V = torch.softmax(sorted_V, -1)
-        before_V = p_V.cumsum(-1) - p_V  # the probability ahead of each token
-        cut_V = torch.zeros_like(logits_V, dtype=torch.bool)
-        cut_V[order_V] = before_V >= top_p  # the most likely token is never cut (nothing ahead of it)
-        logits_V = logits_V.masked_fill(cut_V, float("-inf"))
-    return int(torch.multinomial(torch.softmax(logits_V, -1), 1, generator=gen))
+        sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
+        p_BV = torch.softmax(sorted_BV, -1)
+        before_BV = p_BV.cumsum(-1) - p_BV  # the probability ahead of each token
+        # the most likely token is never cut (nothing ahead of it)
+        cut_BV = torch.zeros_like(logits_BV, dtype=torch.bool).scatter_(-1, order_BV, before_BV >= top_p)
+        logits_BV = logits_BV.masked_fill(cut_BV, float("-inf"))
+    return torch.multinomial(torch.softmax(logits_BV, -1), 1, generator=gen)[:, 0].tolist()
 
 
 @torch.no_grad()
 def stream(model, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int, seed: int,
-           top_p: float = 1.0, kv_cache: bool = True) -> Iterator[int]:
-    """Yields the new tokens one at a time; each is picked (``pick``) from the model's logits given the
-    last `context` tokens before it.
+           top_p: float = 1.0, kv_cache: bool = True, num_samples: int = 1) -> Iterator[list[int]]:
+    """Yields the next token of each of num_samples continuations (one batch), step by step; each is picked
+    (``pick``) from the model's logits given the last `context` tokens before it.
 
-    With kv_cache, the prompt runs once and every later forward runs only the newest token against the
+    With kv_cache, the prompt runs once and every later forward runs only the newest tokens against the
     keys and values kept from before (model.KVCache); once the sequence outgrows the context, each
     step re-runs the last `context` tokens, as without the cache (their positions shift).
     """
@@ -46,29 +46,30 @@ def stream(model, prompt_ids: list[int], max_new_tokens: int, temperature: float
         return
     gen = torch.Generator().manual_seed(seed)
     context = model.recipe.model.context
-    ids = list(prompt_ids)
+    rows = [list(prompt_ids) for _ in range(num_samples)]
     model.eval()
     # room for every token the cache can take: the prompt and the new tokens, up to the context
-    capacity = min(context, len(ids) + max_new_tokens - 1)
-    cache = KVCache.empty(len(model.layers), capacity) if kv_cache and len(ids) < context else None
-    logits = model(torch.tensor([ids[-context:]]), cache).logits_BSV[0, -1].float()
+    capacity = min(context, len(prompt_ids) + max_new_tokens - 1)
+    cache = KVCache.empty(len(model.layers), capacity) if kv_cache and len(prompt_ids) < context else None
+    logits_BV = model(torch.tensor([r[-context:] for r in rows]), cache).logits_BSV[:, -1].float()
     for i in range(max_new_tokens):
-        nxt = pick(logits, temperature, top_k, top_p, gen)
-        ids.append(nxt)
-        yield nxt
+        nxt_B = pick(logits_BV, temperature, top_k, top_p, gen)
+        for r, t in zip(rows, nxt_B):
+            r.append(t)
+        yield nxt_B
         if i == max_new_tokens - 1:
             break
         if cache is not None and cache.pos < context:
-            logits = model(torch.tensor([[nxt]]), cache).logits_BSV[0, -1].float()
+            logits_BV = model(torch.tensor([[t] for t in nxt_B]), cache).logits_BSV[:, -1].float()
         else:
             cache = None
-            logits = model(torch.tensor([ids[-context:]])).logits_BSV[0, -1].float()
+            logits_BV = model(torch.tensor([r[-context:] for r in rows])).logits_BSV[:, -1].float()
 
 
 def sample(model, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int,
            seed: int, kv_cache: bool = True, top_p: float = 1.0) -> list[int]:
-    """The new tokens of ``stream`` as one list."""
-    return list(stream(model, prompt_ids, max_new_tokens, temperature, top_k, seed, top_p, kv_cache))
+    """The new tokens of one continuation (``stream`` with one sample) as a list."""
+    return [t for t, in stream(model, prompt_ids, max_new_tokens, temperature, top_k, seed, top_p, kv_cache)]
 
 
 class TextStream:
@@ -99,12 +100,14 @@ class TextStream:
 
 
 def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
-             top_p: float = 1.0, dtype: str = "float32", on_text: Callable[[str], None] | None = None) -> dict:
-    """Sample a completion of `prompt`; on_text, when given, receives it piece by piece as tokens come
-    (the pieces join to the result's "completion")."""
+             top_p: float = 1.0, dtype: str = "float32", on_text: Callable[[str], None] | None = None,
+             num_samples: int = 1) -> dict:
+    """Sample a completion of `prompt` (num_samples of them, in one batch: "completions"); on_text, when
+    given, receives the first piece by piece as its tokens come (the pieces join to its "completion")."""
     check_at_least("--max-new-tokens", max_new_tokens, 0)
     check_at_least("--temperature", temperature, 0)
     check_at_least("--top-k", top_k, 0, " (0 = all tokens)")
+    check_at_least("--num-samples", num_samples, 1)
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p: must be in (0, 1] (1 = all tokens), got {top_p}")
     if dtype not in EVAL_DTYPES:
@@ -113,13 +116,17 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: flo
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise UserError("--prompt: empty prompt")
-    text = TextStream(tok)
-    for token in stream(model, prompt_ids, max_new_tokens, temperature, top_k, seed, top_p):
-        piece = text.push(token)
-        if piece and on_text is not None:
-            on_text(piece)
-    piece = text.finish()
-    if piece and on_text is not None:
-        on_text(piece)
-    return {"prompt": prompt, "completion": text.done, "new_tokens": len(text.ids), "seed": seed,
-            "temperature": temperature, "top_k": top_k, "top_p": top_p, "dtype": dtype}
+    texts = [TextStream(tok) for _ in range(num_samples)]
+    for tokens in stream(model, prompt_ids, max_new_tokens, temperature, top_k, seed, top_p,
+                         num_samples=num_samples):
+        pieces = [text.push(token) for text, token in zip(texts, tokens)]
+        if pieces[0] and on_text is not None:
+            on_text(pieces[0])
+    pieces = [text.finish() for text in texts]
+    if pieces[0] and on_text is not None:
+        on_text(pieces[0])
+    res = {"prompt": prompt, "completion": texts[0].done, "new_tokens": len(texts[0].ids), "seed": seed,
+           "temperature": temperature, "top_k": top_k, "top_p": top_p, "dtype": dtype}
+    if num_samples > 1:
+        res["completions"] = [text.done for text in texts]
+    return res

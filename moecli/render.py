@@ -212,10 +212,11 @@ def render_eval(res: dict) -> None:
 
 class GenerateStream:
     """Prints a completion as it is sampled: the prompt with the first piece, each piece as it comes
-    (flushed, so a pipe sees it at once), and the end of line last (with the prompt, if no piece came)."""
+    (flushed, so a pipe sees it at once), and the end of line last (with the prompt, if no piece came).
+    Not streamed (several samples): each sample as prompt + completion, with a line of --- between."""
 
-    def __init__(self, prompt: str):
-        self.prompt, self.started = prompt, False
+    def __init__(self, prompt: str, streamed: bool = True):
+        self.prompt, self.streamed, self.started = prompt, streamed, False
 
     def piece(self, text: str) -> None:
         if not self.started:
@@ -225,7 +226,10 @@ class GenerateStream:
         sys.stdout.flush()
 
     def end(self, res: dict) -> None:
-        sys.stdout.write(("" if self.started else self.prompt) + "\n")
+        if self.streamed:
+            sys.stdout.write(("" if self.started else self.prompt) + "\n")
+            return
+        sys.stdout.write("---\n".join(self.prompt + c + "\n" for c in res.get("completions", [res["completion"]])))
 
 
 class TensorProgress:

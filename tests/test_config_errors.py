@@ -107,6 +107,7 @@ def test_cli_bad_set_option_exit_2(cli, tmp_path, command):
     (["generate", "{ckpt}", "-p", "hi", "--top-k", "-2"], "--top-k: must be >= 0"),
     (["generate", "{ckpt}", "-p", "hi", "--top-p", "1.5"], "--top-p: must be in (0, 1]"),
     (["generate", "{ckpt}", "-p", "hi", "--dtype", "fp8"], "--dtype: one of float32, bfloat16"),
+    (["generate", "{ckpt}", "-p", "hi", "--num-samples", "0"], "--num-samples: must be >= 1, got 0"),
 ])
 def test_cli_bad_numeric_options_exit_2(cli, tmp_path, tiny_recipe, args, message):
     ckpt = tmp_path / "ckpt"

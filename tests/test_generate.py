@@ -5,7 +5,7 @@ import torch
 
 from moecli.config import apply_overrides, load_recipe
 from moecli.data import ByteTokenizer
-from moecli.generate import TextStream, pick, sample
+from moecli.generate import TextStream, pick, sample, stream
 from moecli.model import KVCache, build_model
 
 # dropless recipes covering the attention and routing variants: GQA, q/k norm per head (qwen3-moe), sigmoid
@@ -80,14 +80,14 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p():
     gen = torch.Generator().manual_seed(0)
 
     def seen(**kw):
-        return {pick(logits, 1.0, kw.get("top_k", 0), kw["top_p"], gen) for _ in range(400)}
+        return {t for _ in range(200) for t in pick(logits.expand(2, 4), 1.0, kw.get("top_k", 0), kw["top_p"], gen)}
 
     assert seen(top_p=0.7) == {0, 1}
     assert seen(top_p=0.45) == {0}
     assert seen(top_p=0.81) == {0, 1, 2}
     assert seen(top_p=1.0) == {0, 1, 2, 3}
     assert seen(top_p=0.81, top_k=2) == {0, 1}
-    assert pick(logits, 0.0, 0, 0.1, gen) == 0  # greedy ignores both
+    assert pick(logits[None], 0.0, 0, 0.1, gen) == [0]  # greedy ignores both
 
 
 def test_text_stream_releases_whole_characters_and_joins_to_the_decoding():
@@ -117,3 +117,24 @@ def test_generate_streams_what_json_reports(tmp_path, cli):
     assert printed.stdout == "héllo " + res["completion"] + "\n"
     bf16 = cli(*args, "--dtype", "bfloat16", "--json")
     assert bf16.returncode == 0 and json.loads(bf16.stdout)["new_tokens"] == 40, bf16.stderr
+    three = json.loads(cli(*args, "--num-samples", "3", "--json").stdout)
+    assert len(three["completions"]) == 3 and three["completion"] == three["completions"][0]
+    printed = cli(*args, "--num-samples", "3").stdout
+    assert printed == "---\n".join("héllo " + c + "\n" for c in three["completions"])
+
+
+def test_several_samples_in_one_batch():
+    """--num-samples: greedy gives every row the single continuation; sampled rows differ from each other,
+    and equal the uncached batch's (past the context too: the window then slides for all rows)."""
+    model = small("mixtral")
+    prompt = torch.randint(0, model.recipe.model.vocab_size, (20,), generator=torch.Generator().manual_seed(3)).tolist()
+
+    def rows(n, temperature, kv_cache=True):
+        steps = list(stream(model, prompt, 40, temperature, 0, 7, 1.0, kv_cache, num_samples=n))
+        return [list(r) for r in zip(*steps)]
+
+    greedy = sample(model, prompt, 40, 0.0, 0, seed=0)
+    assert rows(3, 0.0) == [greedy] * 3
+    sampled = rows(4, 1.0)
+    assert len({tuple(r) for r in sampled}) == 4 and all(len(r) == 40 for r in sampled)
+    assert sampled == rows(4, 1.0, kv_cache=False) and sampled == rows(4, 1.0)
