@@ -45,6 +45,19 @@ def save_checkpoint(model: Transformer, directory: Path, extra: dict | None = No
     atomic_write_json(directory / CONFIG_FILE, config)
 
 
+# --dtype of the commands that load a checkpoint to run it (eval, generate, inspect-routing): bfloat16 halves
+# the memory of a big checkpoint and uses the CPU's bf16 units (and the threaded expert path,
+# experts.use_threads); the router, and eval's loss, still take fp32.
+LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_dtype(name: str) -> torch.dtype:
+    """--dtype NAME as a torch dtype; anything else is bad input."""
+    if name not in LOAD_DTYPES:
+        raise UserError(f"--dtype: one of {', '.join(LOAD_DTYPES)}, got {name!r}")
+    return LOAD_DTYPES[name]
+
+
 def find_checkpoint_dir(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():

@@ -259,6 +259,7 @@ def inspect_routing(
     compare: Optional[str] = typer.Option(None, "--compare", help="Another checkpoint of the run: router saturation."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Layer for the per-expert table (default: worst)."),
     svg: Optional[Path] = typer.Option(None, "--svg", help="Also save the report as an SVG picture."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute; router in fp32)."),
     as_json: bool = JSON_OPT,
 ):
     """Routing balance and specialisation per layer and expert: rich tables, --json, --svg."""
@@ -267,7 +268,7 @@ def inspect_routing(
 
     def go():
         res = inspect_fn(checkpoint, data, max_tokens, seq_len, batch_size, capacity_factor, top_tokens, near_dead,
-                         domain, compare)
+                         domain, compare, dtype)
         if layer is not None and str(layer) not in res["layers"]:
             raise UserError(f"--layer {layer}: not an MoE layer (MoE layers: {', '.join(res['layers'])})")
         if svg is not None:

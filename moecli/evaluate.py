@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_with_tokenizer
+from .checkpoint import load_dtype, load_with_tokenizer
 from .data import default_window, encode_to_file, eval_windows, expand_data_args, open_tokens, run_val_split
 from .distributed import all_sum_, current
 from .errors import UserError, check_at_least
@@ -45,11 +45,6 @@ def evaluate_loss(model, tokens: torch.Tensor, seq_len: int, starts: list[int], 
     return (total / count if count else float("nan")), count
 
 
-# bfloat16 halves the memory of a big checkpoint and uses the CPU's bf16 units (and the threaded
-# expert path, experts.use_threads); the loss itself is always taken in fp32 from the logits.
-EVAL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: int, max_windows: int | None,
              dtype: str = "float32", per_file: bool = False) -> dict:
     """Loss on DATA; with no DATA, on the validation split of the training run the checkpoint belongs to.
@@ -58,11 +53,10 @@ def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: 
     check_at_least("--batch-size", batch_size, 1)
     if max_windows is not None:
         check_at_least("--max-windows", max_windows, 1)
-    if dtype not in EVAL_DTYPES:
-        raise UserError(f"--dtype: one of {', '.join(EVAL_DTYPES)}, got {dtype!r}")
+    torch_dtype = load_dtype(dtype)
     if per_file and not data:
         raise UserError("--per-file: needs DATA (the validation split is one text)")
-    model, _, directory, tok = load_with_tokenizer(checkpoint, EVAL_DTYPES[dtype])
+    model, _, directory, tok = load_with_tokenizer(checkpoint, torch_dtype)
     context = model.recipe.model.context
     if seq_len is not None and not 1 <= seq_len <= context:
         raise UserError(f"--seq-len: must be between 1 and the model's context ({context}), got {seq_len}")

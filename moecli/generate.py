@@ -6,9 +6,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from .checkpoint import load_with_tokenizer
+from .checkpoint import load_dtype, load_with_tokenizer
 from .errors import UserError, check_at_least
-from .evaluate import EVAL_DTYPES
 from .model import KVCache
 
 
@@ -110,9 +109,7 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: flo
     check_at_least("--num-samples", num_samples, 1)
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p: must be in (0, 1] (1 = all tokens), got {top_p}")
-    if dtype not in EVAL_DTYPES:
-        raise UserError(f"--dtype: one of {', '.join(EVAL_DTYPES)}, got {dtype!r}")
-    model, _, _, tok = load_with_tokenizer(checkpoint, EVAL_DTYPES[dtype])
+    model, _, _, tok = load_with_tokenizer(checkpoint, load_dtype(dtype))
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise UserError("--prompt: empty prompt")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .balance import load_health
-from .checkpoint import load_checkpoint, load_with_tokenizer
+from .checkpoint import load_checkpoint, load_dtype, load_with_tokenizer
 from .data import _utf8_text_chunks, default_window, expand_data_args, run_val_split
 from .errors import UserError, check_at_least
 from .moe import expert_capacity
@@ -182,12 +182,13 @@ def run_routing(model, stream: Stream, batch_size: int, capacity_factor: float, 
 
 def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, seq_len: int | None = None,
                     batch_size: int = 8, capacity_factor: float = 1.25, top_tokens: int = 5, near_dead: float = 0.1,
-                    domains: list[str] | None = None, compare: str | None = None) -> dict:
+                    domains: list[str] | None = None, compare: str | None = None, dtype: str = "float32") -> dict:
     check_at_least("--batch-size", batch_size, 1)
     check_at_least("--capacity-factor", capacity_factor, 0)
     check_at_least("--top-tokens", top_tokens, 0)
     check_at_least("--near-dead", near_dead, 0)
-    model, _, directory, tok = load_with_tokenizer(checkpoint)
+    torch_dtype = load_dtype(dtype)
+    model, _, directory, tok = load_with_tokenizer(checkpoint, torch_dtype)
     if not model.moe_layers:
         raise UserError(f"{checkpoint}: has no MoE layers (a dense model); nothing to inspect")
     ctx = model.recipe.model.context
@@ -211,14 +212,14 @@ def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, s
     result = {
         "checkpoint": str(directory), "recipe": model.recipe.name, "data": where,
         "tokens": int(stream.ids.numel() // seq_len * seq_len),
-        "seq_len": seq_len, "capacity_factor": capacity_factor, "near_dead_threshold": near_dead,
+        "seq_len": seq_len, "capacity_factor": capacity_factor, "near_dead_threshold": near_dead, "dtype": dtype,
         "layers": layers,
         "flagged": {k: v["status"] for k, v in layers.items() if v["status"] != "ok"},
     }
     if domains:
         result["domains"] = domain_report(model, tok, domains, seq_len, batch_size, max_tokens)
     if compare:
-        result["saturation"] = saturation(compare, stream, batch_size, kept)
+        result["saturation"] = saturation(compare, stream, batch_size, kept, torch_dtype)
     return result
 
 
@@ -239,9 +240,10 @@ def domain_report(model, tok, domains: list[str], seq_len: int, batch_size: int,
     return out
 
 
-def saturation(other: str, stream: Stream, batch_size: int, kept: dict[int, list[torch.Tensor]]) -> dict:
+def saturation(other: str, stream: Stream, batch_size: int, kept: dict[int, list[torch.Tensor]],
+               dtype: torch.dtype = torch.float32) -> dict:
     """Top-k overlap between this checkpoint's routing and another's on the same tokens, per layer."""
-    model_b, _ = load_checkpoint(other)
+    model_b, _ = load_checkpoint(other, dtype)
     layers_b = dict(model_b.moe_layers)
     if sorted(layers_b) != sorted(kept):
         raise UserError(f"{other}: MoE layers {sorted(layers_b)} differ from {sorted(kept)}; not the same run")

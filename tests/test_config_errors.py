@@ -151,4 +151,4 @@ def test_a_closed_stdout_stops_quietly_with_141(tmp_path, tiny_recipe, cli, args
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.close()  # the reader is gone before the first write
     _, err = p.communicate(input=b"some text to score " * 50, timeout=300)
-    assert p.returncode == 141 and err == b""
+    assert (p.returncode, err) == (141, b"")
