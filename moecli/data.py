@@ -167,12 +167,47 @@ def _read_chunks(src: str | Path):
         raise UserError(f"{src}: cannot read: {e.strerror}") from None
 
 
-def _utf8_text_chunks(src):
-    """Decode chunks as UTF-8 without splitting a character (for tokenizers that need text)."""
+def text_pieces(src):
+    """The text of a source in pieces: a .jsonl file's documents (``jsonl_texts``); anything else decoded
+    from UTF-8 chunk by chunk without splitting a character (for tokenizers that need text)."""
+    if is_jsonl(src):
+        yield from jsonl_texts(src)
+        return
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for chunk in _read_chunks(src):
         yield decoder.decode(chunk)
     yield decoder.decode(b"", final=True)
+
+
+# JSON Lines inputs (one JSON object per line, as Hugging Face datasets and most corpora ship): the
+# text of each line's JSONL_FIELD is a document, documents joined by newlines as files are.
+JSONL_FIELD = "text"
+
+
+def is_jsonl(src) -> bool:
+    return src != "-" and Path(src).suffix.lower() == ".jsonl"
+
+
+def jsonl_texts(src):
+    """Each document of a .jsonl file, a newline between documents; blank lines are skipped, and a line
+    that is not a JSON object with a string "text" is bad input naming the file and line."""
+    try:
+        with open(src, encoding="utf-8", errors="replace") as f:
+            first = True
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{src}:{n}: not JSON ({e.msg}); a .jsonl file holds one JSON object per line")
+                text = doc.get(JSONL_FIELD) if isinstance(doc, dict) else None
+                if not isinstance(text, str):
+                    raise UserError(f"{src}:{n}: no \"{JSONL_FIELD}\" string field in this line's JSON object")
+                yield text if first else "\n" + text
+                first = False
+    except OSError as e:
+        raise UserError(f"{src}: cannot read: {e.strerror}") from None
 
 
 def encode_to_file(sources: list[str | Path], tokenizer, path: Path, spans: list | None = None) -> int:
@@ -188,12 +223,12 @@ def encode_to_file(sources: list[str | Path], tokenizer, path: Path, spans: list
                 f.write(_to_bytes(sep, dtype))
                 n += len(sep)
             start = n
-            if isinstance(tokenizer, ByteTokenizer):
-                for chunk in _read_chunks(src):
+            if isinstance(tokenizer, ByteTokenizer):  # a plain file's bytes are its tokens, as they are
+                for chunk in (t.encode("utf-8") for t in jsonl_texts(src)) if is_jsonl(src) else _read_chunks(src):
                     f.write(chunk)
                     n += len(chunk)
             else:
-                for text in _utf8_text_chunks(src):
+                for text in text_pieces(src):
                     ids = tokenizer.encode(text)
                     f.write(_to_bytes(ids, dtype))
                     n += len(ids)

@@ -30,7 +30,7 @@ import torch
 
 from .balance import load_health
 from .checkpoint import load_checkpoint, load_dtype, load_with_tokenizer
-from .data import _utf8_text_chunks, default_window, expand_data_args, run_val_split
+from .data import text_pieces, default_window, expand_data_args, run_val_split
 from .errors import UserError, check_at_least
 from .moe import expert_capacity
 
@@ -148,7 +148,7 @@ def read_tokens(args: list[str], tok, max_tokens: int) -> torch.Tensor:
     """The first max_tokens tokens of the inputs, read chunk by chunk (a large file is not read whole)."""
     ids: list[int] = []
     for src in expand_data_args(args):
-        for text in _utf8_text_chunks(src):
+        for text in text_pieces(src):
             ids.extend(tok.encode(text))
             if len(ids) >= max_tokens:
                 return torch.tensor(ids[:max_tokens], dtype=torch.long)

@@ -116,3 +116,29 @@ def test_info_on_a_hugging_face_directory(tmp_path, cli):
     assert res["params"] == parameter_report(load_checkpoint(tmp_path / "hf")[0])
     saved = load_file(tmp_path / "hf" / "model.safetensors")
     assert res["weights"]["tensors"] == len(saved) and res["weights"]["files"] == 1
+
+
+def test_jsonl_documents_are_the_text_fields(tmp_path, tiny_recipe, cli):
+    """A .jsonl file: each line's "text" is a document, documents joined by newlines (as files are); the
+    same tokens and loss as the equivalent plain text; a bad line is named with its number, exit 2."""
+    docs = ["First document, ünïcode too.", "Second one\nspans two lines.", "Third."]
+    jl = tmp_path / "docs.jsonl"
+    jl.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" + ("\n" if i == 0 else "") for i, d in
+                          enumerate(docs)))  # a blank line too
+    txt = tmp_path / "docs.txt"
+    txt.write_text("\n".join(docs))
+    tok = ByteTokenizer()
+    n1 = encode_to_file([str(jl), str(txt)], tok, tmp_path / "a.bin")
+    n2 = encode_to_file([str(txt), str(txt)], tok, tmp_path / "b.bin")
+    assert n1 == n2 and (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
+    ckpt = tmp_path / "ckpt"
+    assert cli("build", tiny_recipe(), "-o", ckpt).returncode == 0
+    a, b = (json.loads(cli("eval", ckpt, f, "--json").stdout)["loss"] for f in (jl, txt))
+    assert a == b
+    for line, message in [('{"text": 3}', 'no "text" string field'), ("not json", "not JSON (Expecting value)"),
+                          ('["text"]', 'no "text" string field')]:
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"text": "fine"}) + "\n" + line + "\n")
+        r = cli("train", tiny_recipe(), bad, "-o", tmp_path / "run")
+        assert r.returncode == 2 and r.stderr.startswith(f"error: {bad}:2: {message}"), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
