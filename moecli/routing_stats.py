@@ -147,7 +147,9 @@ class Stream:
 def read_tokens(args: list[str], tok, max_tokens: int) -> torch.Tensor:
     """The first max_tokens tokens of the inputs, read chunk by chunk (a large file is not read whole)."""
     ids: list[int] = []
-    for src in expand_data_args(args):
+    for i, src in enumerate(expand_data_args(args)):
+        if i:  # sources joined by a newline, as encode_to_file joins them
+            ids.extend(tok.encode("\n"))
         for text in text_pieces(src):
             ids.extend(tok.encode(text))
             if len(ids) >= max_tokens:

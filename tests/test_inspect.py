@@ -224,3 +224,18 @@ def test_bfloat16_routing_is_close_to_fp32(trained, cli):
     assert all(v["topk_overlap"] == 1.0 for v in bf["saturation"]["layers"].values())
     r = cli(*args, "--dtype", "half")
     assert r.returncode == 2 and r.stderr.strip() == "error: --dtype: one of float32, bfloat16, got 'half'"
+
+
+def test_read_tokens_joins_sources_as_training_does(tmp_path):
+    """inspect-routing's reader: the sources joined by a newline, as encode_to_file (train, eval) joins them."""
+    from moecli.data import ByteTokenizer, encode_to_file, open_tokens
+    from moecli.routing_stats import read_tokens
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.jsonl"
+    a.write_text("alpha beta")
+    b.write_text('{"text": "gamma"}\n{"text": "delta"}\n')
+    tok = ByteTokenizer()
+    n = encode_to_file([a, b], tok, tmp_path / "t.bin")
+    assert read_tokens([str(a), str(b)], tok, 1000).tolist() == open_tokens(tmp_path / "t.bin", n, 256).tolist()
+    assert bytes(read_tokens([str(a), str(b)], tok, 1000).tolist()) == b"alpha beta\ngamma\ndelta"
+    assert read_tokens([str(a), str(b)], tok, 7).tolist() == list(b"alpha b")
