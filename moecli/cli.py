@@ -100,6 +100,8 @@ def train(
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="train.grad_accum (micro-batches per step)"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="train.seq_len"),
     lr: Optional[float] = typer.Option(None, "--lr", help="train.lr"),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="train.lr_schedule: cosine | linear | "
+                                              "wsd | constant (after the warmup)"),
     seed: Optional[int] = typer.Option(None, "--seed", help="train.seed"),
     eval_interval: Optional[int] = typer.Option(None, "--eval-interval", help="train.eval_interval"),
     ckpt_interval: Optional[int] = typer.Option(None, "--ckpt-interval", help="train.ckpt_interval"),
@@ -128,7 +130,8 @@ def train(
     def go():  # overrides are parsed in here so a bad --set is a one-line error (exit 2)
         ov = _overrides(set_, **{"train.max_steps": max_steps, "train.batch_size": batch_size,
                                  "train.grad_accum": grad_accum, "train.seq_len": seq_len,
-                                 "train.lr": lr, "train.seed": seed, "train.eval_interval": eval_interval,
+                                 "train.lr": lr, "train.lr_schedule": lr_schedule, "train.seed": seed,
+                                 "train.eval_interval": eval_interval,
                                  "train.ckpt_interval": ckpt_interval, "train.precision": precision})
         files, recipe_arg = list(data or []), recipe
         # no recipe with --init, and none needed with --resume: there the first argument is DATA too

@@ -23,6 +23,7 @@ from .errors import UserError
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 PRECISIONS = ("fp32", "bf16-mixed")  # train.precision
+SCHEDULES = ("cosine", "linear", "wsd", "constant")  # train.lr_schedule
 
 
 @dataclass
@@ -143,7 +144,12 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step: the same batch in 1/grad_accum of the activation memory
     seq_len: int = 128  # tokens per sequence (<= model.context)
     lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr*min_lr_ratio
+    # after warmup: cosine or linear decay to lr*min_lr_ratio at max_steps; wsd (warmup-stable-decay) holds
+    # lr and decays linearly over the last decay_fraction of the steps, so a run can be extended (--resume
+    # with more --max-steps) before its decay starts without changing the steps it already took; constant
+    lr_schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2  # wsd only
     warmup_steps: int = 20
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -164,6 +170,9 @@ class TrainConfig:
         _check(self.batch_size % self.grad_accum == 0, "grad_accum",
                f"must divide batch_size ({self.batch_size}), got {self.grad_accum}")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(self.lr_schedule in SCHEDULES, "lr_schedule",
+               f"must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        _check(0 < self.decay_fraction <= 1, "decay_fraction", f"must be in (0, 1], got {self.decay_fraction}")
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")

@@ -1,4 +1,5 @@
-"""``moe train``: AdamW with warmup + cosine, balance losses, aux-free bias, checkpoints and exact resume.
+"""``moe train``: AdamW with warmup + a decay schedule (train.lr_schedule), balance losses, aux-free bias,
+checkpoints and exact resume.
 
 Determinism: every source of randomness in step s (the batch, router jitter and
 noise, random routing) is drawn from generators seeded with (seed, s), so a run
@@ -60,10 +61,17 @@ class TrainArgs:
 
 
 def lr_at(step: int, t) -> float:
+    """The learning rate of step `step` (0-based) under train.lr_schedule: a linear warmup, then cosine,
+    linear, wsd (constant, then linear over the last decay_fraction of the steps) or constant."""
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    if t.lr_schedule == "constant":
+        return t.lr
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))  # 0 -> 1 after warmup
+    if t.lr_schedule == "wsd":
+        progress = max(0.0, progress - (1 - t.decay_fraction)) / t.decay_fraction
+    left = 0.5 * (1 + math.cos(math.pi * progress)) if t.lr_schedule == "cosine" else 1 - progress
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * left)
 
 
 def make_optimizer(model: Transformer, t) -> torch.optim.AdamW:

@@ -445,3 +445,37 @@ def test_eval_per_file(tmp_path, tiny_recipe, cli):
                                                            "window of --seq-len 16")
     r = cli("eval", ckpt, a, b, "--per-file")  # the table
     assert r.returncode == 0 and "per file" in r.stdout and "b.txt" in r.stdout
+
+
+def test_lr_schedules(tmp_path, corpus, tiny_recipe, cli):
+    """train.lr_schedule after a 10-step warmup to lr 1, min_lr_ratio 0.1, 110 steps: cosine, linear, wsd (the
+    last 20% linear), constant; wsd's steps before its decay do not depend on max_steps; the run logs them."""
+    from moecli.config import TrainConfig
+    from moecli.train import lr_at
+
+    def lrs(schedule, steps, max_steps=110):
+        t = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, max_steps=max_steps, lr_schedule=schedule)
+        t.validate()
+        return [lr_at(s, t) for s in steps]
+
+    assert lrs("cosine", [0, 9, 10, 60]) == pytest.approx([0.1, 1.0, 1.0, 0.55])
+    assert lrs("linear", [10, 60, 85]) == pytest.approx([1.0, 0.55, 0.325])
+    assert lrs("wsd", [10, 90, 100, 109]) == pytest.approx([1.0, 1.0, 0.55, 0.145])
+    assert lrs("constant", [5, 10, 109]) == pytest.approx([0.6, 1.0, 1.0])
+    assert lrs("wsd", range(91)) == lrs("wsd", range(91), max_steps=1000)
+    run = tmp_path / "wsd"
+    r = cli("train", tiny_recipe(), corpus, "-o", run, "-q", "--lr-schedule", "wsd", "--set", "train.decay_fraction=0.5")
+    assert r.returncode == 0, r.stderr
+    t = TrainConfig(**{**json.loads((run / "checkpoint" / "config.json").read_text())["recipe"]["train"]})
+    assert (t.lr_schedule, t.decay_fraction) == ("wsd", 0.5)
+    logged = [row["lr"] for row in map(json.loads, (run / "metrics.jsonl").open())]
+    assert logged == pytest.approx([lr_at(s, t) for s in range(t.max_steps)])
+    # extended before its decay began: a 6-step wsd run resumed to 12 steps is the 12-step run
+    recipe = str(tiny_recipe(train={"lr_schedule": "wsd", "decay_fraction": 0.2}))
+    train(TrainArgs(recipe, [str(corpus)], tmp_path / "long", {"train.max_steps": 12}, quiet=True))
+    train(TrainArgs(recipe, [str(corpus)], tmp_path / "short", {"train.max_steps": 6}, quiet=True))
+    train(TrainArgs(None, [str(corpus)], tmp_path / "short", {"train.max_steps": 12}, resume=True, quiet=True))
+    assert losses(tmp_path / "short") == losses(tmp_path / "long")
+    r = cli("train", tiny_recipe(), corpus, "-o", tmp_path / "bad", "--lr-schedule", "step")
+    assert r.returncode == 2 and r.stderr.strip().endswith(
+        "train.lr_schedule: must be one of cosine, linear, wsd, constant, got 'step'")
