@@ -96,7 +96,10 @@ class GroupedExperts(nn.Module):
             x_mD = F.pad(x_nD, (0, 0, 0, m - n)) if m > n else x_nD
             h_mF = F.silu(x_mD @ w1s[e]) * (x_mD @ w3s[e])
             outs.append((h_mF @ w2s[e])[:n])
-        y_ND = torch.cat(outs, dim=0) if outs else x_ND.new_zeros(0, self.d_model)
+        if not outs:  # no rows at all, as an expert-parallel rank can receive: still an output of x and the
+            # weights (zero gradients), so every rank's backward runs the same collectives and optimizer steps
+            outs.append((F.silu(x_ND @ w1s[0]) * (x_ND @ w3s[0])) @ w2s[0])
+        y_ND = torch.cat(outs, dim=0)
         # in y's dtype, which is bf16 under autocast (the residual add promotes it back)
         return y_ND if w_N is None else y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
 

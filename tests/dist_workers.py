@@ -18,14 +18,17 @@ class _Holder(torch.nn.Module):  # shard_experts works on anything with .moe_lay
         return [(0, self.layer)]
 
 
-def expert_parallel_layer_check(E, K, capacity_factor):
-    """Compare the expert-parallel layer with the single-process layer on this rank's tokens."""
+def expert_parallel_layer_check(E, K, capacity_factor, starve_last_rank=False):
+    """Compare the expert-parallel layer with the single-process layer on this rank's tokens. With
+    starve_last_rank, the router's selection bias keeps every token away from the last rank's experts."""
     info = init_from_env(expert_parallel=True)
     torch.manual_seed(0)  # identical initial weights on every rank
     cfg = MoEConfig(num_experts=E, top_k=K, expert_ffn=12, capacity_factor=capacity_factor, num_shared_experts=1)
     ref = MoELayer(16, cfg, BalanceConfig()).double()
     with torch.no_grad():
         ref.router.gate.weight.normal_(0, 1.0)
+        if starve_last_rank:
+            ref.router.expert_bias[E - E // info.world:] = -100.0
     ep = MoELayer(16, cfg, BalanceConfig()).double()
     ep.load_state_dict(ref.state_dict())
     shard_experts(_Holder(ep), info)

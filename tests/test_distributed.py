@@ -19,6 +19,16 @@ def test_expert_parallel_layer_equals_single_process(E, K, cf):
     assert res["dropped_ref"] == res["dropped_ep"]
 
 
+def test_expert_parallel_rank_without_tokens():
+    """A rank whose experts receive no token at all: its (empty) expert output stays connected to the graph,
+    so both ranks run the same collectives in the backward (before, gloo aborted or hung) and its
+    experts get zero gradients, as the single-process layer's unused experts do."""
+    from dist_workers import expert_parallel_layer_check
+
+    res = spawn(2, expert_parallel_layer_check, 4, 2, 0.0, True)
+    assert res["worst_over_ranks"] < 1e-10, res
+
+
 def losses(run):
     return [json.loads(l) for l in (run / "metrics.jsonl").open()]
 
