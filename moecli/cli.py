@@ -105,6 +105,8 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="train.seed"),
     eval_interval: Optional[int] = typer.Option(None, "--eval-interval", help="train.eval_interval"),
     ckpt_interval: Optional[int] = typer.Option(None, "--ckpt-interval", help="train.ckpt_interval"),
+    keep_best: Optional[bool] = typer.Option(None, "--keep-best", help="train.keep_best: also keep OUT/best, the "
+                                             "model at the lowest validation loss so far", show_default=False),
     precision: Optional[str] = typer.Option(None, "--precision", help="train.precision: fp32 | bf16-mixed "
                                             "(bf16 products, fp32 weights and optimizer)"),
     set_: Optional[List[str]] = SET_OPT,
@@ -132,7 +134,8 @@ def train(
                                  "train.grad_accum": grad_accum, "train.seq_len": seq_len,
                                  "train.lr": lr, "train.lr_schedule": lr_schedule, "train.seed": seed,
                                  "train.eval_interval": eval_interval,
-                                 "train.ckpt_interval": ckpt_interval, "train.precision": precision})
+                                 "train.ckpt_interval": ckpt_interval, "train.precision": precision,
+                                 "train.keep_best": keep_best})
         files, recipe_arg = list(data or []), recipe
         # no recipe with --init, and none needed with --resume: there the first argument is DATA too
         # (with --resume, unless it reads as a recipe, which the run's own then replaces)

@@ -158,6 +158,7 @@ class TrainConfig:
     eval_interval: int = 50  # steps between validation passes (and a final one)
     eval_batches: int = 8
     ckpt_interval: int = 100  # steps between checkpoints (and a final one)
+    keep_best: bool = False  # also keep OUT/best: the model at the lowest validation loss so far
     val_fraction: float = 0.05  # tail of the token stream held out for validation
     # fp32 | bf16-mixed: forward (and so backward) products in bf16 under autocast, on the CPU's bf16
     # units; weights, gradients, optimizer, router and loss stay fp32 (README "bf16 training")

@@ -331,13 +331,16 @@ def default_window(recipe, available: int) -> int:
 
 def run_val_split(checkpoint_dir: Path, recipe, tokenizer) -> tuple[torch.Tensor, str]:
     """The validation split a training run held out, for a checkpoint inside that run's output directory
-    (RUN/checkpoint, whose token cache is RUN/data): (tokens, "validation split of RUN"). The cache must still hold
-    the tokens the checkpoint was trained on (train_state.json's fingerprint)."""
-    try:
-        trained_on = json.loads((checkpoint_dir / "train_state.json").read_text()).get("data")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        trained_on = None
-    if checkpoint_dir.name != "checkpoint" or not isinstance(trained_on, str):
+    (RUN/checkpoint or RUN/best, the token cache in RUN/data): (tokens, "validation split of RUN"). The cache
+    must still hold the tokens the checkpoint was trained on (the fingerprint in train_state.json, or in a
+    best model's config.json)."""
+    trained_on = None
+    for name in ("train_state.json", "config.json"):
+        try:
+            trained_on = trained_on or json.loads((checkpoint_dir / name).read_text()).get("data")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            pass
+    if checkpoint_dir.name not in ("checkpoint", "best") or not isinstance(trained_on, str):
         raise UserError(f"{checkpoint_dir}: DATA: give a file, directory, glob or - for stdin (with no DATA, "
                         f"the checkpoint must be a `moe train` run's, with its token cache in RUN/data)")
     cache, t = checkpoint_dir.parent / "data", recipe.train

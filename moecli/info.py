@@ -39,6 +39,8 @@ def info(target: str | None) -> dict:
         extra = {k: cfg[k] for k in ("step", "tokens_seen", "source") if k in cfg}
         extra["weights"] = weights_summary(model, cfg, directory)
         extra.update(last_metrics(directory, cfg.get("step")))
+        if "val_loss" in cfg:  # a run's best model (train.keep_best) records the loss it was kept for
+            extra["val_loss"] = {"step": cfg.get("step"), "value": cfg["val_loss"]}
     else:
         try:
             recipe = load_recipe(target)

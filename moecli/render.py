@@ -189,6 +189,8 @@ def render_train(res: dict) -> None:
     fmts = (("final_step", "{}"), ("tokens_seen", "{:,}"), ("final_loss", "{:.4f}"), ("val_loss", "{:.4f}"),
             ("tokens_per_s", "{:,.0f}"), ("checkpoint", "{}"), ("metrics", "{}"))
     rows = [(key.replace("_", " "), fmt.format(res[key])) for key, fmt in fmts if res.get(key) is not None]
+    if res.get("best"):
+        rows.append(("best model", f"{res['best']['checkpoint']} (val loss {res['best']['val_loss']:.4f})"))
     if res.get("routing"):
         bad = {i: r for i, r in res["routing"].items() if r["status"] != "ok"}
         rows.append(("routing (last window)", "ok in every MoE layer" if not bad else "; ".join(

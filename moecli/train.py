@@ -10,6 +10,7 @@ Output directory layout:
     OUT/checkpoint/        model.safetensors, config.json, optimizer.safetensors,
                            train_state.json (+ tokenizer.json); swapped in atomically
     OUT/metrics.jsonl      one JSON object per step (and val_loss on eval steps)
+    OUT/best/              with train.keep_best: the model at the lowest validation loss so far
     OUT/data/              the token cache (tokens.bin, tokens.json)
 """
 
@@ -118,15 +119,22 @@ class RoutingWindow:
 # ---------------------------------------------------------------- checkpoint state
 
 
-def _full_state(model, opt, info: DistInfo) -> tuple[dict, dict]:
-    """Model state and flat optimizer state with whole experts (gathered from every rank under EP)."""
+def _full_model_state(model, info: DistInfo) -> dict:
+    """The model state with whole experts (gathered from every rank under EP; every rank takes part)."""
     sd = model_state(model)
-    state = opt.state_dict()
-    tensors = {f"{idx}.{k}": v.contiguous() for idx, s in state["state"].items() for k, v in s.items()}
     if info.expert_parallel and info.world > 1:
         for name in list(sd):
             if ".moe.experts." in name:
                 sd[name] = gather_experts(sd[name], info)
+    return sd
+
+
+def _full_state(model, opt, info: DistInfo) -> tuple[dict, dict]:
+    """Model state and flat optimizer state with whole experts (gathered from every rank under EP)."""
+    sd = _full_model_state(model, info)
+    state = opt.state_dict()
+    tensors = {f"{idx}.{k}": v.contiguous() for idx, s in state["state"].items() for k, v in s.items()}
+    if info.expert_parallel and info.world > 1:
         sharded = _expert_indices(model, opt)
         for key in list(tensors):
             idx, what = key.split(".", 1)
@@ -139,6 +147,27 @@ def _expert_indices(model, opt) -> set[int]:
     experts = expert_params(model)
     order = [p for g in opt.param_groups for p in g["params"]]
     return {i for i, p in enumerate(order) if id(p) in experts}
+
+
+def save_best(out: Path, model, step: int, tokens_seen: int, tokenizer, data_fp: str, val_loss: float,
+              info: DistInfo) -> None:
+    """OUT/best (train.keep_best): the model alone, with its step and validation loss (config.json)."""
+    sd = _full_model_state(model, info)
+    if info.is_main:
+        with atomic_dir(out / "best", overwrite=True) as tmp:
+            save_checkpoint(model, tmp, {"step": step, "tokens_seen": tokens_seen, "val_loss": val_loss,
+                                         "data": data_fp, "tokenizer": tokenizer.to_config()}, state=sd)
+            if tokenizer.kind == "hf":
+                shutil.copyfile(tokenizer.path, tmp / "tokenizer.json")
+    barrier()
+
+
+def best_val_loss(out: Path) -> float:
+    """The validation loss OUT/best was kept for (inf where there is none yet)."""
+    try:
+        return float(json.loads((out / "best" / CONFIG_FILE).read_text())["val_loss"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def save_train_checkpoint(out: Path, model, opt, step: int, tokens_seen: int, tokenizer, data_fp: str,
@@ -321,8 +350,11 @@ def _train(args: TrainArgs, progress=None) -> dict:
         start_step, tokens_seen = ts["step"], ts["tokens_seen"]
         if info.is_main:
             _trim_metrics(metrics_path, start_step)
-    elif info.is_main and metrics_path.exists():
-        metrics_path.unlink()
+    elif info.is_main:  # a new run (--force): nothing of an earlier run's metrics or best model stays
+        if metrics_path.exists():
+            metrics_path.unlink()
+        if (out / "best").exists():
+            shutil.rmtree(out / "best")
     for g in opt.param_groups:  # resumed runs may extend max_steps / change lr
         g["betas"] = (t.beta1, t.beta2)
     barrier()
@@ -339,6 +371,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
     local_b = t.batch_size // info.world
     rows = slice(info.rank * local_b, (info.rank + 1) * local_b)
     val_loss = None
+    best = best_val_loss(out) if t.keep_best else math.inf  # resumed: the best of the steps before
     step_times = []
     window = RoutingWindow(model)
     routing = None
@@ -385,6 +418,10 @@ def _train(args: TrainArgs, progress=None) -> dict:
                 if not math.isfinite(val_loss):
                     raise RunFailed(_nan_message(val_loss, step + 1, last_ckpt, last_ckpt_step, "validation loss"))
                 rec["val_loss"] = val_loss
+                if t.keep_best and val_loss < best:
+                    best = val_loss
+                    save_best(out, model, step + 1, tokens_seen, tokenizer, data.fingerprint, val_loss, info)
+                    rec["best"] = True
                 if window.layers:  # the routing since the last validation pass
                     routing = window.report()
                     rec["routing"] = {"steps": routing["steps"], "flagged": {
@@ -409,6 +446,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
         "final_loss": rec["loss"] if step_times else None, "val_loss": val_loss,
         "tokens_per_s": (t.batch_size * t.seq_len * len(measured) / sum(measured)) if measured else None,
         "checkpoint": str(out / "checkpoint"), "metrics": str(metrics_path),
+        "best": ({"checkpoint": str(out / "best"), "val_loss": best} if t.keep_best and math.isfinite(best) else None),
         "routing": {i: {"status": h["status"], "max_vio": round(h["max_vio"], 4), "dead": h["dead"]}
                     for i, h in routing["layers"].items()} if routing else None,
     })

@@ -479,3 +479,53 @@ def test_lr_schedules(tmp_path, corpus, tiny_recipe, cli):
     r = cli("train", tiny_recipe(), corpus, "-o", tmp_path / "bad", "--lr-schedule", "step")
     assert r.returncode == 2 and r.stderr.strip().endswith(
         "train.lr_schedule: must be one of cosine, linear, wsd, constant, got 'step'")
+
+
+def test_keep_best(tmp_path, corpus, tiny_recipe, cli):
+    """--keep-best: OUT/best holds the model at the lowest logged val_loss (its step and loss in config.json;
+    scoring it on the validation split gives that loss); a resumed run keeps the same best; --force drops it."""
+    recipe = tiny_recipe(train={"max_steps": 9, "lr": 0.03, "lr_schedule": "constant"})  # 6 steps, then 9: the same
+    run = tmp_path / "run"
+    r = cli("train", recipe, corpus, "-o", run, "-q", "--json", "--keep-best")
+    assert r.returncode == 0, r.stderr
+    rows = [row for row in map(json.loads, (run / "metrics.jsonl").open()) if "val_loss" in row]
+    assert [row["step"] for row in rows] == [3, 6, 9]
+    best = min(rows, key=lambda row: row["val_loss"])
+    cfg = json.loads((run / "best" / "config.json").read_text())
+    assert (cfg["step"], cfg["val_loss"]) == (best["step"], best["val_loss"])
+    assert json.loads(r.stdout)["best"] == {"checkpoint": str(run / "best"), "val_loss": best["val_loss"]}
+    assert [row["step"] for row in rows if row.get("best")][-1] == best["step"]
+    t = cfg["recipe"]["train"]
+    ev = cli("eval", run / "best", "--json", "--max-windows", t["eval_batches"] * t["batch_size"],
+             "--batch-size", t["batch_size"])
+    assert ev.returncode == 0, ev.stderr
+    assert json.loads(ev.stdout)["loss"] == pytest.approx(best["val_loss"], rel=1e-6)
+    part = tmp_path / "part"
+    assert cli("train", recipe, corpus, "-o", part, "-q", "--keep-best", "--max-steps", "6").returncode == 0
+    assert cli("train", "-o", part, "-q", "--resume", "--max-steps", "9").returncode == 0
+    assert json.loads((part / "best" / "config.json").read_text())["val_loss"] == best["val_loss"]
+    assert cli("train", recipe, corpus, "-o", part, "-q", "--force").returncode == 0
+    assert not (part / "best").exists()
+
+
+def test_keep_best_keeps_an_earlier_model(tmp_path, corpus, tiny_recipe, monkeypatch):
+    """Validation losses 3.0, 2.0, 2.5 at steps 3, 6, 9: OUT/best is the model of step 6 (the weights a
+    6-step run ends with) and stays so after step 9."""
+    from safetensors.torch import load_file
+
+    import moecli.train as train_mod
+
+    recipe = str(tiny_recipe(train={"max_steps": 9, "lr_schedule": "constant"}))
+    vals = iter([3.0, 2.0, 2.5])
+    monkeypatch.setattr(train_mod, "evaluate_loss", lambda *a, **k: (next(vals), 1))
+    res = train(TrainArgs(recipe, [str(corpus)], tmp_path / "run", {"train.keep_best": True}, quiet=True))
+    monkeypatch.undo()
+    assert res["best"]["val_loss"] == 2.0
+    cfg = json.loads((tmp_path / "run" / "best" / "config.json").read_text())
+    assert (cfg["step"], cfg["val_loss"]) == (6, 2.0)
+    train(TrainArgs(recipe, [str(corpus)], tmp_path / "six", {"train.max_steps": 6}, quiet=True))
+    best = load_file(tmp_path / "run" / "best" / "model.safetensors")
+    six = load_file(tmp_path / "six" / "checkpoint" / "model.safetensors")
+    last = load_file(tmp_path / "run" / "checkpoint" / "model.safetensors")
+    assert best.keys() == six.keys() and all(torch.equal(best[k], six[k]) for k in best)
+    assert not all(torch.equal(best[k], last[k]) for k in best)
