@@ -223,7 +223,7 @@ def encode_to_file(sources: list[str | Path], tokenizer, path: Path, spans: list
                 f.write(_to_bytes(sep, dtype))
                 n += len(sep)
             start = n
-            if isinstance(tokenizer, ByteTokenizer):  # a plain file's bytes are its tokens, as they are
+            if isinstance(tokenizer, ByteTokenizer):  # the bytes are the tokens: a plain file's as stored
                 for chunk in (t.encode("utf-8") for t in jsonl_texts(src)) if is_jsonl(src) else _read_chunks(src):
                     f.write(chunk)
                     n += len(chunk)

@@ -149,16 +149,21 @@ def _expert_indices(model, opt) -> set[int]:
     return {i for i, p in enumerate(order) if id(p) in experts}
 
 
+def _save_model(tmp: Path, model, sd: dict, extra: dict, tokenizer) -> None:
+    """config.json (with extra and the tokenizer's config), model.safetensors and tokenizer.json into tmp."""
+    save_checkpoint(model, tmp, {**extra, "tokenizer": tokenizer.to_config()}, state=sd)
+    if tokenizer.kind == "hf":
+        shutil.copyfile(tokenizer.path, tmp / "tokenizer.json")
+
+
 def save_best(out: Path, model, step: int, tokens_seen: int, tokenizer, data_fp: str, val_loss: float,
               info: DistInfo) -> None:
     """OUT/best (train.keep_best): the model alone, with its step and validation loss (config.json)."""
     sd = _full_model_state(model, info)
     if info.is_main:
         with atomic_dir(out / "best", overwrite=True) as tmp:
-            save_checkpoint(model, tmp, {"step": step, "tokens_seen": tokens_seen, "val_loss": val_loss,
-                                         "data": data_fp, "tokenizer": tokenizer.to_config()}, state=sd)
-            if tokenizer.kind == "hf":
-                shutil.copyfile(tokenizer.path, tmp / "tokenizer.json")
+            _save_model(tmp, model, sd, {"step": step, "tokens_seen": tokens_seen, "val_loss": val_loss,
+                                         "data": data_fp}, tokenizer)
     barrier()
 
 
@@ -176,14 +181,11 @@ def save_train_checkpoint(out: Path, model, opt, step: int, tokens_seen: int, to
     sd, ostate = _full_state(model, opt, info)  # every rank takes part in the gathers
     if info.is_main:
         with atomic_dir(target, overwrite=True) as tmp:
-            save_checkpoint(model, tmp, {"step": step, "tokens_seen": tokens_seen,
-                                         "tokenizer": tokenizer.to_config()}, state=sd)
+            _save_model(tmp, model, sd, {"step": step, "tokens_seen": tokens_seen}, tokenizer)
             save_safetensors(ostate["tensors"], tmp / "optimizer.safetensors")
             atomic_write_json(tmp / "train_state.json", {
                 "step": step, "tokens_seen": tokens_seen, "param_groups": ostate["param_groups"], "data": data_fp,
             })
-            if tokenizer.kind == "hf":
-                shutil.copyfile(tokenizer.path, tmp / "tokenizer.json")
     barrier()
     return target
 
