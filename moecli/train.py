@@ -107,9 +107,12 @@ class RoutingWindow:
         self.steps += 1
 
     def report(self) -> dict:
-        """{"steps": n, "layers": {layer: load_health}}; then starts a new window."""
+        """{"steps": n, "layers": {layer: load_health}, "share": {layer: each expert's share of the window's
+        assignments}}; then starts a new window."""
         rep = {"steps": self.steps, "layers": {str(i): load_health(acc, k)
-                                               for (i, k), acc in zip(self.layers, self.loads)}}
+                                               for (i, k), acc in zip(self.layers, self.loads)},
+               "share": {str(i): [round(float(v), 5) for v in acc / acc.sum().clamp(min=1)]
+                         for (i, _), acc in zip(self.layers, self.loads)}}
         for acc in self.loads:
             acc.zero_()
         self.steps = 0
@@ -428,7 +431,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
                     routing = window.report()
                     rec["routing"] = {"steps": routing["steps"], "flagged": {
                         i: {"status": h["status"], "dead": h["dead"]}
-                        for i, h in routing["layers"].items() if h["status"] != "ok"}}
+                        for i, h in routing["layers"].items() if h["status"] != "ok"}, "share": routing["share"]}
             if mf:
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()

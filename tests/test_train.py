@@ -341,6 +341,10 @@ def test_training_flags_dead_experts_and_collapse(tmp_path, corpus, cli):
     assert all(f["status"] == "collapsed" and len(f["dead"]) == 2 for f in flagged.values())
     summary = json.loads(r.stdout)["routing"]
     assert summary["0"] == {"status": "collapsed", "max_vio": 1.0, "dead": flagged["0"]["dead"]}
+    # each expert's share of the window's assignments: half each for the two winners, none for the dead
+    for layer, f in flagged.items():
+        share = recs[-1]["routing"]["share"][layer]
+        assert sorted(share) == [0.0, 0.0, 0.5, 0.5] and [e for e, v in enumerate(share) if v == 0] == f["dead"]
 
 
 def test_grad_accum_gives_the_same_step(tmp_path, corpus, tiny_recipe):
