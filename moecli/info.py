@@ -77,14 +77,15 @@ def weights_summary(model: Transformer, cfg: dict, directory: Path) -> dict:
 
 
 def last_metrics(directory: Path, step: int | None) -> dict:
-    """For a checkpoint in a training run (RUN/checkpoint beside RUN/metrics.jsonl): the last training loss
-    and validation loss logged up to the checkpoint's step (later lines belong to steps it does not hold)."""
+    """For a checkpoint in a training run (RUN/checkpoint beside RUN/metrics.jsonl): the last training loss,
+    validation loss and routing verdict (flagged layers, each expert's share) logged up to the checkpoint's
+    step (later lines belong to steps it does not hold)."""
     path = directory.parent / "metrics.jsonl"
     if step is None or directory.name != "checkpoint" or not path.is_file():
         return {}
     found: dict = {}
     for _, row in metrics_upto(path, step):
-        for key in ("loss", "val_loss"):
+        for key in ("loss", "val_loss", "routing"):
             if key in row:
                 found[key] = {"step": row["step"], "value": row[key]}
     return found

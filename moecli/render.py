@@ -107,6 +107,9 @@ def render_info(res: dict) -> None:
     for key in ("loss", "val_loss"):
         if key in res:
             out.print(f"{key}: {res[key]['value']:.4f} (step {res[key]['step']})")
+    if "routing" in res:
+        out.print(f"routing (validation window ending at step {res['routing']['step']}): "
+                  + routing_verdict(res["routing"]["value"].get("flagged", {})))
     if "weights" in res:
         w = res["weights"]
         dtypes = ", ".join(f"{n} {human(c)} values" for n, c in w["dtypes"].items())
@@ -185,6 +188,12 @@ def kv_table(title: str, rows: list[tuple[str, str]]) -> Table:
     return t
 
 
+def routing_verdict(flagged: dict) -> str:
+    """{layer: {"status", "dead"}} of the flagged layers as one line: "layer 1 collapsed, dead [0, 3]; ..."."""
+    return "; ".join(f"layer {i} {f['status']}" + (f", dead {f['dead']}" if f["dead"] else "")
+                     for i, f in flagged.items()) or "ok in every MoE layer"
+
+
 def render_train(res: dict) -> None:
     fmts = (("final_step", "{}"), ("tokens_seen", "{:,}"), ("final_loss", "{:.4f}"), ("val_loss", "{:.4f}"),
             ("tokens_per_s", "{:,.0f}"), ("checkpoint", "{}"), ("metrics", "{}"))
@@ -192,9 +201,8 @@ def render_train(res: dict) -> None:
     if res.get("best"):
         rows.append(("best model", f"{res['best']['checkpoint']} (val loss {res['best']['val_loss']:.4f})"))
     if res.get("routing"):
-        bad = {i: r for i, r in res["routing"].items() if r["status"] != "ok"}
-        rows.append(("routing (last window)", "ok in every MoE layer" if not bad else "; ".join(
-            f"layer {i} {r['status']}" + (f", dead {r['dead']}" if r["dead"] else "") for i, r in bad.items())))
+        rows.append(("routing (last window)",
+                     routing_verdict({i: r for i, r in res["routing"].items() if r["status"] != "ok"})))
     out.print(kv_table(f"trained {res['recipe']}", rows))
 
 

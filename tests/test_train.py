@@ -409,6 +409,7 @@ def test_info_reads_headers_only_and_reports_the_run(tmp_path, corpus, tiny_reci
     res = info(str(run))
     monkeypatch.undo()
     assert res["step"] == 6 and res["loss"] == {"step": 6, "value": rows[-1]["loss"]}
+    assert res["routing"] == {"step": 6, "value": [r["routing"] for r in rows if "routing" in r][-1]}
     assert res["val_loss"] == {"step": 6, "value": [r["val_loss"] for r in rows if "val_loss" in r][-1]}
     st = run / "checkpoint" / "model.safetensors"
     sd = load_file(st)
