@@ -46,8 +46,6 @@ def _run(fn: Callable[[], dict], as_json: bool, draw: Callable[[dict], None] | N
     except KeyboardInterrupt:
         render.error_line("interrupted")
         raise typer.Exit(130) from None
-    except BrokenPipeError:  # a streamed `moe generate ... | head`
-        render.stdout_gone()
     except Exception as e:  # an unexpected failure: short message, traceback only on request
         if os.environ.get("MOE_DEBUG"):
             raise

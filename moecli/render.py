@@ -229,11 +229,14 @@ class GenerateStream:
         self.prompt, self.streamed, self.started = prompt, streamed, False
 
     def piece(self, text: str) -> None:
-        if not self.started:
-            sys.stdout.write(self.prompt)
-            self.started = True
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        try:
+            if not self.started:
+                sys.stdout.write(self.prompt)
+                self.started = True
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `moe generate ... | head`
+            stdout_gone()
 
     def end(self, res: dict) -> None:
         if self.streamed:
