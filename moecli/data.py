@@ -146,6 +146,8 @@ def _fingerprint(sources: list[str | Path], tokenizer) -> str:
         else:
             st = Path(s).stat()
             h.update(f"{Path(s).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+            if is_jsonl(s):  # read as JSON Lines (earlier moecli versions took the raw bytes: not the same tokens)
+                h.update(f"|jsonl:{JSONL_FIELD}".encode())
     return h.hexdigest()[:16]
 
 

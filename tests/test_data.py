@@ -118,7 +118,7 @@ def test_info_on_a_hugging_face_directory(tmp_path, cli):
     assert res["weights"]["tensors"] == len(saved) and res["weights"]["files"] == 1
 
 
-def test_jsonl_documents_are_the_text_fields(tmp_path, tiny_recipe, cli):
+def test_jsonl_documents_are_the_text_fields(tmp_path, tiny_recipe, cli, monkeypatch):
     """A .jsonl file: each line's "text" is a document, documents joined by newlines (as files are); the
     same tokens and loss as the equivalent plain text; a bad line is named with its number, exit 2."""
     docs = ["First document, ünïcode too.", "Second one\nspans two lines.", "Third."]
@@ -131,6 +131,10 @@ def test_jsonl_documents_are_the_text_fields(tmp_path, tiny_recipe, cli):
     n1 = encode_to_file([str(jl), str(txt)], tok, tmp_path / "a.bin")
     n2 = encode_to_file([str(txt), str(txt)], tok, tmp_path / "b.bin")
     assert n1 == n2 and (tmp_path / "a.bin").read_bytes() == (tmp_path / "b.bin").read_bytes()
+    fingerprint = data_mod._fingerprint([jl], tok)  # a token cache records how the .jsonl file was read
+    monkeypatch.setattr(data_mod, "JSONL_FIELD", "body")
+    assert data_mod._fingerprint([jl], tok) != fingerprint
+    monkeypatch.undo()
     ckpt = tmp_path / "ckpt"
     assert cli("build", tiny_recipe(), "-o", ckpt).returncode == 0
     a, b = (json.loads(cli("eval", ckpt, f, "--json").stdout)["loss"] for f in (jl, txt))
