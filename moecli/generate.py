@@ -113,17 +113,19 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: flo
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise UserError("--prompt: empty prompt")
-    texts = [TextStream(tok) for _ in range(num_samples)]
+    rows: list[list[int]] = [[] for _ in range(num_samples)]
+    text = TextStream(tok) if on_text is not None else None  # decoded as it grows only when streamed
     for tokens in stream(model, prompt_ids, max_new_tokens, temperature, top_k, seed, top_p,
                          num_samples=num_samples):
-        pieces = [text.push(token) for text, token in zip(texts, tokens)]
-        if pieces[0] and on_text is not None:
-            on_text(pieces[0])
-    pieces = [text.finish() for text in texts]
-    if pieces[0] and on_text is not None:
-        on_text(pieces[0])
-    res = {"prompt": prompt, "completion": texts[0].done, "new_tokens": len(texts[0].ids), "seed": seed,
+        for row, token in zip(rows, tokens):
+            row.append(token)
+        if text is not None and (piece := text.push(tokens[0])):
+            on_text(piece)
+    if text is not None and (piece := text.finish()):
+        on_text(piece)
+    completions = [tok.decode(row) for row in rows]
+    res = {"prompt": prompt, "completion": completions[0], "new_tokens": len(rows[0]), "seed": seed,
            "temperature": temperature, "top_k": top_k, "top_p": top_p, "dtype": dtype}
     if num_samples > 1:
-        res["completions"] = [text.done for text in texts]
+        res["completions"] = completions
     return res
