@@ -10,6 +10,8 @@ new tokens), and a wider one (`mixtral` with d=512, expert FFN 1024, context 102
 448 new tokens). New tokens stay within the context, where the cache is used throughout.
 Then --num-samples: BATCH continuations sampled together (temperature 1) against the same number
 sampled one after another, on the bundled `mixtral`, alternating, --rounds times (new tokens/s of all).
+Then --prompts: BATCH prompts of 8 to 64 tokens (greedy, 192 new tokens each) in one batch against one
+after another, the same way, and whether each prompt got the same tokens both ways.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from moecli.build import prepare_recipe  # noqa: E402
-from moecli.generate import sample, stream  # noqa: E402
+from moecli.generate import sample, stream, stream_prompts  # noqa: E402
 from moecli.model import build_model  # noqa: E402
 
 BATCH = 8
@@ -67,32 +69,45 @@ def main() -> None:
               f"tok/s, speedup {res['speedup_median']:.2f}x (rounds {', '.join(f'{x:.2f}' for x in ratios)}), "
               f"same tokens: {res['same_tokens']}", flush=True)
     results["num_samples"] = batched(a.rounds)
+    results["prompts"] = batched(a.rounds, prompts=True)
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": a.rounds}
     Path(a.out).write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
 
 
-def batched(rounds: int) -> dict:
+def batched(rounds: int, prompts: bool = False) -> dict:
+    """BATCH samples of one prompt (temperature 1), or with prompts BATCH prompts of different lengths
+    (greedy), in one batch and one after another."""
     model = build_model(prepare_recipe("mixtral", {})).eval()
-    prompt = torch.randint(0, model.recipe.model.vocab_size, (32,), generator=torch.Generator().manual_seed(0)).tolist()
-    new = 200
+    g = torch.Generator().manual_seed(0)
+    lengths = [8 * (i + 1) for i in range(BATCH)] if prompts else [32]
+    ids = [torch.randint(0, model.recipe.model.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    # new tokens within the context (256) for every prompt: the cache is used throughout
+    new, temperature = (192, 0.0) if prompts else (200, 1.0)
     times = {"batch": [], "one_by_one": []}
+    out = {}
     for r in range(rounds):
         for kind in (("batch", "one_by_one") if r % 2 == 0 else ("one_by_one", "batch")):
             t0 = time.perf_counter()
-            if kind == "batch":
-                list(stream(model, prompt, new, 1.0, 0, 0, num_samples=BATCH))
+            if kind == "batch" and prompts:
+                steps = list(stream_prompts(model, ids, new, temperature, 0, list(range(BATCH))))
+                out[kind] = [list(row) for row in zip(*steps)]
+            elif kind == "batch":
+                list(stream(model, ids[0], new, temperature, 0, 0, num_samples=BATCH))
             else:
-                for seed in range(BATCH):
-                    sample(model, prompt, new, 1.0, 0, seed=seed)
+                out[kind] = [sample(model, ids[i % len(ids)], new, temperature, 0, seed=i) for i in range(BATCH)]
             times[kind].append(time.perf_counter() - t0)
     ratios = [o / b for b, o in zip(times["batch"], times["one_by_one"])]
     res = {"samples": BATCH, "new_tokens": new,
            "batch_tokens_per_s": BATCH * new / statistics.median(times["batch"]),
            "one_by_one_tokens_per_s": BATCH * new / statistics.median(times["one_by_one"]),
            "speedup_median": statistics.median(ratios), "speedup_per_round": ratios}
-    print(f"{BATCH} samples of mixtral: batch {res['batch_tokens_per_s']:.0f} tok/s, one by one "
+    what, same = f"{BATCH} samples of one prompt", ""
+    if prompts:
+        res.update(prompt_tokens=lengths, same_tokens=out["batch"] == out["one_by_one"])
+        what, same = f"{BATCH} prompts of {lengths[0]}-{lengths[-1]} tokens", f", same tokens: {res['same_tokens']}"
+    print(f"{what}, mixtral: batch {res['batch_tokens_per_s']:.0f} tok/s, one by one "
           f"{res['one_by_one_tokens_per_s']:.0f} tok/s, speedup {res['speedup_median']:.2f}x "
-          f"(rounds {', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
+          f"(rounds {', '.join(f'{x:.2f}' for x in ratios)}){same}", flush=True)
     return res
 
 

@@ -171,20 +171,33 @@ def eval_(
 @app.command()
 def generate(
     checkpoint: str = typer.Argument(..., help="Checkpoint directory (or a training run directory)."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Prompt text, or - to read it from stdin."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text, or - to read it from stdin."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Many prompts: a file with one per line (- for "
+                                                                 "stdin), or a .jsonl file's \"text\" fields; "
+                                                                 "batched, printed at the end."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
     top_k: int = typer.Option(50, "--top-k", help="Sample among the k most likely tokens (0 = all)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Then among the most likely tokens that make up this much "
                                                     "probability (nucleus sampling; 1 = all)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="With --prompts, prompt i (from 0) samples with seed + i."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute)."),
     num_samples: int = typer.Option(1, "--num-samples", help="Continuations sampled together (one batch)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="With --prompts: prompts sampled together."),
     as_json: bool = JSON_OPT,
 ):
-    """Sample a continuation of a prompt; printed as it is sampled (several, or with --json: at the end)."""
+    """Sample a continuation of a prompt, printed as it is sampled (several, --prompts or --json: at the end)."""
     from .generate import generate as generate_fn
+    from .generate import generate_prompts, read_prompts
 
+    if (prompt is None) == (prompts is None):
+        render.error_line("moe generate: give --prompt TEXT (- for stdin) or --prompts FILE" +
+                          (", not both" if prompts is not None else ""))
+        raise typer.Exit(2)
+    if prompts is not None:
+        _run(lambda: generate_prompts(checkpoint, read_prompts(prompts), max_new_tokens, temperature, top_k, seed,
+                                      top_p, dtype, num_samples, batch_size), as_json, render.render_generated)
+        return
     text = sys.stdin.read() if prompt == "-" else prompt
     out = None if as_json else render.GenerateStream(text, streamed=num_samples == 1)
     _run(lambda: generate_fn(checkpoint, text, max_new_tokens, temperature, top_k, seed, top_p, dtype,

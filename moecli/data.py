@@ -191,11 +191,16 @@ def is_jsonl(src) -> bool:
 
 
 def jsonl_texts(src):
-    """Each document of a .jsonl file, a newline between documents; blank lines are skipped, and a line
-    that is not a JSON object with a string "text" is bad input naming the file and line."""
+    """Each document of a .jsonl file (``jsonl_docs``), a newline between documents."""
+    for i, text in enumerate(jsonl_docs(src)):
+        yield text if i == 0 else "\n" + text
+
+
+def jsonl_docs(src):
+    """The "text" of each line of a .jsonl file; blank lines are skipped, and a line that is not a JSON
+    object with a string "text" is bad input naming the file and line."""
     try:
         with open(src, encoding="utf-8", errors="replace") as f:
-            first = True
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -206,8 +211,7 @@ def jsonl_texts(src):
                 text = doc.get(JSONL_FIELD) if isinstance(doc, dict) else None
                 if not isinstance(text, str):
                     raise UserError(f"{src}:{n}: no \"{JSONL_FIELD}\" string field in this line's JSON object")
-                yield text if first else "\n" + text
-                first = False
+                yield text
     except OSError as e:
         raise UserError(f"{src}: cannot read: {e.strerror}") from None
 

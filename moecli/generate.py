@@ -1,12 +1,16 @@
-"""``moe generate``: sample a continuation of a prompt (temperature, top-k, top-p, seeded), streamed as it grows."""
+"""``moe generate``: sample a continuation of a prompt (temperature, top-k, top-p, seeded), streamed as it grows,
+or of many prompts, batched."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from .checkpoint import load_dtype, load_with_tokenizer
+from .data import is_jsonl, jsonl_docs
 from .errors import UserError, check_at_least
 from .model import KVCache
 
@@ -34,25 +38,44 @@ def pick(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float, 
 @torch.no_grad()
 def stream(model, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int, seed: int,
            top_p: float = 1.0, kv_cache: bool = True, num_samples: int = 1) -> Iterator[list[int]]:
-    """Yields the next token of each of num_samples continuations (one batch), step by step; each is picked
-    (``pick``) from the model's logits given the last `context` tokens before it.
+    """Yields the next token of each of num_samples continuations of one prompt (one batch), step by step
+    (``stream_prompts`` with one prompt)."""
+    yield from stream_prompts(model, [prompt_ids], max_new_tokens, temperature, top_k, [seed], top_p, kv_cache,
+                              num_samples)
 
-    With kv_cache, the prompt runs once and every later forward runs only the newest tokens against the
-    keys and values kept from before (model.KVCache); once the sequence outgrows the context, each
-    step re-runs the last `context` tokens, as without the cache (their positions shift).
+
+@torch.no_grad()
+def stream_prompts(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int,
+                   seeds: list[int], top_p: float = 1.0, kv_cache: bool = True,
+                   num_samples: int = 1) -> Iterator[list[int]]:
+    """Yields the next token of every row of one batch, step by step: num_samples rows per prompt, the
+    prompts in order. Each token is picked (``pick``) from the model's logits given the last `context`
+    tokens of its row; prompt g's rows with their own generator, seeded seeds[g], so that they do not
+    depend on the other prompts of the batch (beyond rounding).
+
+    With kv_cache, each prompt runs once, into a cache where every prompt ends at the same slot (the
+    shorter ones start later, their empty slots masked: ``Transformer.new_cache``), and every later forward
+    runs only the rows' newest tokens against the keys and values kept from before. Once the longest row
+    outgrows the context, each step re-runs the last `context` tokens of each row, as without the cache
+    (their positions shift): one forward when the windows are equally long, else one per prompt.
     """
     if max_new_tokens == 0:
         return
-    gen = torch.Generator().manual_seed(seed)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
     context = model.recipe.model.context
-    rows = [list(prompt_ids) for _ in range(num_samples)]
+    n = num_samples
+    rows = [list(ids) for ids in prompts for _ in range(n)]
     model.eval()
-    # room for every token the cache can take: the prompt and the new tokens, up to the context
-    capacity = min(context, len(prompt_ids) + max_new_tokens - 1)
-    cache = KVCache.empty(len(model.layers), capacity) if kv_cache and len(prompt_ids) < context else None
-    logits_BV = model(torch.tensor([r[-context:] for r in rows]), cache).logits_BSV[:, -1].float()
+    longest = max(len(ids) for ids in prompts)
+    cache = None
+    if kv_cache and longest < context:
+        # room for every token the cache can take: the prompts and the new tokens, up to the context
+        cache, logits_BV = _prefill(model, prompts, n, min(context, longest + max_new_tokens - 1))
+    else:
+        logits_BV = _windows(model, rows, n, context)
     for i in range(max_new_tokens):
-        nxt_B = pick(logits_BV, temperature, top_k, top_p, gen)
+        nxt_B = [t for g, gen in enumerate(gens) for t in pick(logits_BV[g * n: (g + 1) * n], temperature, top_k,
+                                                                top_p, gen)]
         for r, t in zip(rows, nxt_B):
             r.append(t)
         yield nxt_B
@@ -62,7 +85,35 @@ def stream(model, prompt_ids: list[int], max_new_tokens: int, temperature: float
             logits_BV = model(torch.tensor([[t] for t in nxt_B]), cache).logits_BSV[:, -1].float()
         else:
             cache = None
-            logits_BV = model(torch.tensor([r[-context:] for r in rows])).logits_BSV[:, -1].float()
+            logits_BV = _windows(model, rows, n, context)
+
+
+def _prefill(model, prompts: list[list[int]], n: int, capacity: int) -> tuple[KVCache, torch.Tensor]:
+    """A cache of `capacity` slots holding every prompt (n rows each), all ending at the longest one's end,
+    and the logits after each row's last token (B x V)."""
+    longest = max(len(ids) for ids in prompts)
+    cache = model.new_cache(len(prompts) * n, capacity)
+    pad_BC = None
+    logits = []
+    for g, ids in enumerate(prompts):
+        start = longest - len(ids)
+        view = cache.rows(g * n, (g + 1) * n, start)
+        logits.append(model(torch.tensor([ids] * n), view).logits_BSV[:, -1].float())
+        if start:
+            if pad_BC is None:
+                pad_BC = torch.zeros(len(prompts) * n, capacity, dtype=torch.bool)
+            pad_BC[g * n: (g + 1) * n, :start] = True
+    cache.filled(longest, pad_BC)
+    return cache, torch.cat(logits)
+
+
+def _windows(model, rows: list[list[int]], n: int, context: int) -> torch.Tensor:
+    """The logits after each row's last `context` tokens (B x V), without a cache: one forward when every
+    window is as long, else one per prompt (its n rows are as long)."""
+    if len({min(len(r), context) for r in rows}) == 1:
+        return model(torch.tensor([r[-context:] for r in rows])).logits_BSV[:, -1].float()
+    return torch.cat([model(torch.tensor([r[-context:] for r in rows[g: g + n]])).logits_BSV[:, -1].float()
+                      for g in range(0, len(rows), n)])
 
 
 def sample(model, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int,
@@ -98,17 +149,21 @@ class TextStream:
         return piece
 
 
-def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
-             top_p: float = 1.0, dtype: str = "float32", on_text: Callable[[str], None] | None = None,
-             num_samples: int = 1) -> dict:
-    """Sample a completion of `prompt` (num_samples of them, in one batch: "completions"); on_text, when
-    given, receives the first piece by piece as its tokens come (the pieces join to its "completion")."""
+def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float, num_samples: int) -> None:
     check_at_least("--max-new-tokens", max_new_tokens, 0)
     check_at_least("--temperature", temperature, 0)
     check_at_least("--top-k", top_k, 0, " (0 = all tokens)")
     check_at_least("--num-samples", num_samples, 1)
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p: must be in (0, 1] (1 = all tokens), got {top_p}")
+
+
+def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
+             top_p: float = 1.0, dtype: str = "float32", on_text: Callable[[str], None] | None = None,
+             num_samples: int = 1) -> dict:
+    """Sample a completion of `prompt` (num_samples of them, in one batch: "completions"); on_text, when
+    given, receives the first piece by piece as its tokens come (the pieces join to its "completion")."""
+    _check_options(max_new_tokens, temperature, top_k, top_p, num_samples)
     model, _, _, tok = load_with_tokenizer(checkpoint, load_dtype(dtype))
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
@@ -123,9 +178,59 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: flo
             on_text(piece)
     if text is not None and (piece := text.finish()):
         on_text(piece)
+    return {"prompt": prompt, **_completions(tok, rows), "seed": seed, "temperature": temperature,
+            "top_k": top_k, "top_p": top_p, "dtype": dtype}
+
+
+def _completions(tok, rows: list[list[int]]) -> dict:
+    """One prompt's result: its first completion, its token count, and with several, all of them."""
     completions = [tok.decode(row) for row in rows]
-    res = {"prompt": prompt, "completion": completions[0], "new_tokens": len(rows[0]), "seed": seed,
-           "temperature": temperature, "top_k": top_k, "top_p": top_p, "dtype": dtype}
-    if num_samples > 1:
+    res = {"completion": completions[0], "new_tokens": len(rows[0])}
+    if len(rows) > 1:
         res["completions"] = completions
     return res
+
+
+def read_prompts(src: str) -> list[str]:
+    """--prompts: one prompt per line of a text file, or of stdin for -; a .jsonl file's "text" fields (a
+    prompt with newlines in it). Blank lines are skipped; no prompt at all is bad input."""
+    if is_jsonl(src):
+        prompts = list(jsonl_docs(src))
+    else:
+        try:
+            text = sys.stdin.read() if src == "-" else Path(src).read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise UserError(f"{src}: cannot read: {e.strerror}") from None
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"{src}: no prompts (one per line, or a .jsonl file's \"text\" fields)")
+    return prompts
+
+
+def generate_prompts(checkpoint: str, prompts: list[str], max_new_tokens: int, temperature: float, top_k: int,
+                     seed: int, top_p: float = 1.0, dtype: str = "float32", num_samples: int = 1,
+                     batch_size: int = 8, source: str = "--prompts") -> dict:
+    """Sample completions of many prompts, batch_size prompts (of similar token counts) at a time
+    (``stream_prompts``): "results" holds, in the prompts' order, what ``generate`` gives for each prompt
+    alone with seed + its index (the same tokens, beyond rounding)."""
+    _check_options(max_new_tokens, temperature, top_k, top_p, num_samples)
+    check_at_least("--batch-size", batch_size, 1)
+    model, _, _, tok = load_with_tokenizer(checkpoint, load_dtype(dtype))
+    ids = [tok.encode(p) for p in prompts]
+    for i, p in enumerate(ids):
+        if not p:
+            raise UserError(f"{source}: prompt {i + 1} is empty after tokenization")
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+    results: list[dict] = [{} for _ in ids]
+    for b in range(0, len(order), batch_size):
+        batch = order[b: b + batch_size]
+        rows: list[list[int]] = [[] for _ in range(len(batch) * num_samples)]
+        for tokens in stream_prompts(model, [ids[i] for i in batch], max_new_tokens, temperature, top_k,
+                                     [seed + i for i in batch], top_p, num_samples=num_samples):
+            for row, token in zip(rows, tokens):
+                row.append(token)
+        for g, i in enumerate(batch):
+            results[i] = {"prompt": prompts[i], **_completions(tok, rows[g * num_samples: (g + 1) * num_samples]),
+                          "seed": seed + i}
+    return {"results": results, "prompts": len(prompts), "batch_size": batch_size, "num_samples": num_samples,
+            "temperature": temperature, "top_k": top_k, "top_p": top_p, "dtype": dtype}

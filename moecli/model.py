@@ -77,9 +77,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        pad_BL = None
         if kv is not None:
             k, v = kv.extend(k, v)
-        o_BHSDh = attend(q, k, v, gqa=self.n_heads != self.n_kv_heads)
+            pad_BL = kv.pad_mask()
+        o_BHSDh = attend(q, k, v, gqa=self.n_heads != self.n_kv_heads, pad_BL=pad_BL)
         return self.wo(o_BHSDh.transpose(1, 2).reshape(B, S, self.n_heads * self.hd))
 
 
@@ -89,14 +91,18 @@ class Attention(nn.Module):
 FP32_ATTENTION_BELOW = 2**15
 
 
-def attend(q_BHSDh, k_BHLDh, v_BHLDh, gqa: bool) -> torch.Tensor:
+def attend(q_BHSDh, k_BHLDh, v_BHLDh, gqa: bool, pad_BL: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of S queries over L >= S keys, the queries being the last S positions; in fp32 under
-    a CPU autocast when S * Dh < FP32_ATTENTION_BELOW."""
+    a CPU autocast when S * Dh < FP32_ATTENTION_BELOW. pad_BL (True: no token there; the queries' own
+    positions never are) leaves those keys out, per row."""
     S, Dh = q_BHSDh.shape[-2:]
     L = k_BHLDh.shape[-2]
-    # SDPA's is_causal aligns the mask to the top-left corner, right only for S == L; one query needs none
-    mask = dict(is_causal=True) if S == L else dict(is_causal=False) if S == 1 else dict(
-        attn_mask=torch.ones(S, L, dtype=torch.bool, device=q_BHSDh.device).tril(L - S))
+    if pad_BL is not None:  # B x 1 x S x L: causal, and no empty slot
+        mask = dict(attn_mask=torch.ones(S, L, dtype=torch.bool, device=q_BHSDh.device).tril(L - S)
+                    & ~pad_BL[:, None, None])
+    else:  # SDPA's is_causal aligns the mask to the top-left corner, right only for S == L; one query needs none
+        mask = dict(is_causal=True) if S == L else dict(is_causal=False) if S == 1 else dict(
+            attn_mask=torch.ones(S, L, dtype=torch.bool, device=q_BHSDh.device).tril(L - S))
     if q_BHSDh.device.type == "cpu" and torch.is_autocast_enabled("cpu") and S * Dh < FP32_ATTENTION_BELOW:
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q_BHSDh.float(), k_BHLDh.float(), v_BHLDh.float(), enable_gqa=gqa,
@@ -124,15 +130,20 @@ class Block(nn.Module):
 
 
 class LayerKV:
-    """One layer's keys and values in buffers of `capacity` positions, filled from the front: each forward
-    writes its tokens' in place (no copy of the earlier ones) and attends over the first n."""
+    """One layer's keys and values in buffers of `capacity` positions: each forward writes its tokens' in
+    place at slot n onwards (no copy of the earlier ones) and attends over the slots from `start` to n.
 
-    def __init__(self, capacity: int):
-        self.capacity, self.n = capacity, 0
+    A batch of prompts of different lengths (``Transformer.new_cache``) ends every prompt at the same slot:
+    a shorter one starts later, and ``pad_BC`` (shared by the layers; True: no token in that slot) keeps
+    each row's empty slots out of its attention."""
+
+    def __init__(self, capacity: int, start: int = 0):
+        self.capacity, self.start, self.n = capacity, start, start
         self.k_BHCDh = self.v_BHCDh = None  # allocated at the first forward, in its batch, dtype and device
+        self.pad_BC: torch.Tensor | None = None
 
     def extend(self, k_BHSDh: torch.Tensor, v_BHSDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append S tokens' keys and values; returns those of all n tokens so far (views, B x H x n x Dh)."""
+        """Append S tokens' keys and values; returns those of every slot from start to n (views)."""
         B, H, S, Dh = k_BHSDh.shape
         if self.k_BHCDh is None:
             self.k_BHCDh = k_BHSDh.new_empty(B, H, self.capacity, Dh)
@@ -142,7 +153,11 @@ class LayerKV:
         self.k_BHCDh[:, :, self.n: self.n + S] = k_BHSDh
         self.v_BHCDh[:, :, self.n: self.n + S] = v_BHSDh
         self.n += S
-        return self.k_BHCDh[:, :, : self.n], self.v_BHCDh[:, :, : self.n]
+        return self.k_BHCDh[:, :, self.start: self.n], self.v_BHCDh[:, :, self.start: self.n]
+
+    def pad_mask(self) -> torch.Tensor | None:
+        """B x (n - start): True where a row's slot holds no token; None when every slot holds one."""
+        return None if self.pad_BC is None else self.pad_BC[:, self.start: self.n]
 
 
 @dataclass
@@ -156,6 +171,23 @@ class KVCache:
     @classmethod
     def empty(cls, n_layers: int, capacity: int) -> "KVCache":
         return cls([LayerKV(capacity) for _ in range(n_layers)])
+
+    def rows(self, first: int, end: int, start: int) -> "KVCache":
+        """A cache over rows first:end of these (allocated) buffers whose tokens begin at slot `start`, and
+        at position `start` (RoPE): prefilling a prompt there ends it where the batch's longest ends."""
+        views = []
+        for layer in self.layers:
+            view = LayerKV(layer.capacity, start)
+            view.k_BHCDh, view.v_BHCDh = layer.k_BHCDh[first:end], layer.v_BHCDh[first:end]
+            views.append(view)
+        return KVCache(views, pos=start)
+
+    def filled(self, n: int, pad_BC: torch.Tensor | None) -> None:
+        """After prefilling rows through ``rows`` views: every row's tokens end at slot n; pad_BC (True:
+        a slot before a shorter prompt's start) is left out of every later attention."""
+        self.pos = n
+        for layer in self.layers:
+            layer.n, layer.pad_BC = n, pad_BC
 
 
 @dataclass
@@ -196,6 +228,16 @@ class Transformer(nn.Module):
                 s = out_std if (name.endswith("wo.weight") or name.endswith("w2.weight") or "w2_EFD" in name) else std
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=g) * s)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """An empty KVCache with every layer's buffers allocated (zeros) for `batch` rows, in the weights'
+        dtype and device: for prefilling prompts of different lengths row by row (``KVCache.rows``)."""
+        cfg = self.recipe.model
+        cache = KVCache.empty(len(self.layers), capacity)
+        w = self.output.weight
+        for layer in cache.layers:  # zeros: slots a row leaves empty are masked, but never garbage (NaN)
+            layer.k_BHCDh, layer.v_BHCDh = (w.new_zeros(batch, cfg.n_kv_heads, capacity, cfg.hd) for _ in range(2))
+        return cache
 
     def rope(self, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (S, str(device))

@@ -242,7 +242,13 @@ class GenerateStream:
         if self.streamed:
             sys.stdout.write(("" if self.started else self.prompt) + "\n")
             return
-        sys.stdout.write("---\n".join(self.prompt + c + "\n" for c in res.get("completions", [res["completion"]])))
+        render_generated({"results": [res]})
+
+
+def render_generated(res: dict) -> None:
+    """Each completion of each prompt (``generate_prompts``' "results") after its prompt, --- between."""
+    sys.stdout.write("---\n".join(r["prompt"] + c + "\n" for r in res["results"]
+                                  for c in r.get("completions", [r["completion"]])))
 
 
 class TensorProgress:

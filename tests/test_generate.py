@@ -138,3 +138,69 @@ def test_several_samples_in_one_batch():
     sampled = rows(4, 1.0)
     assert len({tuple(r) for r in sampled}) == 4 and all(len(r) == 40 for r in sampled)
     assert sampled == rows(4, 1.0, kv_cache=False) and sampled == rows(4, 1.0)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3-moe", "llama4"])
+def test_prompts_of_different_lengths_in_one_batch(name):
+    """stream_prompts: each prompt of a batch (lengths 5, 20 and 11, 2 samples each) gets the tokens it gets
+    alone with its own seed, greedy and sampled, cached and not, and past the context (48) as well; the cached
+    batch's logits equal each prompt's alone (to rounding)."""
+    from moecli.generate import _prefill, stream_prompts
+
+    model = small(name)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, model.recipe.model.vocab_size, (n,), generator=g).tolist() for n in (5, 20, 11)]
+    seeds = [3, 8, 1]
+
+    def batch(temperature, new, kv_cache=True):
+        steps = list(stream_prompts(model, prompts, new, temperature, 0, seeds, 1.0, kv_cache, num_samples=2))
+        return [list(r) for r in zip(*steps)]
+
+    def alone(temperature, new):
+        return [r for ids, s in zip(prompts, seeds)
+                for r in [list(x) for x in zip(*stream(model, ids, new, temperature, 0, s, num_samples=2))]]
+
+    for temperature in (0.0, 1.0):
+        for new in (20, 45):  # 20 + 20 < 48 stays in the cache; 20 + 45 slides the windows
+            got = batch(temperature, new)
+            assert got == alone(temperature, new) and got == batch(temperature, new, kv_cache=False)
+    assert len({tuple(r) for r in batch(1.0, 20)}) == 6  # the rows are sampled apart
+    with torch.no_grad():  # masked prefill and one cached step, against each prompt's own window
+        cache, logits = _prefill(model, prompts, 1, 30)
+        assert cache.pos == 20 and cache.layers[0].pad_BC[:, :16].sum(1).tolist() == [15, 0, 9]
+        step = model(torch.tensor([[7], [7], [7]]), cache).logits_BSV[:, -1]
+        for i, ids in enumerate(prompts):
+            torch.testing.assert_close(logits[i], model(torch.tensor([ids])).logits_BSV[0, -1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(step[i], model(torch.tensor([ids + [7]])).logits_BSV[0, -1],
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_generate_many_prompts(tmp_path, cli):
+    """--prompts: each prompt's completion is the one --prompt gives alone with seed + its index, in the file's
+    order (text lines, stdin or .jsonl), in batches of any size; bad lists are refused in one line."""
+    import json
+
+    run = tmp_path / "m"
+    assert cli("build", "mixtral", "-o", run, "--set", "model.n_layers=1", "--json").returncode == 0
+    prompts = ["The cat sat", "It was a dark and stormy night, and", "Hé"]
+    (tmp_path / "p.txt").write_text(prompts[0] + "\n\n" + prompts[1] + "\n" + prompts[2] + "\n")
+    args = ("generate", run, "-n", "12", "--seed", "5", "--top-p", "0.9")
+    res = json.loads(cli(*args, "--prompts", tmp_path / "p.txt", "--batch-size", "2", "--json").stdout)
+    assert res["prompts"] == 3 and [r["prompt"] for r in res["results"]] == prompts
+    for i, (p, r) in enumerate(zip(prompts, res["results"])):
+        single = json.loads(cli(*args[:-4], "--seed", str(5 + i), "--top-p", "0.9", "-p", p, "--json").stdout)
+        assert (r["completion"], r["new_tokens"], r["seed"]) == (single["completion"], 12, 5 + i)
+    one_batch = cli(*args, "--prompts", "-", "--batch-size", "8", input=(tmp_path / "p.txt").read_text())
+    assert one_batch.stdout == "---\n".join(p + r["completion"] + "\n" for p, r in zip(prompts, res["results"]))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in ["two\nlines", "x"]))
+    two = json.loads(cli(*args, "--prompts", tmp_path / "p.jsonl", "--num-samples", "2", "--json").stdout)
+    assert [r["prompt"] for r in two["results"]] == ["two\nlines", "x"]
+    assert all(len(r["completions"]) == 2 for r in two["results"])
+    (tmp_path / "blank.txt").write_text("\n \n")
+    for bad, message in [(("--prompts", tmp_path / "blank.txt"), "blank.txt: no prompts"),
+                         (("--prompts", tmp_path / "missing.txt"), "missing.txt: cannot read"),
+                         (("--prompts", tmp_path / "p.txt", "-p", "x"), "--prompts FILE, not both"),
+                         ((), "give --prompt TEXT"),
+                         (("--prompts", tmp_path / "p.txt", "--batch-size", "0"), "--batch-size: must be >= 1")]:
+        r = cli(*args, *bad)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
