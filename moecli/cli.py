@@ -192,7 +192,7 @@ def generate(
 
     if (prompt is None) == (prompts is None):
         render.error_line("moe generate: give --prompt TEXT (- for stdin) or --prompts FILE" +
-                          (", not both" if prompts is not None else ""))
+                          (", not both" if prompts is not None else "") + " (see moe generate --help)")
         raise typer.Exit(2)
     if prompts is not None:
         _run(lambda: generate_prompts(checkpoint, read_prompts(prompts), max_new_tokens, temperature, top_k, seed,

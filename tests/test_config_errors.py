@@ -119,7 +119,8 @@ def test_cli_bad_numeric_options_exit_2(cli, tmp_path, tiny_recipe, args, messag
 
 @pytest.mark.parametrize("args,line", [
     (["eval"], "error: moe eval: Missing argument 'checkpoint'. (see moe eval --help)"),
-    (["generate", "x"], "error: moe generate: Missing option '--prompt' / '-p'. (see moe generate --help)"),
+    (["generate", "x"],
+     "error: moe generate: give --prompt TEXT (- for stdin) or --prompts FILE (see moe generate --help)"),
     (["train", "--bogus"], "error: moe train: No such option: --bogus (see moe train --help)"),
     (["train", "mixtral", "--max-steps", "abc"], "error: moe train: Invalid value for '--max-steps': "),
     (["nosuch"], "error: moe: No such command 'nosuch'. (see moe --help)"),
