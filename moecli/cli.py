@@ -105,6 +105,8 @@ def train(
     ckpt_interval: Optional[int] = typer.Option(None, "--ckpt-interval", help="train.ckpt_interval"),
     keep_best: Optional[bool] = typer.Option(None, "--keep-best", help="train.keep_best: also keep OUT/best, the "
                                              "model at the lowest validation loss so far", show_default=False),
+    patience: Optional[int] = typer.Option(None, "--patience", help="train.patience: stop after this many "
+                                           "validation passes without a lower val loss (0 = never)"),
     precision: Optional[str] = typer.Option(None, "--precision", help="train.precision: fp32 | bf16-mixed "
                                             "(bf16 products, fp32 weights and optimizer)"),
     set_: Optional[List[str]] = SET_OPT,
@@ -133,7 +135,7 @@ def train(
                                  "train.lr": lr, "train.lr_schedule": lr_schedule, "train.seed": seed,
                                  "train.eval_interval": eval_interval,
                                  "train.ckpt_interval": ckpt_interval, "train.precision": precision,
-                                 "train.keep_best": keep_best})
+                                 "train.keep_best": keep_best, "train.patience": patience})
         files, recipe_arg = list(data or []), recipe
         # no recipe with --init, and none needed with --resume: there the first argument is DATA too
         # (with --resume, unless it reads as a recipe, which the run's own then replaces)

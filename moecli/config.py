@@ -159,6 +159,9 @@ class TrainConfig:
     eval_batches: int = 8
     ckpt_interval: int = 100  # steps between checkpoints (and a final one)
     keep_best: bool = False  # also keep OUT/best: the model at the lowest validation loss so far
+    # early stopping: stop (with a checkpoint) after this many validation passes in a row without a new
+    # lowest validation loss; 0 -> run all max_steps
+    patience: int = 0
     val_fraction: float = 0.05  # tail of the token stream held out for validation
     # fp32 | bf16-mixed: forward (and so backward) products in bf16 under autocast, on the CPU's bf16
     # units; weights, gradients, optimizer, router and loss stay fp32 (README "bf16 training")
@@ -180,6 +183,7 @@ class TrainConfig:
         _check(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
         _check(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
         _check(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(self.patience >= 0, "patience", f"must be >= 0 (0 = no early stopping), got {self.patience}")
         _check(0 < self.val_fraction < 0.5, "val_fraction", f"must be in (0, 0.5), got {self.val_fraction}")
         _check(self.precision in PRECISIONS, "precision",
                f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")

@@ -163,6 +163,9 @@ class TrainProgress:
                 err.print(f"step {rec['step']}/{total}  {info}", highlight=False, soft_wrap=True)
         if "routing" in rec:
             self._warn_routing(rec)
+        if "early_stop" in rec:
+            err.print(f"step {rec['step']}: stopped early: {early_stop_text(rec['early_stop'])}", highlight=False,
+                      soft_wrap=True)
 
     def _warn_routing(self, rec: dict) -> None:
         """One line when a layer's experts die or its routing collapses (again only when that changes)."""
@@ -194,10 +197,17 @@ def routing_verdict(flagged: dict) -> str:
                      for i, f in flagged.items()) or "ok in every MoE layer"
 
 
+def early_stop_text(e: dict) -> str:
+    return (f"no lower val loss in {e['passes']} validation passes "
+            f"(lowest {e['lowest_val_loss']:.4f}, at step {e['lowest_step']})")
+
+
 def render_train(res: dict) -> None:
     fmts = (("final_step", "{}"), ("tokens_seen", "{:,}"), ("final_loss", "{:.4f}"), ("val_loss", "{:.4f}"),
             ("tokens_per_s", "{:,.0f}"), ("checkpoint", "{}"), ("metrics", "{}"))
     rows = [(key.replace("_", " "), fmt.format(res[key])) for key, fmt in fmts if res.get(key) is not None]
+    if res.get("stopped_early"):
+        rows.append(("stopped early", early_stop_text(res["stopped_early"])))
     if res.get("best"):
         rows.append(("best model", f"{res['best']['checkpoint']} (val loss {res['best']['val_loss']:.4f})"))
     if res.get("routing"):

@@ -179,7 +179,9 @@ def best_val_loss(out: Path) -> float:
 
 
 def save_train_checkpoint(out: Path, model, opt, step: int, tokens_seen: int, tokenizer, data_fp: str,
-                          info: DistInfo) -> Path:
+                          info: DistInfo, early_stop: dict | None = None) -> Path:
+    """OUT/checkpoint: model, optimizer and train_state.json (step, tokens seen, data; with early_stop,
+    the lowest validation loss so far and the passes since, so --resume counts on: ``EarlyStop``)."""
     target = out / "checkpoint"
     sd, ostate = _full_state(model, opt, info)  # every rank takes part in the gathers
     if info.is_main:
@@ -188,9 +190,39 @@ def save_train_checkpoint(out: Path, model, opt, step: int, tokens_seen: int, to
             save_safetensors(ostate["tensors"], tmp / "optimizer.safetensors")
             atomic_write_json(tmp / "train_state.json", {
                 "step": step, "tokens_seen": tokens_seen, "param_groups": ostate["param_groups"], "data": data_fp,
+                **({"early_stop": early_stop} if early_stop else {}),
             })
     barrier()
     return target
+
+
+@dataclass
+class EarlyStop:
+    """train.patience: the lowest validation loss so far (its step) and the passes since without a lower one."""
+    patience: int
+    lowest: float = math.inf
+    lowest_step: int = 0
+    stale: int = 0
+
+    @classmethod
+    def resumed(cls, patience: int, ts: dict) -> "EarlyStop":
+        """From a checkpoint's train_state.json (one written without it: counting starts anew)."""
+        s = ts.get("early_stop") or {}
+        lowest = s.get("lowest_val_loss")
+        return cls(patience, math.inf if lowest is None else float(lowest), int(s.get("lowest_step", 0)),
+                   int(s.get("stale", 0)))
+
+    def update(self, val_loss: float, step: int) -> bool:
+        """Count one validation pass; True when training should stop."""
+        if val_loss < self.lowest:
+            self.lowest, self.lowest_step, self.stale = val_loss, step, 0
+        else:
+            self.stale += 1
+        return self.patience > 0 and self.stale >= self.patience
+
+    def state(self) -> dict:
+        return {"lowest_val_loss": self.lowest if math.isfinite(self.lowest) else None,
+                "lowest_step": self.lowest_step, "stale": self.stale}
 
 
 def find_resume_dir(out: Path) -> Path:
@@ -350,9 +382,11 @@ def _train(args: TrainArgs, progress=None) -> dict:
     opt = make_optimizer(model, t)
     metrics_path = out / "metrics.jsonl"
     start_step, tokens_seen = 0, 0
+    early = EarlyStop(t.patience)
     if args.resume:
         ts = load_optimizer_state(model, opt, st.ckpt_dir, info)
         start_step, tokens_seen = ts["step"], ts["tokens_seen"]
+        early = EarlyStop.resumed(t.patience, ts)
         if info.is_main:
             _trim_metrics(metrics_path, start_step)
     elif info.is_main:  # a new run (--force): nothing of an earlier run's metrics or best model stays
@@ -375,7 +409,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
                "init": str(st.init_dir) if st.init_dir is not None else None}
     local_b = t.batch_size // info.world
     rows = slice(info.rank * local_b, (info.rank + 1) * local_b)
-    val_loss = None
+    val_loss, stopped = None, False
     best = best_val_loss(out) if t.keep_best else math.inf  # resumed: the best of the steps before
     step_times = []
     window = RoutingWindow(model)
@@ -423,6 +457,10 @@ def _train(args: TrainArgs, progress=None) -> dict:
                 if not math.isfinite(val_loss):
                     raise RunFailed(_nan_message(val_loss, step + 1, last_ckpt, last_ckpt_step, "validation loss"))
                 rec["val_loss"] = val_loss
+                if early.update(val_loss, step + 1) and not done:
+                    done = stopped = True
+                    rec["early_stop"] = {"lowest_val_loss": early.lowest, "lowest_step": early.lowest_step,
+                                         "passes": early.stale}
                 if t.keep_best and val_loss < best:
                     best = val_loss
                     save_best(out, model, step + 1, tokens_seen, tokenizer, data.fingerprint, val_loss, info)
@@ -437,17 +475,20 @@ def _train(args: TrainArgs, progress=None) -> dict:
                 mf.flush()
             if (step + 1) % t.ckpt_interval == 0 or done:
                 last_ckpt = save_train_checkpoint(out, model, opt, step + 1, tokens_seen, tokenizer, data.fingerprint,
-                                                  info)
+                                                  info, early.state())
                 last_ckpt_step = step + 1
                 rec["checkpoint"] = str(last_ckpt)
             if progress and info.is_main:
                 progress(rec, t.max_steps)
+            if stopped:
+                break
     finally:
         if mf:
             mf.close()
     measured = step_times[1:] or step_times
     summary.update({
-        "final_step": t.max_steps, "tokens_seen": tokens_seen,
+        "final_step": step + 1 if stopped else t.max_steps, "tokens_seen": tokens_seen,
+        "stopped_early": rec["early_stop"] if stopped else None,
         "final_loss": rec["loss"] if step_times else None, "val_loss": val_loss,
         "tokens_per_s": (t.batch_size * t.seq_len * len(measured) / sum(measured)) if measured else None,
         "checkpoint": str(out / "checkpoint"), "metrics": str(metrics_path),

@@ -534,3 +534,35 @@ def test_keep_best_keeps_an_earlier_model(tmp_path, corpus, tiny_recipe, monkeyp
     last = load_file(tmp_path / "run" / "checkpoint" / "model.safetensors")
     assert best.keys() == six.keys() and all(torch.equal(best[k], six[k]) for k in best)
     assert not all(torch.equal(best[k], last[k]) for k in best)
+
+
+def test_patience_stops_early_and_resume_counts_on(tmp_path, corpus, tiny_recipe, monkeypatch, cli):
+    """train.patience 3, validation losses 3.0, 2.0, 2.5, 2.0, 2.2 at steps 3..15: no pass lower than 2.0 (step 6)
+    in the 3 after it, so the run stops at step 15 with a checkpoint there; --resume carries the count, so one
+    more pass without a lower loss (2.1, step 18) stops it again; a lower one (1.5) starts the count anew, and a
+    count that reaches the patience at max_steps is a normal end."""
+    import moecli.train as train_mod
+
+    recipe = str(tiny_recipe(train={"max_steps": 30, "lr_schedule": "constant"}))
+    run = tmp_path / "run"
+    vals = iter([3.0, 2.0, 2.5, 2.0, 2.2])
+    monkeypatch.setattr(train_mod, "evaluate_loss", lambda *a, **k: (next(vals), 1))
+    res = train(TrainArgs(recipe, [str(corpus)], run, {"train.patience": 3}, quiet=True))
+    stop = {"lowest_val_loss": 2.0, "lowest_step": 6, "passes": 3}
+    assert res["final_step"] == 15 and res["stopped_early"] == stop and res["val_loss"] == 2.2
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert rows[-1]["step"] == 15 and rows[-1]["early_stop"] == stop
+    assert not any("early_stop" in row for row in rows[:-1])
+    state = json.loads((run / "checkpoint" / "train_state.json").read_text())
+    assert state["step"] == 15 and state["early_stop"] == {"lowest_val_loss": 2.0, "lowest_step": 6, "stale": 3}
+    vals = iter([2.1])
+    res = train(TrainArgs(None, [], run, {}, resume=True, quiet=True))
+    assert res["final_step"] == 18 and res["stopped_early"]["passes"] == 4
+    vals = iter([1.5, 1.6, 1.7, 1.8])  # the third pass after 1.5 is the last step's: a normal end
+    res = train(TrainArgs(None, [], run, {}, resume=True, quiet=True))
+    assert res["final_step"] == 30 and res["stopped_early"] is None
+    state = json.loads((run / "checkpoint" / "train_state.json").read_text())
+    assert state["early_stop"] == {"lowest_val_loss": 1.5, "lowest_step": 21, "stale": 3}
+    monkeypatch.undo()
+    bad = cli("train", recipe, corpus, "-o", tmp_path / "bad", "--patience", "-1")
+    assert bad.returncode == 2 and "train.patience: must be >= 0" in bad.stderr, bad.stderr
