@@ -110,6 +110,8 @@ def render_info(res: dict) -> None:
     if "routing" in res:
         out.print(f"routing (validation window ending at step {res['routing']['step']}): "
                   + routing_verdict(res["routing"]["value"].get("flagged", {})))
+    if "early_stop" in res:
+        out.print(f"stopped early at step {res['early_stop']['step']}: {early_stop_text(res['early_stop']['value'])}")
     if "weights" in res:
         w = res["weights"]
         dtypes = ", ".join(f"{n} {human(c)} values" for n, c in w["dtypes"].items())

@@ -542,6 +542,7 @@ def test_patience_stops_early_and_resume_counts_on(tmp_path, corpus, tiny_recipe
     more pass without a lower loss (2.1, step 18) stops it again; a lower one (1.5) starts the count anew, and a
     count that reaches the patience at max_steps is a normal end."""
     import moecli.train as train_mod
+    from moecli.info import last_metrics
 
     recipe = str(tiny_recipe(train={"max_steps": 30, "lr_schedule": "constant"}))
     run = tmp_path / "run"
@@ -555,6 +556,7 @@ def test_patience_stops_early_and_resume_counts_on(tmp_path, corpus, tiny_recipe
     assert not any("early_stop" in row for row in rows[:-1])
     state = json.loads((run / "checkpoint" / "train_state.json").read_text())
     assert state["step"] == 15 and state["early_stop"] == {"lowest_val_loss": 2.0, "lowest_step": 6, "stale": 3}
+    assert last_metrics(run / "checkpoint", 15)["early_stop"] == {"step": 15, "value": stop}  # moe info
     vals = iter([2.1])
     res = train(TrainArgs(None, [], run, {}, resume=True, quiet=True))
     assert res["final_step"] == 18 and res["stopped_early"]["passes"] == 4
@@ -563,6 +565,7 @@ def test_patience_stops_early_and_resume_counts_on(tmp_path, corpus, tiny_recipe
     assert res["final_step"] == 30 and res["stopped_early"] is None
     state = json.loads((run / "checkpoint" / "train_state.json").read_text())
     assert state["early_stop"] == {"lowest_val_loss": 1.5, "lowest_step": 21, "stale": 3}
+    assert "early_stop" not in last_metrics(run / "checkpoint", 30)  # the earlier stops are history
     monkeypatch.undo()
     bad = cli("train", recipe, corpus, "-o", tmp_path / "bad", "--patience", "-1")
     assert bad.returncode == 2 and "train.patience: must be >= 0" in bad.stderr, bad.stderr
