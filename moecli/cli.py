@@ -29,6 +29,7 @@ JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable result o
 OUT_OPT = typer.Option(None, "-o", "--output", help="Output directory.")
 FORCE_OPT = typer.Option(False, "--force", help="Replace a non-empty output directory.")
 SET_OPT = typer.Option(None, "--set", help="Override a recipe field, e.g. --set moe.top_k=1 (repeatable).")
+JSONL_OPT = typer.Option("text", "--jsonl-field", help="The text field of each line of .jsonl inputs.")
 
 
 def _run(fn: Callable[[], dict], as_json: bool, draw: Callable[[dict], None] | None) -> None:
@@ -119,6 +120,7 @@ def train(
     nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes (torch.distributed; gloo on CPU)."),
     expert_parallel: bool = typer.Option(False, "--expert-parallel", help="With --nproc: shard experts over ranks."),
     force: bool = typer.Option(False, "--force", help="Start over in an --output that already holds a run."),
+    jsonl_field: str = JSONL_OPT,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
     as_json: bool = JSON_OPT,
 ):
@@ -143,7 +145,7 @@ def train(
             files.insert(0, recipe)
             recipe_arg = None
         args = TrainArgs(recipe_arg, files, output, ov, resume, force, tokenizer, quiet,
-                         nproc, expert_parallel, init=init, val_data=list(val_data or []))
+                         nproc, expert_parallel, init=init, val_data=list(val_data or []), jsonl_field=jsonl_field)
         with render.TrainProgress(enabled=not quiet and nproc == 1 and not launched) as prog:  # ranks draw their own
             return train_fn(args, progress=prog.update)
 
@@ -161,13 +163,14 @@ def eval_(
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Score at most this many windows."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute; loss in fp32)."),
     per_file: bool = typer.Option(False, "--per-file", help="Also score each file (and -) on its own."),
+    jsonl_field: str = JSONL_OPT,
     as_json: bool = JSON_OPT,
 ):
     """Loss and perplexity of a checkpoint on text."""
     from .evaluate import evaluate
 
-    _run(lambda: evaluate(checkpoint, data or [], seq_len, batch_size, max_windows, dtype, per_file), as_json,
-         render.render_eval)
+    _run(lambda: evaluate(checkpoint, data or [], seq_len, batch_size, max_windows, dtype, per_file, jsonl_field),
+         as_json, render.render_eval)
 
 
 @app.command()
@@ -186,6 +189,7 @@ def generate(
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute)."),
     num_samples: int = typer.Option(1, "--num-samples", help="Continuations sampled together (one batch)."),
     batch_size: int = typer.Option(8, "--batch-size", help="With --prompts: prompts sampled together."),
+    jsonl_field: str = JSONL_OPT,
     as_json: bool = JSON_OPT,
 ):
     """Sample a continuation of a prompt, printed as it is sampled (several, --prompts or --json: at the end)."""
@@ -197,8 +201,9 @@ def generate(
                           (", not both" if prompts is not None else "") + " (see moe generate --help)")
         raise typer.Exit(2)
     if prompts is not None:
-        _run(lambda: generate_prompts(checkpoint, read_prompts(prompts), max_new_tokens, temperature, top_k, seed,
-                                      top_p, dtype, num_samples, batch_size), as_json, render.render_generated)
+        _run(lambda: generate_prompts(checkpoint, read_prompts(prompts, jsonl_field), max_new_tokens, temperature,
+                                      top_k, seed, top_p, dtype, num_samples, batch_size),
+             as_json, render.render_generated)
         return
     text = sys.stdin.read() if prompt == "-" else prompt
     out = None if as_json else render.GenerateStream(text, streamed=num_samples == 1)
@@ -279,6 +284,7 @@ def inspect_routing(
     layer: Optional[int] = typer.Option(None, "--layer", help="Layer for the per-expert table (default: worst)."),
     svg: Optional[Path] = typer.Option(None, "--svg", help="Also save the report as an SVG picture."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute; router in fp32)."),
+    jsonl_field: str = JSONL_OPT,
     as_json: bool = JSON_OPT,
 ):
     """Routing balance and specialisation per layer and expert: rich tables, --json, --svg."""
@@ -287,7 +293,7 @@ def inspect_routing(
 
     def go():
         res = inspect_fn(checkpoint, data, max_tokens, seq_len, batch_size, capacity_factor, top_tokens, near_dead,
-                         domain, compare, dtype)
+                         domain, compare, dtype, jsonl_field)
         if layer is not None and str(layer) not in res["layers"]:
             raise UserError(f"--layer {layer}: not an MoE layer (MoE layers: {', '.join(res['layers'])})")
         if svg is not None:

@@ -25,6 +25,10 @@ from .fileio import atomic_write_json
 
 CHUNK = 1 << 20  # bytes read at a time
 DEFAULT_CORPUS_BYTES = 4 << 20  # embedded default: first ~4 MB of the Python standard library's source
+# JSON Lines inputs (one JSON object per line, as Hugging Face datasets and most corpora ship): the
+# text of each line's field (JSONL_FIELD unless --jsonl-field names another) is a document, documents
+# joined by newlines as files are.
+JSONL_FIELD = "text"
 
 
 class ByteTokenizer:
@@ -135,7 +139,7 @@ def expand_data_args(args: list[str]) -> list[str | Path]:
     return out
 
 
-def _fingerprint(sources: list[str | Path], tokenizer) -> str:
+def _fingerprint(sources: list[str | Path], tokenizer, jsonl_field: str = JSONL_FIELD) -> str:
     h = hashlib.sha256(json.dumps(tokenizer.to_config()).encode())
     if isinstance(tokenizer, HFTokenizer):
         h.update(tokenizer.path.read_bytes())
@@ -147,7 +151,7 @@ def _fingerprint(sources: list[str | Path], tokenizer) -> str:
             st = Path(s).stat()
             h.update(f"{Path(s).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
             if is_jsonl(s):  # read as JSON Lines (earlier moecli versions took the raw bytes: not the same tokens)
-                h.update(f"|jsonl:{JSONL_FIELD}".encode())
+                h.update(f"|jsonl:{jsonl_field}".encode())
     return h.hexdigest()[:16]
 
 
@@ -169,11 +173,11 @@ def _read_chunks(src: str | Path):
         raise UserError(f"{src}: cannot read: {e.strerror}") from None
 
 
-def text_pieces(src):
+def text_pieces(src, jsonl_field: str = JSONL_FIELD):
     """The text of a source in pieces: a .jsonl file's documents (``jsonl_texts``); anything else decoded
     from UTF-8 chunk by chunk without splitting a character (for tokenizers that need text)."""
     if is_jsonl(src):
-        yield from jsonl_texts(src)
+        yield from jsonl_texts(src, jsonl_field)
         return
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for chunk in _read_chunks(src):
@@ -181,24 +185,19 @@ def text_pieces(src):
     yield decoder.decode(b"", final=True)
 
 
-# JSON Lines inputs (one JSON object per line, as Hugging Face datasets and most corpora ship): the
-# text of each line's JSONL_FIELD is a document, documents joined by newlines as files are.
-JSONL_FIELD = "text"
-
-
 def is_jsonl(src) -> bool:
     return src != "-" and Path(src).suffix.lower() == ".jsonl"
 
 
-def jsonl_texts(src):
+def jsonl_texts(src, field: str = JSONL_FIELD):
     """Each document of a .jsonl file (``jsonl_docs``), a newline between documents."""
-    for i, text in enumerate(jsonl_docs(src)):
+    for i, text in enumerate(jsonl_docs(src, field)):
         yield text if i == 0 else "\n" + text
 
 
-def jsonl_docs(src):
-    """The "text" of each line of a .jsonl file; blank lines are skipped, and a line that is not a JSON
-    object with a string "text" is bad input naming the file and line."""
+def jsonl_docs(src, field: str = JSONL_FIELD):
+    """The `field` string of each line of a .jsonl file; blank lines are skipped, and a line that is not a
+    JSON object with that string is bad input naming the file and line."""
     try:
         with open(src, encoding="utf-8", errors="replace") as f:
             for n, line in enumerate(f, 1):
@@ -208,15 +207,18 @@ def jsonl_docs(src):
                     doc = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{src}:{n}: not JSON ({e.msg}); a .jsonl file holds one JSON object per line")
-                text = doc.get(JSONL_FIELD) if isinstance(doc, dict) else None
+                text = doc.get(field) if isinstance(doc, dict) else None
                 if not isinstance(text, str):
-                    raise UserError(f"{src}:{n}: no \"{JSONL_FIELD}\" string field in this line's JSON object")
+                    keys = f" (its keys: {', '.join(map(str, list(doc)[:8]))}; --jsonl-field names the text's)" \
+                        if isinstance(doc, dict) and doc else ""
+                    raise UserError(f"{src}:{n}: no \"{field}\" string field in this line's JSON object{keys}")
                 yield text
     except OSError as e:
         raise UserError(f"{src}: cannot read: {e.strerror}") from None
 
 
-def encode_to_file(sources: list[str | Path], tokenizer, path: Path, spans: list | None = None) -> int:
+def encode_to_file(sources: list[str | Path], tokenizer, path: Path, spans: list | None = None,
+                   jsonl_field: str = JSONL_FIELD) -> int:
     """Stream every source through the tokenizer into ``path``; returns the number of tokens. With
     ``spans``, appends each source's (start, end) token offsets to it (the separators lie between)."""
     dtype = _dtype_for(tokenizer.vocab_size)
@@ -230,11 +232,12 @@ def encode_to_file(sources: list[str | Path], tokenizer, path: Path, spans: list
                 n += len(sep)
             start = n
             if isinstance(tokenizer, ByteTokenizer):  # the bytes are the tokens: a plain file's as stored
-                for chunk in (t.encode("utf-8") for t in jsonl_texts(src)) if is_jsonl(src) else _read_chunks(src):
+                texts = jsonl_texts(src, jsonl_field) if is_jsonl(src) else None
+                for chunk in (t.encode("utf-8") for t in texts) if texts is not None else _read_chunks(src):
                     f.write(chunk)
                     n += len(chunk)
             else:
-                for text in text_pieces(src):
+                for text in text_pieces(src, jsonl_field):
                     ids = tokenizer.encode(text)
                     f.write(_to_bytes(ids, dtype))
                     n += len(ids)
@@ -270,24 +273,25 @@ class TokenData:
 
 
 def prepare_tokens(data_args: list[str], tokenizer, cache_dir: Path, val_fraction: float, seq_len: int,
-                   cached_fingerprint: str | None = None, val_args: list[str] | None = None) -> TokenData:
+                   cached_fingerprint: str | None = None, val_args: list[str] | None = None,
+                   jsonl_field: str = JSONL_FIELD) -> TokenData:
     """Tokenise DATA (or the default corpus) into ``cache_dir``, reusing the cache when unchanged.
 
     The validation split is the tail ``val_fraction`` of the tokens, or with ``val_args`` (--val-data)
     those texts, tokenised into a cache of their own (then all of DATA is training data; the run's
     fingerprint is the two caches' joined by "+"). With ``cached_fingerprint`` and neither DATA nor
     val_args (a resumed run, or a rank started by the launcher), the caches are used as they are,
-    provided they still hold exactly those tokens.
+    provided they still hold exactly those tokens. ``jsonl_field``: the text field of .jsonl sources.
     """
     if "-" in (data_args or []) and "-" in (val_args or []):
         raise UserError("--val-data -: standard input is already DATA (it can be read once); give a file")
     reuse = cached_fingerprint is not None and not data_args and not val_args
     fps = cached_fingerprint.split("+") if reuse else [None, None]
     train_all, train_fp = _cached_tokens(cache_dir, "tokens", None if reuse else data_args, tokenizer, fps[0],
-                                         "DATA")
+                                         "DATA", jsonl_field)
     if val_args or (reuse and len(fps) == 2):
         val, val_fp = _cached_tokens(cache_dir, "val", None if reuse else val_args, tokenizer, fps[-1],
-                                     "--val-data")
+                                     "--val-data", jsonl_field)
         for toks, what in ((train_all, ", ".join(map(str, data_args)) or "DATA"),
                            (val, "--val-data " + " ".join(map(str, val_args or [])))):
             if toks.numel() < seq_len + 1:
@@ -304,7 +308,7 @@ def prepare_tokens(data_args: list[str], tokenizer, cache_dir: Path, val_fractio
 
 
 def _cached_tokens(cache_dir: Path, name: str, args: list[str] | None, tokenizer, cached_fp: str | None,
-                   what: str) -> tuple[torch.Tensor, str]:
+                   what: str, jsonl_field: str = JSONL_FIELD) -> tuple[torch.Tensor, str]:
     """(tokens, fingerprint) of cache_dir/NAME.bin: with args None the cache must hold cached_fp's tokens;
     else args (or the default corpus, for no DATA) are fingerprinted and tokenised unless already cached."""
     meta_path, bin_path = cache_dir / f"{name}.json", cache_dir / f"{name}.bin"
@@ -316,9 +320,9 @@ def _cached_tokens(cache_dir: Path, name: str, args: list[str] | None, tokenizer
     else:
         sources = expand_data_args(args) if args else default_corpus_files()
         cache_dir.mkdir(parents=True, exist_ok=True)
-        fp = _fingerprint(sources, tokenizer)
+        fp = _fingerprint(sources, tokenizer, jsonl_field)
         if not meta or meta.get("fingerprint") != fp:
-            n = encode_to_file(sources, tokenizer, bin_path)
+            n = encode_to_file(sources, tokenizer, bin_path, jsonl_field=jsonl_field)
             meta = {"fingerprint": fp, "tokens": n, "bytes": bin_path.stat().st_size, "sources": len(sources)}
             atomic_write_json(meta_path, meta)
     return open_tokens(bin_path, meta["tokens"], tokenizer.vocab_size), meta["fingerprint"]

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_dtype, load_with_tokenizer
-from .data import default_window, encode_to_file, eval_windows, expand_data_args, open_tokens, run_val_split
+from .data import (JSONL_FIELD, default_window, encode_to_file, eval_windows, expand_data_args, open_tokens,
+                   run_val_split)
 from .distributed import all_sum_, current
 from .errors import UserError, check_at_least
 from .model import autocast
@@ -46,7 +47,7 @@ def evaluate_loss(model, tokens: torch.Tensor, seq_len: int, starts: list[int], 
 
 
 def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: int, max_windows: int | None,
-             dtype: str = "float32", per_file: bool = False) -> dict:
+             dtype: str = "float32", per_file: bool = False, jsonl_field: str = JSONL_FIELD) -> dict:
     """Loss on DATA; with no DATA, on the validation split of the training run the checkpoint belongs to.
     Without --seq-len, a text shorter than one window of the recipe's length is scored as one window.
     With per_file, each source (a file, or - for stdin) is also scored on its own, under "files"."""
@@ -79,7 +80,7 @@ def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: 
     with tempfile.TemporaryDirectory(prefix="moe-eval-") as tmp:
         if data:
             path, sources, spans = Path(tmp) / "tokens.bin", expand_data_args(data), []
-            n = encode_to_file(sources, tok, path, spans)
+            n = encode_to_file(sources, tok, path, spans, jsonl_field)
             tokens, where = open_tokens(path, n, tok.vocab_size), ", ".join(data)
         else:
             tokens, where = run_val_split(directory, model.recipe, tok)

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 import torch
 
 from .checkpoint import load_dtype, load_with_tokenizer
-from .data import is_jsonl, jsonl_docs
+from .data import JSONL_FIELD, is_jsonl, jsonl_docs
 from .errors import UserError, check_at_least
 from .model import KVCache
 
@@ -191,11 +191,12 @@ def _completions(tok, rows: list[list[int]]) -> dict:
     return res
 
 
-def read_prompts(src: str) -> list[str]:
-    """--prompts: one prompt per line of a text file, or of stdin for -; a .jsonl file's "text" fields (a
-    prompt with newlines in it). Blank lines are skipped; no prompt at all is bad input."""
+def read_prompts(src: str, jsonl_field: str = JSONL_FIELD) -> list[str]:
+    """--prompts: one prompt per line of a text file, or of stdin for -; a .jsonl file's "text" (or
+    jsonl_field) strings, for prompts with newlines in them. Blank lines are skipped; no prompt at all is
+    bad input."""
     if is_jsonl(src):
-        prompts = list(jsonl_docs(src))
+        prompts = list(jsonl_docs(src, jsonl_field))
     else:
         try:
             text = sys.stdin.read() if src == "-" else Path(src).read_text(encoding="utf-8", errors="replace")
@@ -203,7 +204,7 @@ def read_prompts(src: str) -> list[str]:
             raise UserError(f"{src}: cannot read: {e.strerror}") from None
         prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise UserError(f"{src}: no prompts (one per line, or a .jsonl file's \"text\" fields)")
+        raise UserError(f"{src}: no prompts (one per line, or a .jsonl file's \"{jsonl_field}\" fields)")
     return prompts
 
 

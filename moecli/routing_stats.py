@@ -30,7 +30,7 @@ import torch
 
 from .balance import load_health
 from .checkpoint import load_checkpoint, load_dtype, load_with_tokenizer
-from .data import text_pieces, default_window, expand_data_args, run_val_split
+from .data import JSONL_FIELD, default_window, expand_data_args, run_val_split, text_pieces
 from .errors import UserError, check_at_least
 from .moe import expert_capacity
 
@@ -144,13 +144,13 @@ class Stream:
             yield x[i: i + batch_size]
 
 
-def read_tokens(args: list[str], tok, max_tokens: int) -> torch.Tensor:
+def read_tokens(args: list[str], tok, max_tokens: int, jsonl_field: str = JSONL_FIELD) -> torch.Tensor:
     """The first max_tokens tokens of the inputs, read chunk by chunk (a large file is not read whole)."""
     ids: list[int] = []
     for i, src in enumerate(expand_data_args(args)):
         if i:  # sources joined by a newline, as encode_to_file joins them
             ids.extend(tok.encode("\n"))
-        for text in text_pieces(src):
+        for text in text_pieces(src, jsonl_field):
             ids.extend(tok.encode(text))
             if len(ids) >= max_tokens:
                 return torch.tensor(ids[:max_tokens], dtype=torch.long)
@@ -184,7 +184,8 @@ def run_routing(model, stream: Stream, batch_size: int, capacity_factor: float, 
 
 def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, seq_len: int | None = None,
                     batch_size: int = 8, capacity_factor: float = 1.25, top_tokens: int = 5, near_dead: float = 0.1,
-                    domains: list[str] | None = None, compare: str | None = None, dtype: str = "float32") -> dict:
+                    domains: list[str] | None = None, compare: str | None = None, dtype: str = "float32",
+                    jsonl_field: str = JSONL_FIELD) -> dict:
     check_at_least("--batch-size", batch_size, 1)
     check_at_least("--capacity-factor", capacity_factor, 0)
     check_at_least("--top-tokens", top_tokens, 0)
@@ -200,7 +201,7 @@ def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, s
     if seq_len is not None and max_tokens < seq_len:
         raise UserError(f"--max-tokens: must be >= --seq-len ({seq_len}), got {max_tokens}")
     if data:
-        ids, where = read_tokens(data, tok, max_tokens), ", ".join(data)
+        ids, where = read_tokens(data, tok, max_tokens, jsonl_field), ", ".join(data)
     else:  # no DATA: the split the training run held out for validation
         val, where = run_val_split(directory, model.recipe, tok)
         ids = val[:max_tokens].long()
@@ -219,19 +220,20 @@ def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, s
         "flagged": {k: v["status"] for k, v in layers.items() if v["status"] != "ok"},
     }
     if domains:
-        result["domains"] = domain_report(model, tok, domains, seq_len, batch_size, max_tokens)
+        result["domains"] = domain_report(model, tok, domains, seq_len, batch_size, max_tokens, jsonl_field)
     if compare:
         result["saturation"] = saturation(compare, stream, batch_size, kept, torch_dtype)
     return result
 
 
-def domain_report(model, tok, domains: list[str], seq_len: int, batch_size: int, max_tokens: int) -> dict:
+def domain_report(model, tok, domains: list[str], seq_len: int, batch_size: int, max_tokens: int,
+                  jsonl_field: str = JSONL_FIELD) -> dict:
     out: dict[str, dict] = {}
     for spec in domains:
         if "=" not in spec:
             raise UserError(f"--domain {spec}: expected NAME=FILE")
         name, path = spec.split("=", 1)
-        ids = read_tokens([path], tok, max_tokens)
+        ids = read_tokens([path], tok, max_tokens, jsonl_field)
         if ids.numel() < seq_len:
             raise UserError(f"--domain {spec}: only {ids.numel()} tokens; need at least {seq_len}")
         accs, _ = run_routing(model, Stream(ids, seq_len), batch_size, 0.0)

@@ -33,7 +33,7 @@ from .checkpoint import (CONFIG_FILE, load_into, load_state_file, load_with_toke
                          save_checkpoint)
 from .balance import load_health
 from .config import apply_overrides, recipe_from_dict
-from .data import eval_windows, load_tokenizer, prepare_tokens, sample_batch
+from .data import JSONL_FIELD, eval_windows, load_tokenizer, prepare_tokens, sample_batch
 from .distributed import (DistInfo, all_mean, all_sum_, barrier, current, expert_params, gather_experts,
                           init_from_env, shard_experts, spawn, sync_gradients)
 from .errors import RunFailed, UserError
@@ -59,6 +59,7 @@ class TrainArgs:
     data_fingerprint: str | None = None  # set by the launcher: ranks reuse its token cache
     init: str | None = None  # start from this checkpoint's weights, recipe and tokenizer (e.g. an upcycled model)
     val_data: list[str] = field(default_factory=list)  # validation texts (--val-data); none: DATA's tail
+    jsonl_field: str = JSONL_FIELD  # the text field of .jsonl sources (--jsonl-field)
 
 
 def lr_at(step: int, t) -> float:
@@ -337,7 +338,7 @@ def _tokens(args: TrainArgs, st: Setup):
     """The run's token data (from DATA, the default corpus, or the cache a launcher or checkpoint names)."""
     t = st.recipe.train
     data = prepare_tokens(args.data, st.tokenizer, st.out / "data", t.val_fraction, t.seq_len,
-                          st.resume_state.get("data") or args.data_fingerprint, args.val_data)
+                          st.resume_state.get("data") or args.data_fingerprint, args.val_data, args.jsonl_field)
     if args.resume and st.resume_state.get("data") != data.fingerprint:
         raise UserError(f"{st.out}: the training data changed since the checkpoint; resume with the same DATA "
                         f"(and --val-data), or none to use the run's token cache")
