@@ -189,12 +189,14 @@ def generate(
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute)."),
     num_samples: int = typer.Option(1, "--num-samples", help="Continuations sampled together (one batch)."),
     batch_size: int = typer.Option(8, "--batch-size", help="With --prompts: prompts sampled together."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="End a completion before this text (repeatable; "
+                                                                 "\\n, \\t read as newline, tab)."),
     jsonl_field: str = JSONL_OPT,
     as_json: bool = JSON_OPT,
 ):
     """Sample a continuation of a prompt, printed as it is sampled (several, --prompts or --json: at the end)."""
     from .generate import generate as generate_fn
-    from .generate import generate_prompts, read_prompts
+    from .generate import generate_prompts, parse_stops, read_prompts
 
     if (prompt is None) == (prompts is None):
         render.error_line("moe generate: give --prompt TEXT (- for stdin) or --prompts FILE" +
@@ -202,13 +204,15 @@ def generate(
         raise typer.Exit(2)
     if prompts is not None:
         _run(lambda: generate_prompts(checkpoint, read_prompts(prompts, jsonl_field), max_new_tokens, temperature,
-                                      top_k, seed, top_p, dtype, num_samples, batch_size),
+                                      top_k, seed, top_p, dtype, num_samples, batch_size,
+                                      stops=parse_stops(stop)),
              as_json, render.render_generated)
         return
     text = sys.stdin.read() if prompt == "-" else prompt
     out = None if as_json else render.GenerateStream(text, streamed=num_samples == 1)
     _run(lambda: generate_fn(checkpoint, text, max_new_tokens, temperature, top_k, seed, top_p, dtype,
-                             on_text=out.piece if out and out.streamed else None, num_samples=num_samples),
+                             on_text=out.piece if out and out.streamed else None, num_samples=num_samples,
+                             stops=parse_stops(stop)),
          as_json, out and out.end)
 
 

@@ -149,6 +149,91 @@ class TextStream:
         return piece
 
 
+class StopText:
+    """Cuts a completion's text before the first occurrence of any of the stop strings. ``add`` takes the
+    text piece by piece and returns what is safe to print: never any of a stop string, and nothing that
+    may still turn out to begin one (held back until the next pieces decide); ``finish`` releases the rest."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.longest = stops, max(map(len, stops))
+        self.text, self.out, self.hit = "", 0, False  # the text so far (cut at a stop), how much was released
+
+    def add(self, piece: str) -> str:
+        if self.hit or not piece:
+            return ""
+        start = max(0, len(self.text) - self.longest + 1)  # a stop found now ends in the new piece
+        self.text += piece
+        found = [i for stop in self.stops if (i := self.text.find(stop, start)) >= 0]
+        if found:
+            self.hit, self.text = True, self.text[:min(found)]
+            return self._release(len(self.text))
+        held = max((k for stop in self.stops for k in range(1, len(stop)) if self.text.endswith(stop[:k])),
+                   default=0)
+        return self._release(len(self.text) - held)
+
+    def finish(self) -> str:
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        piece, self.out = self.text[self.out: upto], max(self.out, upto)
+        return piece
+
+
+def parse_stops(stops: list[str] | None) -> list[str]:
+    """--stop values with the escapes \\n, \\t, \\r and \\\\ read as newline, tab, carriage return and backslash."""
+    out = []
+    for raw in stops or []:
+        text, i = [], 0
+        while i < len(raw):
+            if raw[i] == "\\" and i + 1 < len(raw) and raw[i + 1] in "ntr\\":
+                text.append({"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}[raw[i + 1]])
+                i += 2
+            else:
+                text.append(raw[i])
+                i += 1
+        if not text:
+            raise UserError("--stop: empty stop string")
+        out.append("".join(text))
+    return out
+
+
+def _sample(model, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int,
+            seeds: list[int], top_p: float, num_samples: int, stops: list[str],
+            on_text: Callable[[str], None] | None = None) -> list[tuple[int, str, str]]:
+    """Samples every row of one batch (``stream_prompts``); per row (new tokens, completion, finish reason:
+    "stop" where one of the stop strings ended it, cut before it, else "length"). on_text, when given,
+    receives the first row's text piece by piece as it comes. A row that reached a stop takes no more
+    tokens, and the batch ends when every row has."""
+    rows: list[list[int]] = [[] for _ in range(len(prompts) * num_samples)]
+    watched = len(rows) if stops else 1 if on_text is not None else 0  # rows decoded as they grow
+    texts = [TextStream(tok) for _ in range(watched)]
+    cuts = [StopText(stops) for _ in range(watched)] if stops else []
+
+    def emit(r: int, piece: str) -> None:
+        if cuts:
+            piece = cuts[r].add(piece)
+        if r == 0 and on_text is not None and piece:
+            on_text(piece)
+
+    for tokens in stream_prompts(model, prompts, max_new_tokens, temperature, top_k, seeds, top_p,
+                                 num_samples=num_samples):
+        for r, token in enumerate(tokens):
+            if cuts and cuts[r].hit:
+                continue
+            rows[r].append(token)
+            if r < watched:
+                emit(r, texts[r].push(token))
+        if cuts and all(c.hit for c in cuts):
+            break
+    for r in range(watched):
+        emit(r, texts[r].finish())
+        if cuts and (piece := cuts[r].finish()) and r == 0 and on_text is not None:
+            on_text(piece)
+    if cuts:
+        return [(len(row), c.text, "stop" if c.hit else "length") for row, c in zip(rows, cuts)]
+    return [(len(row), tok.decode(row), "length") for row in rows]
+
+
 def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float, num_samples: int) -> None:
     check_at_least("--max-new-tokens", max_new_tokens, 0)
     check_at_least("--temperature", temperature, 0)
@@ -160,34 +245,29 @@ def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: f
 
 def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
              top_p: float = 1.0, dtype: str = "float32", on_text: Callable[[str], None] | None = None,
-             num_samples: int = 1) -> dict:
-    """Sample a completion of `prompt` (num_samples of them, in one batch: "completions"); on_text, when
-    given, receives the first piece by piece as its tokens come (the pieces join to its "completion")."""
+             num_samples: int = 1, stops: list[str] | None = None) -> dict:
+    """Sample a completion of `prompt` (num_samples of them, in one batch: "completions"), each ending
+    before the first of the stop strings or after max_new_tokens; on_text, when given, receives the
+    first piece by piece as its tokens come (the pieces join to its "completion")."""
     _check_options(max_new_tokens, temperature, top_k, top_p, num_samples)
     model, _, _, tok = load_with_tokenizer(checkpoint, load_dtype(dtype))
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise UserError("--prompt: empty prompt")
-    rows: list[list[int]] = [[] for _ in range(num_samples)]
-    text = TextStream(tok) if on_text is not None else None  # decoded as it grows only when streamed
-    for tokens in stream(model, prompt_ids, max_new_tokens, temperature, top_k, seed, top_p,
-                         num_samples=num_samples):
-        for row, token in zip(rows, tokens):
-            row.append(token)
-        if text is not None and (piece := text.push(tokens[0])):
-            on_text(piece)
-    if text is not None and (piece := text.finish()):
-        on_text(piece)
-    return {"prompt": prompt, **_completions(tok, rows), "seed": seed, "temperature": temperature,
-            "top_k": top_k, "top_p": top_p, "dtype": dtype}
+    samples = _sample(model, tok, [prompt_ids], max_new_tokens, temperature, top_k, [seed], top_p, num_samples,
+                      stops or [], on_text)
+    return {"prompt": prompt, **_completions(samples), "seed": seed, "temperature": temperature,
+            "top_k": top_k, "top_p": top_p, "dtype": dtype, "stop": stops or []}
 
 
-def _completions(tok, rows: list[list[int]]) -> dict:
-    """One prompt's result: its first completion, its token count, and with several, all of them."""
-    completions = [tok.decode(row) for row in rows]
-    res = {"completion": completions[0], "new_tokens": len(rows[0])}
-    if len(rows) > 1:
-        res["completions"] = completions
+def _completions(samples: list[tuple[int, str, str]]) -> dict:
+    """One prompt's result: its first completion, its token count and why it ended, and with several
+    samples, all of them."""
+    n, text, reason = samples[0]
+    res = {"completion": text, "new_tokens": n, "finish_reason": reason}
+    if len(samples) > 1:
+        res["completions"] = [text for _, text, _ in samples]
+        res["finish_reasons"] = [reason for _, _, reason in samples]
     return res
 
 
@@ -210,7 +290,7 @@ def read_prompts(src: str, jsonl_field: str = JSONL_FIELD) -> list[str]:
 
 def generate_prompts(checkpoint: str, prompts: list[str], max_new_tokens: int, temperature: float, top_k: int,
                      seed: int, top_p: float = 1.0, dtype: str = "float32", num_samples: int = 1,
-                     batch_size: int = 8, source: str = "--prompts") -> dict:
+                     batch_size: int = 8, source: str = "--prompts", stops: list[str] | None = None) -> dict:
     """Sample completions of many prompts, batch_size prompts (of similar token counts) at a time
     (``stream_prompts``): "results" holds, in the prompts' order, what ``generate`` gives for each prompt
     alone with seed + its index (the same tokens, beyond rounding)."""
@@ -223,15 +303,12 @@ def generate_prompts(checkpoint: str, prompts: list[str], max_new_tokens: int, t
             raise UserError(f"{source}: prompt {i + 1} is empty after tokenization")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
     results: list[dict] = [{} for _ in ids]
+    n = num_samples
     for b in range(0, len(order), batch_size):
         batch = order[b: b + batch_size]
-        rows: list[list[int]] = [[] for _ in range(len(batch) * num_samples)]
-        for tokens in stream_prompts(model, [ids[i] for i in batch], max_new_tokens, temperature, top_k,
-                                     [seed + i for i in batch], top_p, num_samples=num_samples):
-            for row, token in zip(rows, tokens):
-                row.append(token)
+        samples = _sample(model, tok, [ids[i] for i in batch], max_new_tokens, temperature, top_k,
+                          [seed + i for i in batch], top_p, n, stops or [])
         for g, i in enumerate(batch):
-            results[i] = {"prompt": prompts[i], **_completions(tok, rows[g * num_samples: (g + 1) * num_samples]),
-                          "seed": seed + i}
+            results[i] = {"prompt": prompts[i], **_completions(samples[g * n: (g + 1) * n]), "seed": seed + i}
     return {"results": results, "prompts": len(prompts), "batch_size": batch_size, "num_samples": num_samples,
-            "temperature": temperature, "top_k": top_k, "top_p": top_p, "dtype": dtype}
+            "temperature": temperature, "top_k": top_k, "top_p": top_p, "dtype": dtype, "stop": stops or []}

@@ -7,6 +7,7 @@ from moecli.config import apply_overrides, load_recipe
 from moecli.data import ByteTokenizer
 from moecli.generate import TextStream, pick, sample, stream
 from moecli.model import KVCache, build_model
+from moecli.errors import UserError
 
 # dropless recipes covering the attention and routing variants: GQA, q/k norm per head (qwen3-moe), sigmoid
 # scores with groups, bias and shared experts after a dense layer (deepseek-v3), interleaved dense/MoE
@@ -204,3 +205,59 @@ def test_generate_many_prompts(tmp_path, cli):
                          (("--prompts", tmp_path / "p.txt", "--batch-size", "0"), "--batch-size: must be >= 1")]:
         r = cli(*args, *bad)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_stop_text_cuts_before_the_stop_and_holds_back_what_may_begin_one():
+    from moecli.generate import StopText, parse_stops
+
+    cut = StopText(["\n\n", "END"])
+    # "c\n" holds its "\n" back (it may begin "\n\n"); "x\nE" then releases "\nx\n" and holds "E"
+    assert [cut.add(p) for p in ["ab", "c\n", "x\nE", "N", "D!"]] == ["ab", "c", "\nx\n", "", ""]
+    assert cut.hit and cut.text == "abc\nx\n" and cut.finish() == ""
+    free = StopText(["\n\n"])
+    assert [free.add(p) for p in ["a\n", "b\n"]] == ["a", "\nb"] and not free.hit and free.finish() == "\n"
+    split = StopText(["ab"])  # a stop spread over three pieces
+    assert [split.add(p) for p in ["x", "a", "b", "c"]] == ["x", "", "", ""] and split.text == "x"
+    assert parse_stops(["\\n\\n", "a\\tb", "x\\\\n", "é\\q"]) == ["\n\n", "a\tb", "x\\n", "é\\q"]
+    with pytest.raises(UserError, match="--stop: empty stop string"):
+        parse_stops([""])
+
+
+def printable_pair(text: str) -> str:
+    """Two printable characters of a sampled text from its fifth on (an argument can hold no NUL byte)."""
+    return next(text[i: i + 2] for i in range(4, len(text) - 1) if text[i: i + 2].isprintable())
+
+
+def test_generate_stops_at_a_stop_string(tmp_path, cli):
+    """--stop: the completion is the unstopped one cut before the stop string's first occurrence (printed
+    the same as it streams), finish_reason "stop"; a stop never sampled leaves it whole ("length"); every
+    sample and every prompt of a batch is cut on its own."""
+    import json
+
+    run = tmp_path / "m"
+    assert cli("build", "mixtral", "-o", run, "--set", "model.n_layers=1", "--json").returncode == 0
+    args = ("generate", run, "-p", "Once", "-n", "40", "--seed", "2", "-t", "0")
+    whole = json.loads(cli(*args, "--json").stdout)
+    text = whole["completion"]
+    assert whole["finish_reason"] == "length" and len(text) > 12
+    stop = printable_pair(text)
+    cut = json.loads(cli(*args, "--stop", stop, "--stop", "never sampled", "--json").stdout)
+    assert cut["completion"] == text[: text.find(stop)] and cut["finish_reason"] == "stop"
+    assert cut["new_tokens"] < 40 and cut["stop"] == [stop, "never sampled"]
+    printed = cli(*args, "--stop", stop)
+    assert printed.returncode == 0 and printed.stdout == "Once" + cut["completion"] + "\n", printed.stderr
+    same = json.loads(cli(*args, "--stop", "never sampled", "--json").stdout)
+    assert (same["completion"], same["finish_reason"]) == (text, "length")
+    sampled = ("generate", run, "-p", "Once", "-n", "30", "--seed", "5", "--num-samples", "3", "--json")
+    free = json.loads(cli(*sampled).stdout)["completions"]
+    stop = printable_pair(free[0])
+    res = json.loads(cli(*sampled, "--stop", stop).stdout)
+    for full, got, reason in zip(free, res["completions"], res["finish_reasons"]):
+        assert (got, reason) == ((full[: full.find(stop)], "stop") if stop in full else (full, "length"))
+    (tmp_path / "p.txt").write_text("Once\nThe cat\n")
+    many = json.loads(cli("generate", run, "--prompts", tmp_path / "p.txt", "-n", "30", "--seed", "5",
+                          "--stop", stop, "--json").stdout)["results"]
+    for i, r in enumerate(many):
+        alone = json.loads(cli("generate", run, "-p", r["prompt"], "-n", "30", "--seed", str(5 + i), "--stop", stop,
+                               "--json").stdout)
+        assert (r["completion"], r["finish_reason"]) == (alone["completion"], alone["finish_reason"])
