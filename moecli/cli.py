@@ -191,6 +191,10 @@ def generate(
     batch_size: int = typer.Option(8, "--batch-size", help="With --prompts: prompts sampled together."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="End a completion before this text (repeatable; "
                                                                  "\\n, \\t read as newline, tab)."),
+    stop_token: Optional[List[int]] = typer.Option(None, "--stop-token", help="End a completion at this token id "
+                                                   "(repeatable; a Hugging Face model's end-of-sequence ids are "
+                                                   "added unless --ignore-eos)."),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at the model's end-of-sequence ids."),
     jsonl_field: str = JSONL_OPT,
     as_json: bool = JSON_OPT,
 ):
@@ -205,14 +209,14 @@ def generate(
     if prompts is not None:
         _run(lambda: generate_prompts(checkpoint, read_prompts(prompts, jsonl_field), max_new_tokens, temperature,
                                       top_k, seed, top_p, dtype, num_samples, batch_size,
-                                      stops=parse_stops(stop)),
+                                      stops=parse_stops(stop), stop_tokens=stop_token, ignore_eos=ignore_eos),
              as_json, render.render_generated)
         return
     text = sys.stdin.read() if prompt == "-" else prompt
     out = None if as_json else render.GenerateStream(text, streamed=num_samples == 1)
     _run(lambda: generate_fn(checkpoint, text, max_new_tokens, temperature, top_k, seed, top_p, dtype,
                              on_text=out.piece if out and out.streamed else None, num_samples=num_samples,
-                             stops=parse_stops(stop)),
+                             stops=parse_stops(stop), stop_tokens=stop_token, ignore_eos=ignore_eos),
          as_json, out and out.end)
 
 

@@ -3,7 +3,9 @@ or of many prompts, batched."""
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -197,17 +199,50 @@ def parse_stops(stops: list[str] | None) -> list[str]:
     return out
 
 
+@dataclass
+class Stops:
+    """What ends a completion before max_new_tokens: any of `texts` (cut before it) or of `tokens` (left out)."""
+    texts: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+
+def eos_tokens(directory: Path, cfg: dict) -> list[int]:
+    """A Hugging Face model directory's end-of-sequence token ids: generation_config.json's eos_token_id
+    where it has one, else config.json's (an id, a list of ids, or none); none for moecli checkpoints."""
+    if "format" in cfg:  # a moecli checkpoint
+        return []
+    eos = cfg.get("eos_token_id")
+    try:
+        eos = json.loads((directory / "generation_config.json").read_text()).get("eos_token_id", eos)
+    except (OSError, ValueError, AttributeError):
+        pass
+    eos = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    return [int(t) for t in eos if isinstance(t, int) and not isinstance(t, bool)]
+
+
+def _stops(model, cfg: dict, directory: Path, texts: list[str] | None, tokens: list[int] | None,
+           ignore_eos: bool) -> Stops:
+    """--stop, --stop-token and, unless ignore_eos, the model's end-of-sequence tokens (``eos_tokens``)."""
+    vocab = model.recipe.model.vocab_size
+    for t in tokens or []:
+        if not 0 <= t < vocab:
+            raise UserError(f"--stop-token: {t} is not a token id of this model (0 to {vocab - 1})")
+    ids = set(tokens or []) | (set() if ignore_eos else {t for t in eos_tokens(directory, cfg) if 0 <= t < vocab})
+    return Stops(list(texts or []), sorted(ids))
+
+
 def _sample(model, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int,
-            seeds: list[int], top_p: float, num_samples: int, stops: list[str],
+            seeds: list[int], top_p: float, num_samples: int, stops: Stops,
             on_text: Callable[[str], None] | None = None) -> list[tuple[int, str, str]]:
     """Samples every row of one batch (``stream_prompts``); per row (new tokens, completion, finish reason:
-    "stop" where one of the stop strings ended it, cut before it, else "length"). on_text, when given,
-    receives the first row's text piece by piece as it comes. A row that reached a stop takes no more
-    tokens, and the batch ends when every row has."""
+    "stop" where a stop string (the completion cut before it) or a stop token (left out) ended it, else
+    "length"). on_text, when given, receives the first row's text piece by piece as it comes. A row that
+    stopped takes no more tokens, and the batch ends when every row has."""
     rows: list[list[int]] = [[] for _ in range(len(prompts) * num_samples)]
-    watched = len(rows) if stops else 1 if on_text is not None else 0  # rows decoded as they grow
+    watched = len(rows) if stops.texts else 1 if on_text is not None else 0  # rows decoded as they grow
     texts = [TextStream(tok) for _ in range(watched)]
-    cuts = [StopText(stops) for _ in range(watched)] if stops else []
+    cuts = [StopText(stops.texts) for _ in range(watched)] if stops.texts else []
+    stop_ids, done = set(stops.tokens), [False] * len(rows)
 
     def emit(r: int, piece: str) -> None:
         if cuts:
@@ -218,20 +253,23 @@ def _sample(model, tok, prompts: list[list[int]], max_new_tokens: int, temperatu
     for tokens in stream_prompts(model, prompts, max_new_tokens, temperature, top_k, seeds, top_p,
                                  num_samples=num_samples):
         for r, token in enumerate(tokens):
-            if cuts and cuts[r].hit:
+            if done[r]:
+                continue
+            if token in stop_ids:
+                done[r] = True
                 continue
             rows[r].append(token)
             if r < watched:
                 emit(r, texts[r].push(token))
-        if cuts and all(c.hit for c in cuts):
+                done[r] = bool(cuts) and cuts[r].hit
+        if all(done):
             break
     for r in range(watched):
         emit(r, texts[r].finish())
         if cuts and (piece := cuts[r].finish()) and r == 0 and on_text is not None:
             on_text(piece)
-    if cuts:
-        return [(len(row), c.text, "stop" if c.hit else "length") for row, c in zip(rows, cuts)]
-    return [(len(row), tok.decode(row), "length") for row in rows]
+    return [(len(row), cuts[r].text if cuts else tok.decode(row), "stop" if done[r] else "length")
+            for r, row in enumerate(rows)]
 
 
 def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float, num_samples: int) -> None:
@@ -245,19 +283,22 @@ def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: f
 
 def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
              top_p: float = 1.0, dtype: str = "float32", on_text: Callable[[str], None] | None = None,
-             num_samples: int = 1, stops: list[str] | None = None) -> dict:
+             num_samples: int = 1, stops: list[str] | None = None, stop_tokens: list[int] | None = None,
+             ignore_eos: bool = False) -> dict:
     """Sample a completion of `prompt` (num_samples of them, in one batch: "completions"), each ending
-    before the first of the stop strings or after max_new_tokens; on_text, when given, receives the
-    first piece by piece as its tokens come (the pieces join to its "completion")."""
+    before the first stop string or stop token (the model's end-of-sequence ones too, unless ignore_eos),
+    or after max_new_tokens; on_text, when given, receives the first piece by piece as its tokens come
+    (the pieces join to its "completion")."""
     _check_options(max_new_tokens, temperature, top_k, top_p, num_samples)
-    model, _, _, tok = load_with_tokenizer(checkpoint, load_dtype(dtype))
+    model, cfg, directory, tok = load_with_tokenizer(checkpoint, load_dtype(dtype))
+    stop = _stops(model, cfg, directory, stops, stop_tokens, ignore_eos)
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise UserError("--prompt: empty prompt")
     samples = _sample(model, tok, [prompt_ids], max_new_tokens, temperature, top_k, [seed], top_p, num_samples,
-                      stops or [], on_text)
+                      stop, on_text)
     return {"prompt": prompt, **_completions(samples), "seed": seed, "temperature": temperature,
-            "top_k": top_k, "top_p": top_p, "dtype": dtype, "stop": stops or []}
+            "top_k": top_k, "top_p": top_p, "dtype": dtype, "stop": stop.texts, "stop_tokens": stop.tokens}
 
 
 def _completions(samples: list[tuple[int, str, str]]) -> dict:
@@ -290,13 +331,15 @@ def read_prompts(src: str, jsonl_field: str = JSONL_FIELD) -> list[str]:
 
 def generate_prompts(checkpoint: str, prompts: list[str], max_new_tokens: int, temperature: float, top_k: int,
                      seed: int, top_p: float = 1.0, dtype: str = "float32", num_samples: int = 1,
-                     batch_size: int = 8, source: str = "--prompts", stops: list[str] | None = None) -> dict:
+                     batch_size: int = 8, source: str = "--prompts", stops: list[str] | None = None,
+                     stop_tokens: list[int] | None = None, ignore_eos: bool = False) -> dict:
     """Sample completions of many prompts, batch_size prompts (of similar token counts) at a time
     (``stream_prompts``): "results" holds, in the prompts' order, what ``generate`` gives for each prompt
     alone with seed + its index (the same tokens, beyond rounding)."""
     _check_options(max_new_tokens, temperature, top_k, top_p, num_samples)
     check_at_least("--batch-size", batch_size, 1)
-    model, _, _, tok = load_with_tokenizer(checkpoint, load_dtype(dtype))
+    model, cfg, directory, tok = load_with_tokenizer(checkpoint, load_dtype(dtype))
+    stop = _stops(model, cfg, directory, stops, stop_tokens, ignore_eos)
     ids = [tok.encode(p) for p in prompts]
     for i, p in enumerate(ids):
         if not p:
@@ -307,8 +350,9 @@ def generate_prompts(checkpoint: str, prompts: list[str], max_new_tokens: int, t
     for b in range(0, len(order), batch_size):
         batch = order[b: b + batch_size]
         samples = _sample(model, tok, [ids[i] for i in batch], max_new_tokens, temperature, top_k,
-                          [seed + i for i in batch], top_p, n, stops or [])
+                          [seed + i for i in batch], top_p, n, stop)
         for g, i in enumerate(batch):
             results[i] = {"prompt": prompts[i], **_completions(samples[g * n: (g + 1) * n]), "seed": seed + i}
     return {"results": results, "prompts": len(prompts), "batch_size": batch_size, "num_samples": num_samples,
-            "temperature": temperature, "top_k": top_k, "top_p": top_p, "dtype": dtype, "stop": stops or []}
+            "temperature": temperature, "top_k": top_k, "top_p": top_p, "dtype": dtype, "stop": stop.texts,
+            "stop_tokens": stop.tokens}

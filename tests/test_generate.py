@@ -261,3 +261,37 @@ def test_generate_stops_at_a_stop_string(tmp_path, cli):
         alone = json.loads(cli("generate", run, "-p", r["prompt"], "-n", "30", "--seed", str(5 + i), "--stop", stop,
                                "--json").stdout)
         assert (r["completion"], r["finish_reason"]) == (alone["completion"], alone["finish_reason"])
+
+
+def test_stop_tokens_and_end_of_sequence(tmp_path, cli):
+    """--stop-token: a row ends before the first time it samples that id (the id left out); a Hugging Face
+    directory's end-of-sequence ids (generation_config.json over config.json) are stop tokens too, unless
+    --ignore-eos; moecli checkpoints have none; an id outside the vocabulary is refused."""
+    import json
+
+    from moecli.checkpoint import load_with_tokenizer
+    from moecli.generate import _stops, eos_tokens, generate
+
+    assert eos_tokens(tmp_path, {"eos_token_id": 2}) == [2]
+    assert eos_tokens(tmp_path, {"eos_token_id": [2, 7]}) == [2, 7]
+    assert eos_tokens(tmp_path, {"format": "moecli", "eos_token_id": 2}) == []
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 9]}))
+    assert eos_tokens(tmp_path, {"eos_token_id": 2}) == [5, 9] and eos_tokens(tmp_path, {}) == [5, 9]
+    run = tmp_path / "m"
+    assert cli("build", "mixtral", "-o", run, "--set", "model.n_layers=1", "--json").returncode == 0
+    model, cfg, directory, tok = load_with_tokenizer(run)
+    greedy = sample(model, tok.encode("Once"), 40, 0.0, 0, seed=2)
+    stop_id = greedy[12]
+    k = greedy.index(stop_id)
+    res = generate(str(run), "Once", 40, 0.0, 0, 2, stop_tokens=[stop_id])
+    assert (res["new_tokens"], res["finish_reason"], res["stop_tokens"]) == (k, "stop", [stop_id])
+    assert res["completion"] == tok.decode(greedy[:k])
+    assert generate(str(run), "Once", 40, 0.0, 0, 2)["completion"] == tok.decode(greedy)
+    hf_like = {"eos_token_id": [stop_id, 10**6]}  # an end-of-sequence id past the vocabulary is ignored
+    assert _stops(model, hf_like, tmp_path / "none", None, None, False).tokens == [stop_id]
+    assert _stops(model, hf_like, tmp_path / "none", None, [3], True).tokens == [3]
+    args = ("generate", run, "-p", "Once", "-n", "40", "--seed", "2", "-t", "0", "--json")
+    got = json.loads(cli(*args, "--stop-token", str(stop_id)).stdout)
+    assert (got["completion"], got["finish_reason"]) == (res["completion"], "stop")
+    bad = cli(*args, "--stop-token", "256")
+    assert bad.returncode == 2 and "--stop-token: 256 is not a token id of this model (0 to 255)" in bad.stderr
