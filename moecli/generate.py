@@ -220,6 +220,18 @@ def eos_tokens(directory: Path, cfg: dict) -> list[int]:
     return [int(t) for t in eos if isinstance(t, int) and not isinstance(t, bool)]
 
 
+def _load(checkpoint: str, dtype: str, texts: list[str] | None, tokens: list[int] | None, ignore_eos: bool):
+    """(model, tokenizer, Stops) for generate and generate_prompts."""
+    model, cfg, directory, tok = load_with_tokenizer(checkpoint, load_dtype(dtype))
+    return model, tok, _stops(model, cfg, directory, texts, tokens, ignore_eos)
+
+
+def _settings(temperature: float, top_k: int, top_p: float, dtype: str, stop: Stops) -> dict:
+    """The sampling settings a result reports."""
+    return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "dtype": dtype, "stop": stop.texts,
+            "stop_tokens": stop.tokens}
+
+
 def _stops(model, cfg: dict, directory: Path, texts: list[str] | None, tokens: list[int] | None,
            ignore_eos: bool) -> Stops:
     """--stop, --stop-token and, unless ignore_eos, the model's end-of-sequence tokens (``eos_tokens``)."""
@@ -290,15 +302,14 @@ def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: flo
     or after max_new_tokens; on_text, when given, receives the first piece by piece as its tokens come
     (the pieces join to its "completion")."""
     _check_options(max_new_tokens, temperature, top_k, top_p, num_samples)
-    model, cfg, directory, tok = load_with_tokenizer(checkpoint, load_dtype(dtype))
-    stop = _stops(model, cfg, directory, stops, stop_tokens, ignore_eos)
+    model, tok, stop = _load(checkpoint, dtype, stops, stop_tokens, ignore_eos)
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise UserError("--prompt: empty prompt")
     samples = _sample(model, tok, [prompt_ids], max_new_tokens, temperature, top_k, [seed], top_p, num_samples,
                       stop, on_text)
-    return {"prompt": prompt, **_completions(samples), "seed": seed, "temperature": temperature,
-            "top_k": top_k, "top_p": top_p, "dtype": dtype, "stop": stop.texts, "stop_tokens": stop.tokens}
+    return {"prompt": prompt, **_completions(samples), "seed": seed,
+            **_settings(temperature, top_k, top_p, dtype, stop)}
 
 
 def _completions(samples: list[tuple[int, str, str]]) -> dict:
@@ -338,8 +349,7 @@ def generate_prompts(checkpoint: str, prompts: list[str], max_new_tokens: int, t
     alone with seed + its index (the same tokens, beyond rounding)."""
     _check_options(max_new_tokens, temperature, top_k, top_p, num_samples)
     check_at_least("--batch-size", batch_size, 1)
-    model, cfg, directory, tok = load_with_tokenizer(checkpoint, load_dtype(dtype))
-    stop = _stops(model, cfg, directory, stops, stop_tokens, ignore_eos)
+    model, tok, stop = _load(checkpoint, dtype, stops, stop_tokens, ignore_eos)
     ids = [tok.encode(p) for p in prompts]
     for i, p in enumerate(ids):
         if not p:
@@ -354,5 +364,4 @@ def generate_prompts(checkpoint: str, prompts: list[str], max_new_tokens: int, t
         for g, i in enumerate(batch):
             results[i] = {"prompt": prompts[i], **_completions(samples[g * n: (g + 1) * n]), "seed": seed + i}
     return {"results": results, "prompts": len(prompts), "batch_size": batch_size, "num_samples": num_samples,
-            "temperature": temperature, "top_k": top_k, "top_p": top_p, "dtype": dtype, "stop": stop.texts,
-            "stop_tokens": stop.tokens}
+            **_settings(temperature, top_k, top_p, dtype, stop)}

@@ -203,7 +203,7 @@ class EarlyStop:
     patience: int
     lowest: float = math.inf
     lowest_step: int = 0
-    stale: int = 0
+    passes: int = 0
 
     @classmethod
     def resumed(cls, patience: int, ts: dict) -> "EarlyStop":
@@ -211,19 +211,20 @@ class EarlyStop:
         s = ts.get("early_stop") or {}
         lowest = s.get("lowest_val_loss")
         return cls(patience, math.inf if lowest is None else float(lowest), int(s.get("lowest_step", 0)),
-                   int(s.get("stale", 0)))
+                   int(s.get("passes", 0)))
 
     def update(self, val_loss: float, step: int) -> bool:
         """Count one validation pass; True when training should stop."""
         if val_loss < self.lowest:
-            self.lowest, self.lowest_step, self.stale = val_loss, step, 0
+            self.lowest, self.lowest_step, self.passes = val_loss, step, 0
         else:
-            self.stale += 1
-        return self.patience > 0 and self.stale >= self.patience
+            self.passes += 1
+        return self.patience > 0 and self.passes >= self.patience
 
     def state(self) -> dict:
+        """As train_state.json, the metrics and the summary record it."""
         return {"lowest_val_loss": self.lowest if math.isfinite(self.lowest) else None,
-                "lowest_step": self.lowest_step, "stale": self.stale}
+                "lowest_step": self.lowest_step, "passes": self.passes}
 
 
 def find_resume_dir(out: Path) -> Path:
@@ -460,8 +461,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
                 rec["val_loss"] = val_loss
                 if early.update(val_loss, step + 1) and not done:
                     done = stopped = True
-                    rec["early_stop"] = {"lowest_val_loss": early.lowest, "lowest_step": early.lowest_step,
-                                         "passes": early.stale}
+                    rec["early_stop"] = early.state()
                 if t.keep_best and val_loss < best:
                     best = val_loss
                     save_best(out, model, step + 1, tokens_seen, tokenizer, data.fingerprint, val_loss, info)

@@ -555,7 +555,7 @@ def test_patience_stops_early_and_resume_counts_on(tmp_path, corpus, tiny_recipe
     assert rows[-1]["step"] == 15 and rows[-1]["early_stop"] == stop
     assert not any("early_stop" in row for row in rows[:-1])
     state = json.loads((run / "checkpoint" / "train_state.json").read_text())
-    assert state["step"] == 15 and state["early_stop"] == {"lowest_val_loss": 2.0, "lowest_step": 6, "stale": 3}
+    assert state["step"] == 15 and state["early_stop"] == stop
     assert last_metrics(run / "checkpoint", 15)["early_stop"] == {"step": 15, "value": stop}  # moe info
     vals = iter([2.1])
     res = train(TrainArgs(None, [], run, {}, resume=True, quiet=True))
@@ -564,7 +564,7 @@ def test_patience_stops_early_and_resume_counts_on(tmp_path, corpus, tiny_recipe
     res = train(TrainArgs(None, [], run, {}, resume=True, quiet=True))
     assert res["final_step"] == 30 and res["stopped_early"] is None
     state = json.loads((run / "checkpoint" / "train_state.json").read_text())
-    assert state["early_stop"] == {"lowest_val_loss": 1.5, "lowest_step": 21, "stale": 3}
+    assert state["early_stop"] == {"lowest_val_loss": 1.5, "lowest_step": 21, "passes": 3}
     assert "early_stop" not in last_metrics(run / "checkpoint", 30)  # the earlier stops are history
     monkeypatch.undo()
     bad = cli("train", recipe, corpus, "-o", tmp_path / "bad", "--patience", "-1")
