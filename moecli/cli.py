@@ -95,6 +95,8 @@ def train(
                                                "Default: the Python standard library's source (embedded corpus)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Run directory (default runs/RECIPE)."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="train.max_steps"),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Set train.max_steps to this many passes' worth "
+                                           "of the training tokens (windows are drawn at random)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="train.batch_size"),
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="train.grad_accum (micro-batches per step)"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="train.seq_len"),
@@ -145,7 +147,8 @@ def train(
             files.insert(0, recipe)
             recipe_arg = None
         args = TrainArgs(recipe_arg, files, output, ov, resume, force, tokenizer, quiet,
-                         nproc, expert_parallel, init=init, val_data=list(val_data or []), jsonl_field=jsonl_field)
+                         nproc, expert_parallel, init=init, val_data=list(val_data or []), jsonl_field=jsonl_field,
+                         epochs=epochs)
         with render.TrainProgress(enabled=not quiet and nproc == 1 and not launched) as prog:  # ranks draw their own
             return train_fn(args, progress=prog.update)
 

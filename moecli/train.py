@@ -60,6 +60,7 @@ class TrainArgs:
     init: str | None = None  # start from this checkpoint's weights, recipe and tokenizer (e.g. an upcycled model)
     val_data: list[str] = field(default_factory=list)  # validation texts (--val-data); none: DATA's tail
     jsonl_field: str = JSONL_FIELD  # the text field of .jsonl sources (--jsonl-field)
+    epochs: float | None = None  # --epochs: sets train.max_steps from the training tokens, once they are known
 
 
 def lr_at(step: int, t) -> float:
@@ -270,6 +271,10 @@ class Setup:
 
 def setup(args: TrainArgs) -> Setup:
     """Resolve recipe, output directory and tokenizer; refuse bad combinations before any work."""
+    if args.epochs is not None and not args.epochs > 0:
+        raise UserError(f"--epochs: must be > 0, got {args.epochs}")
+    if args.epochs is not None and "train.max_steps" in args.overrides:
+        raise UserError("--epochs sets train.max_steps from the data: give --epochs or --max-steps, not both")
     out = Path(args.output) if args.output else None
     ckpt_dir, resume_state, init_dir, init_state = None, {}, None, None
     if args.resume:
@@ -343,6 +348,8 @@ def _tokens(args: TrainArgs, st: Setup):
     if args.resume and st.resume_state.get("data") != data.fingerprint:
         raise UserError(f"{st.out}: the training data changed since the checkpoint; resume with the same DATA "
                         f"(and --val-data), or none to use the run's token cache")
+    if args.epochs is not None:  # windows are drawn at random: an epoch is as many tokens as the split holds
+        t.max_steps = max(1, math.ceil(args.epochs * data.train.numel() / (t.batch_size * t.seq_len)))
     return data
 
 

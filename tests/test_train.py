@@ -569,3 +569,20 @@ def test_patience_stops_early_and_resume_counts_on(tmp_path, corpus, tiny_recipe
     monkeypatch.undo()
     bad = cli("train", recipe, corpus, "-o", tmp_path / "bad", "--patience", "-1")
     assert bad.returncode == 2 and "train.patience: must be >= 0" in bad.stderr, bad.stderr
+
+
+def test_epochs_set_max_steps_from_the_training_tokens(tmp_path, corpus, tiny_recipe, cli):
+    """--epochs E: max_steps = ceil(E x training tokens / (batch_size x seq_len)), recorded in the checkpoint's
+    recipe (so --resume keeps it); refused with --max-steps, or when not > 0."""
+    recipe = tiny_recipe(train={"eval_interval": 1000, "ckpt_interval": 1000})  # batch 4 x 32
+    r = cli("train", recipe, corpus, "-o", tmp_path / "run", "-q", "--json", "--epochs", "0.05")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    expected = -(-0.05 * res["train_tokens"] // (4 * 32))
+    assert res["steps"] == res["final_step"] == expected > 6  # not the recipe's 6
+    cfg = json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())
+    assert cfg["recipe"]["train"]["max_steps"] == expected
+    for args, message in [(("--epochs", "1", "--max-steps", "5"), "give --epochs or --max-steps, not both"),
+                          (("--epochs", "0"), "--epochs: must be > 0, got 0.0")]:
+        bad = cli("train", recipe, corpus, "-o", tmp_path / "bad", *args)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
