@@ -92,19 +92,23 @@ def stream_prompts(model, prompts: list[list[int]], max_new_tokens: int, tempera
 
 def _prefill(model, prompts: list[list[int]], n: int, capacity: int) -> tuple[KVCache, torch.Tensor]:
     """A cache of `capacity` slots holding every prompt (n rows each), all ending at the longest one's end,
-    and the logits after each row's last token (B x V)."""
+    and the logits after each row's last token (B x V). Each prompt runs once, as one row, and its keys and
+    values are copied to its other n - 1 rows: the same as a one-sample run's, for a fraction of the work."""
     longest = max(len(ids) for ids in prompts)
     cache = model.new_cache(len(prompts) * n, capacity)
     pad_BC = None
     logits = []
     for g, ids in enumerate(prompts):
-        start = longest - len(ids)
-        view = cache.rows(g * n, (g + 1) * n, start)
-        logits.append(model(torch.tensor([ids] * n), view).logits_BSV[:, -1].float())
+        start, first = longest - len(ids), g * n
+        logits.append(model(torch.tensor([ids]), cache.rows(first, first + 1, start)).logits_BSV[:, -1].float()
+                      .expand(n, -1))
+        for layer in cache.layers:
+            for buf in (layer.k_BHCDh, layer.v_BHCDh):
+                buf[first + 1: first + n, :, start:longest] = buf[first, :, start:longest]
         if start:
             if pad_BC is None:
                 pad_BC = torch.zeros(len(prompts) * n, capacity, dtype=torch.bool)
-            pad_BC[g * n: (g + 1) * n, :start] = True
+            pad_BC[first: first + n, :start] = True
     cache.filled(longest, pad_BC)
     return cache, torch.cat(logits)
 

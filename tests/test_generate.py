@@ -169,6 +169,10 @@ def test_prompts_of_different_lengths_in_one_batch(name):
     with torch.no_grad():  # masked prefill and one cached step, against each prompt's own window
         cache, logits = _prefill(model, prompts, 1, 30)
         assert cache.pos == 20 and cache.layers[0].pad_BC[:, :16].sum(1).tolist() == [15, 0, 9]
+        twice, logits2 = _prefill(model, prompts, 2, 30)  # each prompt runs once; its second row is a copy
+        assert torch.equal(logits2[::2], logits) and torch.equal(logits2[1::2], logits)
+        assert all(torch.equal(a.k_BHCDh[::2], b.k_BHCDh) and torch.equal(a.v_BHCDh[1::2], b.v_BHCDh)
+                   for a, b in zip(twice.layers, cache.layers))
         step = model(torch.tensor([[7], [7], [7]]), cache).logits_BSV[:, -1]
         for i, ids in enumerate(prompts):
             torch.testing.assert_close(logits[i], model(torch.tensor([ids])).logits_BSV[0, -1], rtol=1e-5, atol=1e-5)
