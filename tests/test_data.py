@@ -150,7 +150,10 @@ def test_jsonl_field_names_another_text_field(tmp_path, tiny_recipe, cli):
     """--jsonl-field content: the documents are each line's "content" (eval gives the plain text's loss, as
     does inspect-routing's reader); without it the error names the line's keys; a run trained on one field
     refuses to resume on another (its token cache records the field); --prompts reads that field too."""
+    from moecli.evaluate import evaluate
+    from moecli.generate import read_prompts
     from moecli.routing_stats import read_tokens
+    from moecli.train import TrainArgs, train
 
     docs = ["alpha beta gamma " * 8, "delta\nepsilon " * 8]
     jl = tmp_path / "code.jsonl"
@@ -159,10 +162,11 @@ def test_jsonl_field_names_another_text_field(tmp_path, tiny_recipe, cli):
     txt.write_text("\n".join(docs))
     tok = ByteTokenizer()
     assert bytes(read_tokens([str(jl)], tok, 10**6, "content").tolist()) == txt.read_bytes()
+    assert read_prompts(str(jl), "content") == docs
     ckpt = tmp_path / "ckpt"
     assert cli("build", tiny_recipe(), "-o", ckpt).returncode == 0
     a = json.loads(cli("eval", ckpt, jl, "--jsonl-field", "content", "--json").stdout)["loss"]
-    assert a == json.loads(cli("eval", ckpt, txt, "--json").stdout)["loss"]
+    assert a == evaluate(str(ckpt), [str(txt)], None, 16, None)["loss"]
     r = cli("eval", ckpt, jl)
     assert r.returncode == 2 and r.stderr.strip() == (
         f'error: {jl}:1: no "text" string field in this line\'s JSON object (its keys: path, content; '
@@ -171,12 +175,10 @@ def test_jsonl_field_names_another_text_field(tmp_path, tiny_recipe, cli):
     corpus.write_text("".join(json.dumps({"content": "some words " * 40, "text": "other words " * 40}) + "\n"
                               for _ in range(20)))
     run = tmp_path / "run"
-    recipe = tiny_recipe(train={"max_steps": 2, "eval_interval": 2, "ckpt_interval": 2})
-    r = cli("train", recipe, corpus, "-o", run, "-q", "--jsonl-field", "content")
-    assert r.returncode == 0, r.stderr
-    r = cli("train", "-o", run, "-q", "--resume", corpus, "--max-steps", "3")  # the "text" field: other tokens
-    assert r.returncode == 2 and "training data changed since the checkpoint" in r.stderr, r.stderr
-    r = cli("train", "-o", run, "-q", "--resume", corpus, "--max-steps", "3", "--jsonl-field", "content")
-    assert r.returncode == 0, r.stderr
-    out = cli("generate", ckpt, "--prompts", jl, "--jsonl-field", "content", "-n", "3", "--json")
-    assert [res["prompt"] for res in json.loads(out.stdout)["results"]] == docs, out.stderr
+    recipe = str(tiny_recipe(train={"max_steps": 2, "eval_interval": 2, "ckpt_interval": 2}))
+    train(TrainArgs(recipe, [str(corpus)], run, quiet=True, jsonl_field="content"))
+    with pytest.raises(UserError, match="training data changed since the checkpoint"):  # "text": other tokens
+        train(TrainArgs(None, [str(corpus)], run, {"train.max_steps": 3}, resume=True, quiet=True))
+    res = train(TrainArgs(None, [str(corpus)], run, {"train.max_steps": 3}, resume=True, quiet=True,
+                          jsonl_field="content"))
+    assert res["final_step"] == 3

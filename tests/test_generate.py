@@ -185,6 +185,8 @@ def test_generate_many_prompts(tmp_path, cli):
     order (text lines, stdin or .jsonl), in batches of any size; bad lists are refused in one line."""
     import json
 
+    from moecli.generate import generate, generate_prompts, read_prompts
+
     run = tmp_path / "m"
     assert cli("build", "mixtral", "-o", run, "--set", "model.n_layers=1", "--json").returncode == 0
     prompts = ["The cat sat", "It was a dark and stormy night, and", "Hé"]
@@ -192,8 +194,8 @@ def test_generate_many_prompts(tmp_path, cli):
     args = ("generate", run, "-n", "12", "--seed", "5", "--top-p", "0.9")
     res = json.loads(cli(*args, "--prompts", tmp_path / "p.txt", "--batch-size", "2", "--json").stdout)
     assert res["prompts"] == 3 and [r["prompt"] for r in res["results"]] == prompts
-    for i, (p, r) in enumerate(zip(prompts, res["results"])):
-        single = json.loads(cli(*args[:-4], "--seed", str(5 + i), "--top-p", "0.9", "-p", p, "--json").stdout)
+    for i, (p, r) in enumerate(zip(prompts, res["results"])):  # --prompt's defaults: temperature 0.8, top-k 50
+        single = generate(str(run), p, 12, 0.8, 50, 5 + i, top_p=0.9)
         assert (r["completion"], r["new_tokens"], r["seed"]) == (single["completion"], 12, 5 + i)
     one_batch = cli(*args, "--prompts", "-", "--batch-size", "8", input=(tmp_path / "p.txt").read_text())
     assert one_batch.stdout == "---\n".join(p + r["completion"] + "\n" for p, r in zip(prompts, res["results"]))
@@ -203,12 +205,14 @@ def test_generate_many_prompts(tmp_path, cli):
     assert all(len(r["completions"]) == 2 for r in two["results"])
     (tmp_path / "blank.txt").write_text("\n \n")
     for bad, message in [(("--prompts", tmp_path / "blank.txt"), "blank.txt: no prompts"),
-                         (("--prompts", tmp_path / "missing.txt"), "missing.txt: cannot read"),
                          (("--prompts", tmp_path / "p.txt", "-p", "x"), "--prompts FILE, not both"),
-                         ((), "give --prompt TEXT"),
-                         (("--prompts", tmp_path / "p.txt", "--batch-size", "0"), "--batch-size: must be >= 1")]:
+                         ((), "give --prompt TEXT")]:
         r = cli(*args, *bad)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    with pytest.raises(UserError, match="missing.txt: cannot read"):
+        read_prompts(str(tmp_path / "missing.txt"))
+    with pytest.raises(UserError, match="--batch-size: must be >= 1"):
+        generate_prompts(str(run), prompts, 12, 0.8, 50, 5, batch_size=0)
 
 
 def test_stop_text_cuts_before_the_stop_and_holds_back_what_may_begin_one():
@@ -238,32 +242,30 @@ def test_generate_stops_at_a_stop_string(tmp_path, cli):
     sample and every prompt of a batch is cut on its own."""
     import json
 
+    from moecli.generate import generate, generate_prompts
+
     run = tmp_path / "m"
     assert cli("build", "mixtral", "-o", run, "--set", "model.n_layers=1", "--json").returncode == 0
-    args = ("generate", run, "-p", "Once", "-n", "40", "--seed", "2", "-t", "0")
-    whole = json.loads(cli(*args, "--json").stdout)
+    whole = generate(str(run), "Once", 40, 0.0, 50, 2)
     text = whole["completion"]
     assert whole["finish_reason"] == "length" and len(text) > 12
     stop = printable_pair(text)
+    args = ("generate", run, "-p", "Once", "-n", "40", "--seed", "2", "-t", "0")
     cut = json.loads(cli(*args, "--stop", stop, "--stop", "never sampled", "--json").stdout)
     assert cut["completion"] == text[: text.find(stop)] and cut["finish_reason"] == "stop"
     assert cut["new_tokens"] < 40 and cut["stop"] == [stop, "never sampled"]
     printed = cli(*args, "--stop", stop)
     assert printed.returncode == 0 and printed.stdout == "Once" + cut["completion"] + "\n", printed.stderr
-    same = json.loads(cli(*args, "--stop", "never sampled", "--json").stdout)
+    same = generate(str(run), "Once", 40, 0.0, 50, 2, stops=["never sampled"])
     assert (same["completion"], same["finish_reason"]) == (text, "length")
-    sampled = ("generate", run, "-p", "Once", "-n", "30", "--seed", "5", "--num-samples", "3", "--json")
-    free = json.loads(cli(*sampled).stdout)["completions"]
+    free = generate(str(run), "Once", 30, 0.8, 50, 5, num_samples=3)["completions"]
     stop = printable_pair(free[0])
-    res = json.loads(cli(*sampled, "--stop", stop).stdout)
+    res = generate(str(run), "Once", 30, 0.8, 50, 5, num_samples=3, stops=[stop])
     for full, got, reason in zip(free, res["completions"], res["finish_reasons"]):
         assert (got, reason) == ((full[: full.find(stop)], "stop") if stop in full else (full, "length"))
-    (tmp_path / "p.txt").write_text("Once\nThe cat\n")
-    many = json.loads(cli("generate", run, "--prompts", tmp_path / "p.txt", "-n", "30", "--seed", "5",
-                          "--stop", stop, "--json").stdout)["results"]
+    many = generate_prompts(str(run), ["Once", "The cat"], 30, 0.8, 50, 5, stops=[stop])["results"]
     for i, r in enumerate(many):
-        alone = json.loads(cli("generate", run, "-p", r["prompt"], "-n", "30", "--seed", str(5 + i), "--stop", stop,
-                               "--json").stdout)
+        alone = generate(str(run), r["prompt"], 30, 0.8, 50, 5 + i, stops=[stop])
         assert (r["completion"], r["finish_reason"]) == (alone["completion"], alone["finish_reason"])
 
 
