@@ -396,6 +396,9 @@ def _train(args: TrainArgs, progress=None) -> dict:
         ts = load_optimizer_state(model, opt, st.ckpt_dir, info)
         start_step, tokens_seen = ts["step"], ts["tokens_seen"]
         early = EarlyStop.resumed(t.patience, ts)
+        if start_step > t.max_steps:  # before anything of the run is touched
+            raise UserError(f"train.max_steps ({t.max_steps}): the checkpoint in {out} is already at step "
+                            f"{start_step}; give more steps to continue it")
         if info.is_main:
             _trim_metrics(metrics_path, start_step)
     elif info.is_main:  # a new run (--force): nothing of an earlier run's metrics or best model stays

@@ -573,7 +573,8 @@ def test_patience_stops_early_and_resume_counts_on(tmp_path, corpus, tiny_recipe
 
 def test_epochs_set_max_steps_from_the_training_tokens(tmp_path, corpus, tiny_recipe, cli):
     """--epochs E: max_steps = ceil(E x training tokens / (batch_size x seq_len)), recorded in the checkpoint's
-    recipe (so --resume keeps it); refused with --max-steps, or when not > 0."""
+    recipe (so --resume keeps it); refused with --max-steps, or when not > 0. Resuming with fewer steps than
+    the checkpoint holds is refused, the run left as it was."""
     recipe = tiny_recipe(train={"eval_interval": 1000, "ckpt_interval": 1000})  # batch 4 x 32
     r = cli("train", recipe, corpus, "-o", tmp_path / "run", "-q", "--json", "--epochs", "0.05")
     assert r.returncode == 0, r.stderr
@@ -586,3 +587,9 @@ def test_epochs_set_max_steps_from_the_training_tokens(tmp_path, corpus, tiny_re
                           (("--epochs", "0"), "--epochs: must be > 0, got 0.0")]:
         bad = cli("train", recipe, corpus, "-o", tmp_path / "bad", *args)
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    fewer = cli("train", "-o", tmp_path / "run", "-q", "--resume", "--max-steps", "2")
+    assert fewer.returncode == 2 and fewer.stderr.strip() == (
+        f"error: train.max_steps (2): the checkpoint in {tmp_path / 'run'} is already at step {expected:.0f}; "
+        "give more steps to continue it")
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
