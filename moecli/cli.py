@@ -179,7 +179,8 @@ def eval_(
 @app.command()
 def generate(
     checkpoint: str = typer.Argument(..., help="Checkpoint directory (or a training run directory)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text, or - to read it from stdin."),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="Prompt text, or - to read it from "
+                                               "stdin (repeatable: several are batched, as with --prompts)."),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Many prompts: a file with one per line (- for "
                                                                  "stdin), or a .jsonl file's \"text\" fields; "
                                                                  "batched, printed at the end."),
@@ -205,17 +206,20 @@ def generate(
     from .generate import generate as generate_fn
     from .generate import generate_prompts, parse_stops, read_prompts
 
-    if (prompt is None) == (prompts is None):
-        render.error_line("moe generate: give --prompt TEXT (- for stdin) or --prompts FILE" +
-                          (", not both" if prompts is not None else "") + " (see moe generate --help)")
+    if (not prompt) == (prompts is None) or (prompt or []).count("-") > 1:
+        what = ("--prompt -: standard input can be read once" if prompt and prompt.count("-") > 1 else
+                "give --prompt TEXT (- for stdin) or --prompts FILE" + (", not both" if prompts is not None else ""))
+        render.error_line(f"moe generate: {what} (see moe generate --help)")
         raise typer.Exit(2)
-    if prompts is not None:
-        _run(lambda: generate_prompts(checkpoint, read_prompts(prompts, jsonl_field), max_new_tokens, temperature,
-                                      top_k, seed, top_p, dtype, num_samples, batch_size,
-                                      stops=parse_stops(stop), stop_tokens=stop_token, ignore_eos=ignore_eos),
+    texts = [sys.stdin.read() if p == "-" else p for p in prompt or []]
+    if prompts is not None or len(texts) > 1:
+        _run(lambda: generate_prompts(checkpoint, texts or read_prompts(prompts, jsonl_field), max_new_tokens,
+                                      temperature, top_k, seed, top_p, dtype, num_samples, batch_size,
+                                      source="--prompt" if texts else "--prompts", stops=parse_stops(stop),
+                                      stop_tokens=stop_token, ignore_eos=ignore_eos),
              as_json, render.render_generated)
         return
-    text = sys.stdin.read() if prompt == "-" else prompt
+    text = texts[0]
     out = None if as_json else render.GenerateStream(text, streamed=num_samples == 1)
     _run(lambda: generate_fn(checkpoint, text, max_new_tokens, temperature, top_k, seed, top_p, dtype,
                              on_text=out.piece if out and out.streamed else None, num_samples=num_samples,

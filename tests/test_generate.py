@@ -182,7 +182,8 @@ def test_prompts_of_different_lengths_in_one_batch(name):
 
 def test_generate_many_prompts(tmp_path, cli):
     """--prompts: each prompt's completion is the one --prompt gives alone with seed + its index, in the file's
-    order (text lines, stdin or .jsonl), in batches of any size; bad lists are refused in one line."""
+    order (text lines, stdin or .jsonl), in batches of any size, and so does --prompt given several times;
+    bad lists are refused in one line."""
     import json
 
     from moecli.generate import generate, generate_prompts, read_prompts
@@ -197,6 +198,8 @@ def test_generate_many_prompts(tmp_path, cli):
     for i, (p, r) in enumerate(zip(prompts, res["results"])):  # --prompt's defaults: temperature 0.8, top-k 50
         single = generate(str(run), p, 12, 0.8, 50, 5 + i, top_p=0.9)
         assert (r["completion"], r["new_tokens"], r["seed"]) == (single["completion"], 12, 5 + i)
+    flags = json.loads(cli(*args, "-p", prompts[0], "-p", prompts[1], "--json").stdout)  # -p twice: batched too
+    assert [r["completion"] for r in flags["results"]] == [r["completion"] for r in res["results"][:2]]
     one_batch = cli(*args, "--prompts", "-", "--batch-size", "8", input=(tmp_path / "p.txt").read_text())
     assert one_batch.stdout == "---\n".join(p + r["completion"] + "\n" for p, r in zip(prompts, res["results"]))
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in ["two\nlines", "x"]))
@@ -206,7 +209,8 @@ def test_generate_many_prompts(tmp_path, cli):
     (tmp_path / "blank.txt").write_text("\n \n")
     for bad, message in [(("--prompts", tmp_path / "blank.txt"), "blank.txt: no prompts"),
                          (("--prompts", tmp_path / "p.txt", "-p", "x"), "--prompts FILE, not both"),
-                         ((), "give --prompt TEXT")]:
+                         ((), "give --prompt TEXT"),
+                         (("-p", "-", "-p", "-"), "--prompt -: standard input can be read once")]:
         r = cli(*args, *bad)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     with pytest.raises(UserError, match="missing.txt: cannot read"):
