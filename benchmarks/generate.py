@@ -12,6 +12,9 @@ Then --num-samples: BATCH continuations sampled together (temperature 1) against
 sampled one after another, on the bundled `mixtral`, alternating, --rounds times (new tokens/s of all).
 Then --prompts: BATCH prompts of 8 to 64 tokens (greedy, 192 new tokens each) in one batch against one
 after another, the same way, and whether each prompt got the same tokens both ways.
+Then a long prompt: --num-samples BATCH of a 900-token prompt (d=512, context 1024, 64 new tokens,
+temperature 1), where the prompt runs once for all samples, against the same batch with the prompt run
+for every row (BATCH copies of it as separate prompts), alternating, --rounds times (seconds of each).
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ def main() -> None:
               f"same tokens: {res['same_tokens']}", flush=True)
     results["num_samples"] = batched(a.rounds)
     results["prompts"] = batched(a.rounds, prompts=True)
+    results["long_prompt"] = long_prompt(a.rounds)
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": a.rounds}
     Path(a.out).write_text(json.dumps({"info": info, "results": results}, indent=2) + "\n")
 
@@ -108,6 +112,29 @@ def batched(rounds: int, prompts: bool = False) -> dict:
     print(f"{what}, mixtral: batch {res['batch_tokens_per_s']:.0f} tok/s, one by one "
           f"{res['one_by_one_tokens_per_s']:.0f} tok/s, speedup {res['speedup_median']:.2f}x "
           f"(rounds {', '.join(f'{x:.2f}' for x in ratios)}){same}", flush=True)
+    return res
+
+
+def long_prompt(rounds: int) -> dict:
+    model = build_model(prepare_recipe("mixtral", CASES["mixtral d512 ctx1024"][0])).eval()
+    ids = torch.randint(0, model.recipe.model.vocab_size, (900,), generator=torch.Generator().manual_seed(0)).tolist()
+    new = 64
+    times = {"once": [], "every_row": []}
+    for r in range(rounds):
+        for kind in (("once", "every_row") if r % 2 == 0 else ("every_row", "once")):
+            t0 = time.perf_counter()
+            if kind == "once":
+                list(stream(model, ids, new, 1.0, 0, 0, num_samples=BATCH))
+            else:
+                list(stream_prompts(model, [ids] * BATCH, new, 1.0, 0, list(range(BATCH))))
+            times[kind].append(time.perf_counter() - t0)
+    ratios = [e / o for o, e in zip(times["once"], times["every_row"])]
+    res = {"prompt_tokens": len(ids), "samples": BATCH, "new_tokens": new,
+           "once_s": statistics.median(times["once"]), "every_row_s": statistics.median(times["every_row"]),
+           "speedup_median": statistics.median(ratios), "speedup_per_round": ratios}
+    print(f"{BATCH} samples of a {len(ids)}-token prompt, d512: prompt once {res['once_s']:.2f} s, every row "
+          f"{res['every_row_s']:.2f} s, speedup {res['speedup_median']:.2f}x "
+          f"(rounds {', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
     return res
 
 
