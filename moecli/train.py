@@ -499,6 +499,8 @@ def _train(args: TrainArgs, progress=None) -> dict:
     measured = step_times[1:] or step_times
     summary.update({
         "final_step": step + 1 if stopped else t.max_steps, "tokens_seen": tokens_seen,
+        # passes' worth of the training tokens seen (--epochs): windows are drawn at random
+        "epochs": tokens_seen / max(1, data.train.numel()),
         "stopped_early": rec["early_stop"] if stopped else None,
         "final_loss": rec["loss"] if step_times else None, "val_loss": val_loss,
         "tokens_per_s": (t.batch_size * t.seq_len * len(measured) / sum(measured)) if measured else None,

@@ -581,6 +581,7 @@ def test_epochs_set_max_steps_from_the_training_tokens(tmp_path, corpus, tiny_re
     res = json.loads(r.stdout)
     expected = -(-0.05 * res["train_tokens"] // (4 * 32))
     assert res["steps"] == res["final_step"] == expected > 6  # not the recipe's 6
+    assert res["epochs"] == pytest.approx(expected * 4 * 32 / res["train_tokens"]) and 0.05 <= res["epochs"] < 0.06
     cfg = json.loads((tmp_path / "run" / "checkpoint" / "config.json").read_text())
     assert cfg["recipe"]["train"]["max_steps"] == expected
     for args, message in [(("--epochs", "1", "--max-steps", "5"), "give --epochs or --max-steps, not both"),
