@@ -60,15 +60,13 @@ def info(target: str | None) -> dict:
 def weights_summary(model: Transformer, cfg: dict, directory: Path) -> dict:
     """Files, bytes, tensors and dtypes of a checkpoint's weights, read from the safetensors headers only.
     A moecli checkpoint's tensor names and shapes are checked against its config, as loading it would."""
-    if cfg.get("format") == FORMAT:
-        if not (directory / MODEL_FILE).is_file():
-            raise UserError(f"{directory / MODEL_FILE}: missing")
-        src = LazyTensors([directory / MODEL_FILE])
-        metas = {k: src.meta(k) for k in src.keys()}
+    moecli = cfg.get("format") == FORMAT
+    if moecli and not (directory / MODEL_FILE).is_file():
+        raise UserError(f"{directory / MODEL_FILE}: missing")
+    src = LazyTensors([directory / MODEL_FILE]) if moecli else LazyTensors.from_dir(directory)
+    metas = {k: src.meta(k) for k in src.keys()}
+    if moecli:
         check_shapes(model, {k: shape for k, (_, shape) in metas.items()}, directory / MODEL_FILE)
-    else:
-        src = LazyTensors.from_dir(directory)
-        metas = {k: src.meta(k) for k in src.keys()}
     dtypes: dict[str, int] = {}
     for dtype, shape in metas.values():
         name = str(dtype).removeprefix("torch.")

@@ -206,8 +206,7 @@ def early_stop_text(e: dict) -> str:
 
 def render_train(res: dict) -> None:
     fmts = (("final_step", "{}"), ("tokens_seen", "{:,}"), ("epochs", "{:.3g}"), ("final_loss", "{:.4f}"),
-            ("val_loss", "{:.4f}"),
-            ("tokens_per_s", "{:,.0f}"), ("checkpoint", "{}"), ("metrics", "{}"))
+            ("val_loss", "{:.4f}"), ("tokens_per_s", "{:,.0f}"), ("checkpoint", "{}"), ("metrics", "{}"))
     rows = [(key.replace("_", " "), fmt.format(res[key])) for key, fmt in fmts if res.get(key) is not None]
     if res.get("stopped_early"):
         rows.append(("stopped early", early_stop_text(res["stopped_early"])))

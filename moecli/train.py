@@ -181,9 +181,9 @@ def best_val_loss(out: Path) -> float:
 
 
 def save_train_checkpoint(out: Path, model, opt, step: int, tokens_seen: int, tokenizer, data_fp: str,
-                          info: DistInfo, early_stop: dict | None = None) -> Path:
-    """OUT/checkpoint: model, optimizer and train_state.json (step, tokens seen, data; with early_stop,
-    the lowest validation loss so far and the passes since, so --resume counts on: ``EarlyStop``)."""
+                          info: DistInfo, early_stop: dict) -> Path:
+    """OUT/checkpoint: model, optimizer and train_state.json (step, tokens seen, data, and early_stop: the
+    lowest validation loss so far and the passes since, so --resume counts on: ``EarlyStop``)."""
     target = out / "checkpoint"
     sd, ostate = _full_state(model, opt, info)  # every rank takes part in the gathers
     if info.is_main:
@@ -192,7 +192,7 @@ def save_train_checkpoint(out: Path, model, opt, step: int, tokens_seen: int, to
             save_safetensors(ostate["tensors"], tmp / "optimizer.safetensors")
             atomic_write_json(tmp / "train_state.json", {
                 "step": step, "tokens_seen": tokens_seen, "param_groups": ostate["param_groups"], "data": data_fp,
-                **({"early_stop": early_stop} if early_stop else {}),
+                "early_stop": early_stop,
             })
     barrier()
     return target
