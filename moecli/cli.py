@@ -114,6 +114,9 @@ def train(
                                             "(bf16 products, fp32 weights and optimizer)"),
     set_: Optional[List[str]] = SET_OPT,
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="A Hugging Face tokenizer.json (default: bytes)."),
+    data_weights: Optional[str] = typer.Option(None, "--data-weights", help="Mix the DATA arguments: one sampling "
+                                               "weight each, e.g. 3,1 (each then holds out its own validation "
+                                               "tail; val_loss is their weighted mean)."),
     val_data: Optional[List[str]] = typer.Option(None, "--val-data", help="Validation text (repeatable: files, globs, "
                                                  "directories, -); default: the last train.val_fraction of DATA."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its checkpoint."),
@@ -128,7 +131,7 @@ def train(
 ):
     """Train a model on text files; checkpoints and metrics go to --output."""
     from .config import names_a_recipe
-    from .train import TrainArgs, train as train_fn
+    from .train import TrainArgs, parse_data_weights, train as train_fn
 
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # by torchrun: one CLI per rank
     main_rank = int(os.environ.get("RANK", "0")) == 0
@@ -148,7 +151,7 @@ def train(
             recipe_arg = None
         args = TrainArgs(recipe_arg, files, output, ov, resume, force, tokenizer, quiet,
                          nproc, expert_parallel, init=init, val_data=list(val_data or []), jsonl_field=jsonl_field,
-                         epochs=epochs)
+                         epochs=epochs, data_weights=parse_data_weights(data_weights))
         with render.TrainProgress(enabled=not quiet and nproc == 1 and not launched) as prog:  # ranks draw their own
             return train_fn(args, progress=prog.update)
 

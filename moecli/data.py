@@ -3,7 +3,8 @@
 Text files are tokenised once, streaming, into a flat binary file of token ids
 (uint8 for bytes, uint16/int32 for larger vocabularies) that is then memory-
 mapped, so a multi-GB corpus trains in bounded memory. The tail
-``val_fraction`` of the token stream is the validation split.
+``val_fraction`` of the token stream is the validation split; with --data-weights
+each DATA argument is a source of its own, with its own tail (``TokenData``).
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
+import itertools
 import json
 import os
 import sys
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -139,10 +141,14 @@ def expand_data_args(args: list[str]) -> list[str | Path]:
     return out
 
 
-def _fingerprint(sources: list[str | Path], tokenizer, jsonl_field: str = JSONL_FIELD) -> str:
+def _fingerprint(sources: list[str | Path], tokenizer, jsonl_field: str = JSONL_FIELD,
+                 part_ends: list[int] | None = None) -> str:
+    """The cache key of these sources' tokens; ``part_ends`` (--data-weights) also keys where each part ends."""
     h = hashlib.sha256(json.dumps(tokenizer.to_config()).encode())
     if isinstance(tokenizer, HFTokenizer):
         h.update(tokenizer.path.read_bytes())
+    if part_ends is not None:
+        h.update(f"parts:{part_ends}".encode())
     for s in sources:
         if s == "-":
             h.update(b"<stdin>")  # stdin is never reused from cache
@@ -262,19 +268,32 @@ def open_tokens(path: Path, n: int, vocab_size: int) -> torch.Tensor:
 
 @dataclass
 class TokenData:
-    train: torch.Tensor  # 1-D token ids (memory-mapped)
-    val: torch.Tensor
+    """A run's tokens. ``train`` holds one memory-mapped stream, or with --data-weights one per DATA argument
+    (``sources`` names them). ``val`` holds each of those streams' held-out tail, or one stream: --val-data's."""
+
+    train: list[torch.Tensor]
+    val: list[torch.Tensor]
     fingerprint: str  # the token cache's, or "TRAIN+VAL" with --val-data
+    sources: list[str] = field(default_factory=list)  # with --data-weights: the DATA argument of each part
+    weights: list[float] = field(default_factory=lambda: [1.0])  # sampling probability of each train stream
 
     @property
     def val_from_own_text(self) -> bool:
         """Whether validation is --val-data's text (its own cache) rather than the tail of DATA."""
         return "+" in self.fingerprint
 
+    @property
+    def n_train(self) -> int:
+        return sum(t.numel() for t in self.train)
+
+    @property
+    def n_val(self) -> int:
+        return sum(t.numel() for t in self.val)
+
 
 def prepare_tokens(data_args: list[str], tokenizer, cache_dir: Path, val_fraction: float, seq_len: int,
                    cached_fingerprint: str | None = None, val_args: list[str] | None = None,
-                   jsonl_field: str = JSONL_FIELD) -> TokenData:
+                   jsonl_field: str = JSONL_FIELD, parts: bool = False) -> TokenData:
     """Tokenise DATA (or the default corpus) into ``cache_dir``, reusing the cache when unchanged.
 
     The validation split is the tail ``val_fraction`` of the tokens, or with ``val_args`` (--val-data)
@@ -282,35 +301,46 @@ def prepare_tokens(data_args: list[str], tokenizer, cache_dir: Path, val_fractio
     fingerprint is the two caches' joined by "+"). With ``cached_fingerprint`` and neither DATA nor
     val_args (a resumed run, or a rank started by the launcher), the caches are used as they are,
     provided they still hold exactly those tokens. ``jsonl_field``: the text field of .jsonl sources.
+    With ``parts`` (--data-weights), each DATA argument is a part of its own: its own training stream
+    and, without val_args, its own held-out tail (the cache records the parts, so a reused cache has them).
     """
     if "-" in (data_args or []) and "-" in (val_args or []):
         raise UserError("--val-data -: standard input is already DATA (it can be read once); give a file")
     reuse = cached_fingerprint is not None and not data_args and not val_args
     fps = cached_fingerprint.split("+") if reuse else [None, None]
-    train_all, train_fp = _cached_tokens(cache_dir, "tokens", None if reuse else data_args, tokenizer, fps[0],
-                                         "DATA", jsonl_field)
+    train_all, train_fp, spans = _cached_tokens(cache_dir, "tokens", None if reuse else data_args, tokenizer,
+                                                fps[0], "DATA", jsonl_field, parts)
+    if spans:
+        streams = [(name, train_all[a:b]) for name, a, b in spans]
+    else:
+        streams = [(", ".join(map(str, data_args)) or "default corpus", train_all)]
+    names = [name for name, _ in streams] if spans else []
     if val_args or (reuse and len(fps) == 2):
-        val, val_fp = _cached_tokens(cache_dir, "val", None if reuse else val_args, tokenizer, fps[-1],
-                                     "--val-data", jsonl_field)
-        for toks, what in ((train_all, ", ".join(map(str, data_args)) or "DATA"),
-                           (val, "--val-data " + " ".join(map(str, val_args or [])))):
+        val, val_fp, _ = _cached_tokens(cache_dir, "val", None if reuse else val_args, tokenizer, fps[-1],
+                                        "--val-data", jsonl_field)
+        for what, toks in (*streams, ("--val-data " + " ".join(map(str, val_args or [])), val)):
             if toks.numel() < seq_len + 1:
                 raise UserError(f"{what.strip()}: only {toks.numel()} tokens; need at least {seq_len + 1} "
                                 f"for one window at seq_len {seq_len}")
-        return TokenData(train_all, val, train_fp + "+" + val_fp)
-    n = train_all.numel()
-    n_val = val_tokens(n, val_fraction, seq_len)
-    if n - n_val < seq_len + 1:
-        where = ", ".join(str(s) for s in data_args) or "default corpus"
-        raise UserError(f"{where}: only {n} tokens; need at least {2 * (seq_len + 1)} for training and "
-                        f"validation at seq_len {seq_len}")
-    return TokenData(train_all[: n - n_val], train_all[n - n_val:], train_fp)
+        return TokenData([toks for _, toks in streams], [val], train_fp + "+" + val_fp, names)
+    train, held_out = [], []
+    for where, toks in streams:
+        n = toks.numel()
+        n_val = val_tokens(n, val_fraction, seq_len)
+        if n - n_val < seq_len + 1:
+            raise UserError(f"{where}: only {n} tokens; need at least {2 * (seq_len + 1)} for training and "
+                            f"validation at seq_len {seq_len}")
+        train.append(toks[: n - n_val])
+        held_out.append(toks[n - n_val:])
+    return TokenData(train, held_out, train_fp, names)
 
 
 def _cached_tokens(cache_dir: Path, name: str, args: list[str] | None, tokenizer, cached_fp: str | None,
-                   what: str, jsonl_field: str = JSONL_FIELD) -> tuple[torch.Tensor, str]:
-    """(tokens, fingerprint) of cache_dir/NAME.bin: with args None the cache must hold cached_fp's tokens;
-    else args (or the default corpus, for no DATA) are fingerprinted and tokenised unless already cached."""
+                   what: str, jsonl_field: str = JSONL_FIELD, parts: bool = False):
+    """(tokens, fingerprint, parts) of cache_dir/NAME.bin: with args None the cache must hold cached_fp's
+    tokens; else args (or the default corpus, for no DATA) are fingerprinted and tokenised unless already
+    cached. With ``parts``, each argument's tokens are a part of their own: parts lists [argument, start,
+    end] per argument (a cache made so gives them back when reused); else it is empty."""
     meta_path, bin_path = cache_dir / f"{name}.json", cache_dir / f"{name}.bin"
     meta = _read_meta(meta_path, bin_path)
     if args is None:
@@ -318,14 +348,20 @@ def _cached_tokens(cache_dir: Path, name: str, args: list[str] | None, tokenizer
             raise UserError(f"{cache_dir}: token cache ({what}) missing, or changed since the checkpoint; give "
                             f"the run's {what} again")
     else:
-        sources = expand_data_args(args) if args else default_corpus_files()
+        groups = [expand_data_args([a]) for a in args] if args else [default_corpus_files()]
+        sources = [s for g in groups for s in g]
+        ends = list(itertools.accumulate(len(g) for g in groups)) if parts else None  # each part's last source + 1
         cache_dir.mkdir(parents=True, exist_ok=True)
-        fp = _fingerprint(sources, tokenizer, jsonl_field)
+        fp = _fingerprint(sources, tokenizer, jsonl_field, ends)
         if not meta or meta.get("fingerprint") != fp:
-            n = encode_to_file(sources, tokenizer, bin_path, jsonl_field=jsonl_field)
+            spans: list = []
+            n = encode_to_file(sources, tokenizer, bin_path, spans, jsonl_field=jsonl_field)
             meta = {"fingerprint": fp, "tokens": n, "bytes": bin_path.stat().st_size, "sources": len(sources)}
+            if parts:  # a part runs from its first source's start to its last source's end
+                meta["parts"] = [[str(a), spans[i][0], spans[j - 1][1]]
+                                 for a, i, j in zip(args, [0, *ends[:-1]], ends)]
             atomic_write_json(meta_path, meta)
-    return open_tokens(bin_path, meta["tokens"], tokenizer.vocab_size), meta["fingerprint"]
+    return open_tokens(bin_path, meta["tokens"], tokenizer.vocab_size), meta["fingerprint"], meta.get("parts", [])
 
 
 def val_tokens(n: int, val_fraction: float, seq_len: int) -> int:
@@ -355,7 +391,8 @@ def run_val_split(checkpoint_dir: Path, recipe, tokenizer) -> tuple[torch.Tensor
                         f"the checkpoint must be a `moe train` run's, with its token cache in RUN/data)")
     cache, t = checkpoint_dir.parent / "data", recipe.train
     val = prepare_tokens([], tokenizer, cache, t.val_fraction, t.seq_len, trained_on).val
-    return val, f"validation split of {checkpoint_dir.parent}"
+    # a run with --data-weights held out each source's tail: those tails, joined
+    return (val[0] if len(val) == 1 else torch.cat(val)), f"validation split of {checkpoint_dir.parent}"
 
 
 def _read_meta(meta_path: Path, bin_path: Path) -> dict | None:
@@ -372,6 +409,22 @@ def sample_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, generator:
     """Random windows: inputs x_BS and next-token targets y_BS."""
     starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=generator)  # x and y fit
     xy = torch.stack([tokens[s: s + seq_len + 1].long() for s in starts.tolist()])
+    return xy[:, :-1], xy[:, 1:]
+
+
+def sample_mixed(streams: list[torch.Tensor], weights: list[float], batch_size: int, seq_len: int,
+                 generator: torch.Generator):
+    """sample_batch over several token streams (--data-weights): each row's stream is drawn with probability
+    proportional to its weight, then a window of it at random. One stream: sample_batch's windows."""
+    if len(streams) == 1:
+        return sample_batch(streams[0], batch_size, seq_len, generator)
+    which = torch.multinomial(torch.tensor(weights, dtype=torch.float64), batch_size, replacement=True,
+                              generator=generator)
+    rows = []
+    for i in which.tolist():
+        s = int(torch.randint(0, streams[i].numel() - seq_len, (1,), generator=generator))
+        rows.append(streams[i][s: s + seq_len + 1].long())
+    xy = torch.stack(rows)
     return xy[:, :-1], xy[:, 1:]
 
 

@@ -76,14 +76,15 @@ def weights_summary(model: Transformer, cfg: dict, directory: Path) -> dict:
 
 def last_metrics(directory: Path, step: int | None) -> dict:
     """For a checkpoint in a training run (RUN/checkpoint beside RUN/metrics.jsonl): the last training loss,
-    validation loss and routing verdict (flagged layers, each expert's share) logged up to the checkpoint's
-    step (later lines belong to steps it does not hold), and an early stop (train.patience) if one was."""
+    validation loss (each source's too, with --data-weights) and routing verdict (flagged layers, each
+    expert's share) logged up to the checkpoint's step (later lines belong to steps it does not hold), and
+    an early stop (train.patience) if one was."""
     path = directory.parent / "metrics.jsonl"
     if step is None or directory.name != "checkpoint" or not path.is_file():
         return {}
     found: dict = {}
     for _, row in metrics_upto(path, step):
-        for key in ("loss", "val_loss", "routing", "early_stop"):
+        for key in ("loss", "val_loss", "val_loss_by_source", "routing", "early_stop"):
             if key in row:
                 found[key] = {"step": row["step"], "value": row[key]}
     if found.get("early_stop", {}).get("step") != step:  # a stop that --resume went on from

@@ -107,6 +107,8 @@ def render_info(res: dict) -> None:
     for key in ("loss", "val_loss"):
         if key in res:
             out.print(f"{key}: {res[key]['value']:.4f} (step {res[key]['step']})")
+    for src, loss in res.get("val_loss_by_source", {}).get("value", {}).items():
+        out.print(f"  {escape(src)}: {loss:.4f}")
     if "routing" in res:
         out.print(f"routing (validation window ending at step {res['routing']['step']}): "
                   + routing_verdict(res["routing"]["value"].get("flagged", {})))
@@ -208,6 +210,11 @@ def render_train(res: dict) -> None:
     fmts = (("final_step", "{}"), ("tokens_seen", "{:,}"), ("epochs", "{:.3g}"), ("final_loss", "{:.4f}"),
             ("val_loss", "{:.4f}"), ("tokens_per_s", "{:,.0f}"), ("checkpoint", "{}"), ("metrics", "{}"))
     rows = [(key.replace("_", " "), fmt.format(res[key])) for key, fmt in fmts if res.get(key) is not None]
+    by_source = res.get("val_loss_by_source") or {}
+    for m in res.get("data_mix") or []:  # --data-weights: each source's share, and its own val loss
+        loss = by_source.get(m["source"])
+        rows.append((f"source {escape(m['source'])}", f"weight {m['weight']:.3g}, {m['train_tokens']:,} training tokens"
+                     + (f", val loss {loss:.4f}" if loss is not None else "")))
     if res.get("stopped_early"):
         rows.append(("stopped early", early_stop_text(res["stopped_early"])))
     if res.get("best"):

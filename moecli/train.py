@@ -11,7 +11,7 @@ Output directory layout:
                            train_state.json (+ tokenizer.json); swapped in atomically
     OUT/metrics.jsonl      one JSON object per step (and val_loss on eval steps)
     OUT/best/              with train.keep_best: the model at the lowest validation loss so far
-    OUT/data/              the token cache (tokens.bin, tokens.json)
+    OUT/data/              the token cache (tokens.bin, tokens.json: with --data-weights, each source's span)
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .checkpoint import (CONFIG_FILE, load_into, load_state_file, load_with_toke
                          save_checkpoint)
 from .balance import load_health
 from .config import apply_overrides, recipe_from_dict
-from .data import JSONL_FIELD, eval_windows, load_tokenizer, prepare_tokens, sample_batch
+from .data import JSONL_FIELD, eval_windows, load_tokenizer, prepare_tokens, sample_mixed
 from .distributed import (DistInfo, all_mean, all_sum_, barrier, current, expert_params, gather_experts,
                           init_from_env, shard_experts, spawn, sync_gradients)
 from .errors import RunFailed, UserError
@@ -61,6 +61,22 @@ class TrainArgs:
     val_data: list[str] = field(default_factory=list)  # validation texts (--val-data); none: DATA's tail
     jsonl_field: str = JSONL_FIELD  # the text field of .jsonl sources (--jsonl-field)
     epochs: float | None = None  # --epochs: sets train.max_steps from the training tokens, once they are known
+    # --data-weights: one sampling weight per DATA argument, each then a source with its own validation tail
+    # (None: DATA is one stream; a resumed run keeps the weights in train_state.json unless given again)
+    data_weights: list[float] | None = None
+
+
+def parse_data_weights(text: str | None) -> list[float] | None:
+    """--data-weights "3,1" -> [3.0, 1.0]: positive numbers, comma-separated (bad input names the flag)."""
+    if text is None:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise UserError(f"--data-weights: expected comma-separated numbers (e.g. 3,1), got {text!r}") from None
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        raise UserError(f"--data-weights: every weight must be a positive number, got {text!r}")
+    return weights
 
 
 def lr_at(step: int, t) -> float:
@@ -181,9 +197,10 @@ def best_val_loss(out: Path) -> float:
 
 
 def save_train_checkpoint(out: Path, model, opt, step: int, tokens_seen: int, tokenizer, data_fp: str,
-                          info: DistInfo, early_stop: dict) -> Path:
-    """OUT/checkpoint: model, optimizer and train_state.json (step, tokens seen, data, and early_stop: the
-    lowest validation loss so far and the passes since, so --resume counts on: ``EarlyStop``)."""
+                          info: DistInfo, early_stop: dict, data_weights: list[float] | None = None) -> Path:
+    """OUT/checkpoint: model, optimizer and train_state.json (step, tokens seen, data, data_weights where
+    given, and early_stop: the lowest validation loss so far and the passes since, so --resume counts on:
+    ``EarlyStop``)."""
     target = out / "checkpoint"
     sd, ostate = _full_state(model, opt, info)  # every rank takes part in the gathers
     if info.is_main:
@@ -192,7 +209,7 @@ def save_train_checkpoint(out: Path, model, opt, step: int, tokens_seen: int, to
             save_safetensors(ostate["tensors"], tmp / "optimizer.safetensors")
             atomic_write_json(tmp / "train_state.json", {
                 "step": step, "tokens_seen": tokens_seen, "param_groups": ostate["param_groups"], "data": data_fp,
-                "early_stop": early_stop,
+                "early_stop": early_stop, **({"data_weights": data_weights} if data_weights else {}),
             })
     barrier()
     return target
@@ -314,6 +331,13 @@ def setup(args: TrainArgs) -> Setup:
         raise UserError(f"{out}: already holds a run; pass --resume to continue it or --force to start over")
     if args.nproc < 1:
         raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
+    if args.data_weights is not None and args.data:
+        if len(args.data_weights) != len(args.data):
+            raise UserError(f"--data-weights: {len(args.data_weights)} weights for {len(args.data)} DATA arguments; "
+                            "give one weight per DATA argument (a file, directory, glob or -)")
+        twice = next((a for i, a in enumerate(args.data) if a in args.data[:i]), None)
+        if twice is not None:
+            raise UserError(f"DATA: {twice} is given twice; with --data-weights each DATA argument is one source")
     t = recipe.train
     if args.nproc > 1 and t.batch_size % (args.nproc * t.grad_accum):
         raise UserError(f"train.batch_size ({t.batch_size}) must be divisible by --nproc ({args.nproc})"
@@ -343,13 +367,23 @@ def train(args: TrainArgs, progress=None) -> dict:
 def _tokens(args: TrainArgs, st: Setup):
     """The run's token data (from DATA, the default corpus, or the cache a launcher or checkpoint names)."""
     t = st.recipe.train
+    weights = args.data_weights or st.resume_state.get("data_weights")
+    if weights is not None and args.data and len(weights) != len(args.data):  # the run's own, from its checkpoint
+        raise UserError(f"DATA: the run in {st.out} mixes {len(weights)} sources (--data-weights); give as many "
+                        "DATA arguments, or none to use the run's token cache")
     data = prepare_tokens(args.data, st.tokenizer, st.out / "data", t.val_fraction, t.seq_len,
-                          st.resume_state.get("data") or args.data_fingerprint, args.val_data, args.jsonl_field)
+                          st.resume_state.get("data") or args.data_fingerprint, args.val_data, args.jsonl_field,
+                          parts=weights is not None)
     if args.resume and st.resume_state.get("data") != data.fingerprint:
         raise UserError(f"{st.out}: the training data changed since the checkpoint; resume with the same DATA "
                         f"(and --val-data), or none to use the run's token cache")
+    if weights is not None:
+        if len(weights) != len(data.train):
+            raise UserError(f"--data-weights: {len(weights)} weights for the {len(data.train)} sources of the "
+                            f"run's token cache in {st.out / 'data'}")
+        data.weights = [w / sum(weights) for w in weights]
     if args.epochs is not None:  # windows are drawn at random: an epoch is as many tokens as the split holds
-        t.max_steps = max(1, math.ceil(args.epochs * data.train.numel() / (t.batch_size * t.seq_len)))
+        t.max_steps = max(1, math.ceil(args.epochs * data.n_train / (t.batch_size * t.seq_len)))
     return data
 
 
@@ -410,18 +444,24 @@ def _train(args: TrainArgs, progress=None) -> dict:
         g["betas"] = (t.beta1, t.beta2)
     barrier()
 
-    val_starts = eval_windows(data.val, t.seq_len, t.eval_batches * t.batch_size)
+    # each validation stream (one, or with --data-weights each source's tail) gets its share of the windows
+    val_starts = [eval_windows(v, t.seq_len, max(1, t.eval_batches * t.batch_size // len(data.val)))
+                  for v in data.val]
     model.train()
     last_ckpt = st.ckpt_dir if args.resume else None
     last_ckpt_step = start_step if args.resume else None
     summary = {"output": str(out), "recipe": recipe.name, "start_step": start_step, "steps": t.max_steps,
-               "train_tokens": int(data.train.numel()), "val_tokens": int(data.val.numel()),
-               "val_from": "--val-data" if data.val_from_own_text else f"the last {t.val_fraction:g} of the tokens",
+               "train_tokens": data.n_train, "val_tokens": data.n_val,
+               "val_from": "--val-data" if data.val_from_own_text else
+               f"the last {t.val_fraction:g} of the tokens" + (" of each source" if data.sources else ""),
+               "data_mix": [{"source": src, "weight": w, "train_tokens": tr.numel(),
+                             "val_tokens": None if data.val_from_own_text else data.val[i].numel()}
+                            for i, (src, w, tr) in enumerate(zip(data.sources, data.weights, data.train))] or None,
                "processes": info.world, "expert_parallel": info.expert_parallel, "precision": t.precision,
                "init": str(st.init_dir) if st.init_dir is not None else None}
     local_b = t.batch_size // info.world
     rows = slice(info.rank * local_b, (info.rank + 1) * local_b)
-    val_loss, stopped = None, False
+    val_loss, val_by_source, stopped = None, None, False
     best = best_val_loss(out) if t.keep_best else math.inf  # resumed: the best of the steps before
     step_times = []
     window = RoutingWindow(model)
@@ -435,7 +475,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
                 g["lr"] = lr
             torch.manual_seed(t.seed * SEED_STRIDE + step)
             gen = torch.Generator().manual_seed(t.seed * SEED_STRIDE + step + 0x5EED)
-            x, y = sample_batch(data.train, t.batch_size, t.seq_len, gen)  # the global batch ...
+            x, y = sample_mixed(data.train, data.weights, t.batch_size, t.seq_len, gen)  # the global batch ...
             x, y = x[rows], y[rows]  # ... and this rank's share of it
             opt.zero_grad(set_to_none=True)
             m = micro_steps(model, x, y, t.grad_accum, t.precision)
@@ -465,10 +505,12 @@ def _train(args: TrainArgs, progress=None) -> dict:
                 rec["dropped_frac"] = int(counts[0]) / max(1, int(counts[1]))
             done = step + 1 == t.max_steps
             if (step + 1) % t.eval_interval == 0 or done:
-                val_loss, _ = evaluate_loss(model, data.val, t.seq_len, val_starts, t.batch_size, t.precision)
+                val_loss, val_by_source = validate(model, data, t, val_starts)
                 if not math.isfinite(val_loss):
                     raise RunFailed(_nan_message(val_loss, step + 1, last_ckpt, last_ckpt_step, "validation loss"))
                 rec["val_loss"] = val_loss
+                if val_by_source:
+                    rec["val_loss_by_source"] = val_by_source
                 if early.update(val_loss, step + 1) and not done:
                     done = stopped = True
                     rec["early_stop"] = early.state()
@@ -486,7 +528,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
                 mf.flush()
             if (step + 1) % t.ckpt_interval == 0 or done:
                 last_ckpt = save_train_checkpoint(out, model, opt, step + 1, tokens_seen, tokenizer, data.fingerprint,
-                                                  info, early.state())
+                                                  info, early.state(), data.weights if data.sources else None)
                 last_ckpt_step = step + 1
                 rec["checkpoint"] = str(last_ckpt)
             if progress and info.is_main:
@@ -500,9 +542,9 @@ def _train(args: TrainArgs, progress=None) -> dict:
     summary.update({
         "final_step": step + 1 if stopped else t.max_steps, "tokens_seen": tokens_seen,
         # passes' worth of the training tokens seen (--epochs): windows are drawn at random
-        "epochs": tokens_seen / max(1, data.train.numel()),
+        "epochs": tokens_seen / max(1, data.n_train),
         "stopped_early": rec["early_stop"] if stopped else None,
-        "final_loss": rec["loss"] if step_times else None, "val_loss": val_loss,
+        "final_loss": rec["loss"] if step_times else None, "val_loss": val_loss, "val_loss_by_source": val_by_source,
         "tokens_per_s": (t.batch_size * t.seq_len * len(measured) / sum(measured)) if measured else None,
         "checkpoint": str(out / "checkpoint"), "metrics": str(metrics_path),
         "best": ({"checkpoint": str(out / "best"), "val_loss": best} if t.keep_best and math.isfinite(best) else None),
@@ -510,6 +552,16 @@ def _train(args: TrainArgs, progress=None) -> dict:
                     for i, h in routing["layers"].items()} if routing else None,
     })
     return summary
+
+
+def validate(model, data, t, starts: list[list[int]]) -> tuple[float, dict | None]:
+    """(val_loss, per source or None): the loss over each validation stream's windows (``starts``, one list per
+    stream). With --data-weights and each source's own tail, val_loss is the sources' losses weighted as
+    training samples them (the loss of the training mixture), and each source's loss is returned too."""
+    losses = [evaluate_loss(model, v, t.seq_len, s, t.batch_size, t.precision)[0] for v, s in zip(data.val, starts)]
+    if len(losses) == 1:
+        return losses[0], None
+    return sum(w * loss for w, loss in zip(data.weights, losses)), dict(zip(data.sources, losses))
 
 
 def micro_steps(model, x_BS: torch.Tensor, y_BS: torch.Tensor, accum: int, precision: str = "fp32") -> dict:

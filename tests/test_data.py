@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from moecli import data as data_mod
 from moecli.data import ByteTokenizer, encode_to_file, expand_data_args, open_tokens, prepare_tokens
@@ -71,7 +72,7 @@ def test_token_cache_reused_and_rebuilt(tmp_path):
     f.write_text("changed " * 600)
     d3 = prepare_tokens([str(f)], ByteTokenizer(), cache, 0.1, 16)
     assert d3.fingerprint != d1.fingerprint
-    assert d3.train.numel() + d3.val.numel() == len("changed " * 600)
+    assert d3.n_train + d3.n_val == len("changed " * 600) and len(d3.train) == len(d3.val) == 1
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, cli):
@@ -182,3 +183,45 @@ def test_jsonl_field_names_another_text_field(tmp_path, tiny_recipe, cli):
     res = train(TrainArgs(None, [str(corpus)], run, {"train.max_steps": 3}, resume=True, quiet=True,
                           jsonl_field="content"))
     assert res["final_step"] == 3
+
+
+def test_sample_mixed_draws_each_source_by_its_weight():
+    """--data-weights: each row comes whole from one stream, streams drawn in proportion to their weights; the
+    same seed gives the same batch; one stream gives sample_batch's windows."""
+    ones, twos = torch.ones(500, dtype=torch.uint8), torch.full((80,), 2, dtype=torch.uint8)
+    x, y = data_mod.sample_mixed([ones, twos], [0.75, 0.25], 4000, 16, torch.Generator().manual_seed(3))
+    xy = torch.cat([x, y[:, -1:]], dim=1)
+    assert ((xy == 1).all(1) | (xy == 2).all(1)).all()  # no window crosses from one stream into the other
+    share = float((xy[:, 0] == 1).float().mean())
+    assert 0.73 < share < 0.77
+    again = data_mod.sample_mixed([ones, twos], [0.75, 0.25], 4000, 16, torch.Generator().manual_seed(3))
+    assert torch.equal(again[0], x)
+    stream = torch.arange(300, dtype=torch.int64)
+    one = data_mod.sample_mixed([stream], [1.0], 8, 16, torch.Generator().manual_seed(5))
+    ref = data_mod.sample_batch(stream, 8, 16, torch.Generator().manual_seed(5))
+    assert torch.equal(one[0], ref[0]) and torch.equal(one[1], ref[1])
+
+
+def test_parts_hold_out_each_sources_tail_and_come_back_from_the_cache(tmp_path):
+    """prepare_tokens(parts=True): each DATA argument (here a directory of two files, and a file) is one part;
+    its training stream and held-out tail are its own tokens, in order. The cache records the parts, so a
+    resumed run (cached fingerprint, no DATA) gets them back; the same files as one stream are another cache."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "1.txt").write_text("first " * 100)
+    (tmp_path / "d" / "2.txt").write_text("second " * 100)
+    (tmp_path / "f.txt").write_text("third part " * 40)
+    args, cache = [str(tmp_path / "d"), str(tmp_path / "f.txt")], tmp_path / "cache"
+    mixed = prepare_tokens(args, ByteTokenizer(), cache, 0.1, 16, parts=True)
+    assert mixed.sources == args
+    texts = [("first " * 100 + "\n" + "second " * 100).encode(), ("third part " * 40).encode()]
+    for train, val, text in zip(mixed.train, mixed.val, texts):
+        assert bytes(torch.cat([train, val]).tolist()) == text
+        assert val.numel() == max(int(len(text) * 0.1), 17)
+    again = prepare_tokens([], ByteTokenizer(), cache, 0.1, 16, mixed.fingerprint)
+    assert again.sources == args and all(torch.equal(a, b) for a, b in zip(again.train + again.val,
+                                                                            mixed.train + mixed.val))
+    joined = prepare_tokens(args, ByteTokenizer(), tmp_path / "cache2", 0.1, 16)
+    assert joined.fingerprint != mixed.fingerprint and len(joined.train) == 1 and joined.sources == []
+    (tmp_path / "short.txt").write_text("tiny")
+    with pytest.raises(UserError, match=r"short.txt: only 4 tokens; need at least 34 for training and validation"):
+        prepare_tokens([args[1], str(tmp_path / "short.txt")], ByteTokenizer(), tmp_path / "c3", 0.1, 16, parts=True)

@@ -594,3 +594,51 @@ def test_epochs_set_max_steps_from_the_training_tokens(tmp_path, corpus, tiny_re
         f"error: train.max_steps (2): the checkpoint in {tmp_path / 'run'} is already at step {expected:.0f}; "
         "give more steps to continue it")
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+
+
+def test_data_weights_mix_sources_with_their_own_validation(tmp_path, corpus, tiny_recipe, cli):
+    """--data-weights 3,1 over two DATA arguments: each holds out its own tail; val_loss is the weighted mean of
+    the sources' losses, each of which is `moe eval` on that source's tail. --resume with no DATA reuses the
+    parts and weights (the same losses as the uninterrupted run); a resumed run may change the weights."""
+    other = tmp_path / "other.txt"
+    other.write_text("".join(f"Row {i}: a slow red fox walks under the busy cat {i % 5}.\n" for i in range(300)))
+    recipe = tiny_recipe(train={"max_steps": 6, "ckpt_interval": 3})
+    full = tmp_path / "full"
+    data, mix = [str(corpus), str(other)], [3.0, 1.0]
+    res = train(TrainArgs(str(recipe), data, full, quiet=True, data_weights=mix))
+    sizes = [len(TEXT), len(other.read_bytes())]
+    tails = [max(int(n * 0.05), 33) for n in sizes]
+    assert [(m["source"], m["weight"], m["train_tokens"], m["val_tokens"]) for m in res["data_mix"]] == [
+        (str(corpus), 0.75, sizes[0] - tails[0], tails[0]), (str(other), 0.25, sizes[1] - tails[1], tails[1])]
+    assert res["val_from"] == "the last 0.05 of the tokens of each source"
+    by_source = res["val_loss_by_source"]
+    assert res["val_loss"] == pytest.approx(0.75 * by_source[str(corpus)] + 0.25 * by_source[str(other)])
+    for src, tail in zip((corpus, other), tails):  # each source's tail gets 4 of the 2 x 4 validation windows
+        tail_file = tmp_path / f"tail-{src.name}"
+        tail_file.write_bytes(src.read_bytes()[-tail:])
+        on_tail = json.loads(cli("eval", full, tail_file, "--seq-len", 32, "--max-windows", 4, "--json").stdout)
+        assert on_tail["loss"] == pytest.approx(by_source[str(src)], rel=1e-5)
+    state = json.loads((full / "checkpoint" / "train_state.json").read_text())
+    assert state["data_weights"] == [0.75, 0.25]
+    part = tmp_path / "part"
+    train(TrainArgs(str(recipe), data, part, {"train.max_steps": 3}, quiet=True, data_weights=mix))
+    train(TrainArgs(None, [], part, {"train.max_steps": 6}, resume=True, quiet=True))
+    assert losses(part) == losses(full)
+    assert json.loads((part / "metrics.jsonl").read_text().splitlines()[-1])["val_loss_by_source"] == by_source
+    single = tmp_path / "single"  # the same files as one stream: other losses (the draws differ)
+    train(TrainArgs(str(recipe), data, single, quiet=True))
+    assert losses(single) != losses(full)
+    r = cli("train", "-o", part, "--resume", "--max-steps", 8, "--data-weights", "1,1", "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    assert [m["weight"] for m in json.loads(r.stdout)["data_mix"]] == [0.5, 0.5]
+    assert json.loads((part / "checkpoint" / "train_state.json").read_text())["data_weights"] == [0.5, 0.5]
+    for args, message in [
+        ((recipe, corpus, other, "--data-weights", "1,2,3"), "--data-weights: 3 weights for 2 DATA arguments"),
+        ((recipe, corpus, corpus, "--data-weights", "1,2"), f"DATA: {corpus} is given twice"),
+        ((recipe, corpus, other, "--data-weights", "1,x"), "--data-weights: expected comma-separated numbers"),
+        ((recipe, corpus, other, "--data-weights", "1,-1"), "--data-weights: every weight must be a positive"),
+        (("-o", part, "--resume", corpus, "--max-steps", 9), f"DATA: the run in {part} mixes 2 sources"),
+        (("-o", part, "--resume", "--data-weights", "1,1,1", "--max-steps", 9), "3 weights for the 2 sources"),
+    ]:
+        bad = cli("train", *args, *(() if "--resume" in args else ("-o", tmp_path / "bad")), "-q")
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr
