@@ -375,9 +375,10 @@ def default_window(recipe, available: int) -> int:
     return min(recipe.model.context, recipe.train.seq_len, max(1, available))
 
 
-def run_val_split(checkpoint_dir: Path, recipe, tokenizer) -> tuple[torch.Tensor, str]:
+def run_val_split(checkpoint_dir: Path, recipe, tokenizer) -> tuple[list[torch.Tensor], list[str], str]:
     """The validation split a training run held out, for a checkpoint inside that run's output directory
-    (RUN/checkpoint or RUN/best, the token cache in RUN/data): (tokens, "validation split of RUN"). The cache
+    (RUN/checkpoint or RUN/best, the token cache in RUN/data): ([tokens], [], "validation split of RUN"), or
+    for a run that mixed sources (--data-weights) each source's tail and the sources' names. The cache
     must still hold the tokens the checkpoint was trained on (the fingerprint in train_state.json, or in a
     best model's config.json)."""
     trained_on = None
@@ -390,9 +391,9 @@ def run_val_split(checkpoint_dir: Path, recipe, tokenizer) -> tuple[torch.Tensor
         raise UserError(f"{checkpoint_dir}: DATA: give a file, directory, glob or - for stdin (with no DATA, "
                         f"the checkpoint must be a `moe train` run's, with its token cache in RUN/data)")
     cache, t = checkpoint_dir.parent / "data", recipe.train
-    val = prepare_tokens([], tokenizer, cache, t.val_fraction, t.seq_len, trained_on).val
-    # a run with --data-weights held out each source's tail: those tails, joined
-    return (val[0] if len(val) == 1 else torch.cat(val)), f"validation split of {checkpoint_dir.parent}"
+    data = prepare_tokens([], tokenizer, cache, t.val_fraction, t.seq_len, trained_on)
+    sources = data.sources if len(data.val) > 1 else []  # with --val-data, one text
+    return data.val, sources, f"validation split of {checkpoint_dir.parent}"
 
 
 def _read_meta(meta_path: Path, bin_path: Path) -> dict | None:

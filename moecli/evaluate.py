@@ -55,8 +55,6 @@ def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: 
     if max_windows is not None:
         check_at_least("--max-windows", max_windows, 1)
     torch_dtype = load_dtype(dtype)
-    if per_file and not data:
-        raise UserError("--per-file: needs DATA (the validation split is one text)")
     model, _, directory, tok = load_with_tokenizer(checkpoint, torch_dtype)
     context = model.recipe.model.context
     if seq_len is not None and not 1 <= seq_len <= context:
@@ -82,9 +80,14 @@ def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: 
             path, sources, spans = Path(tmp) / "tokens.bin", expand_data_args(data), []
             n = encode_to_file(sources, tok, path, spans, jsonl_field)
             tokens, where = open_tokens(path, n, tok.vocab_size), ", ".join(data)
-        else:
-            tokens, where = run_val_split(directory, model.recipe, tok)
+            parts = [(str(src), tokens[a:b]) for src, (a, b) in zip(sources, spans)]
+        else:  # a run that mixed sources (--data-weights) held out a tail of each: the tails, joined
+            tails, names, where = run_val_split(directory, model.recipe, tok)
+            tokens, parts = (tails[0] if len(tails) == 1 else torch.cat(tails)), list(zip(names, tails))
+            if per_file and not parts:
+                raise UserError("--per-file: needs DATA (the validation split is one text, unless the run "
+                                "mixed sources with --data-weights)")
         result = {"checkpoint": str(directory), **score(tokens, where), "dtype": dtype}
         if per_file:
-            result["files"] = [score(tokens[a:b], str(src)) for src, (a, b) in zip(sources, spans)]
+            result["files"] = [score(toks, name) for name, toks in parts]
     return result

@@ -203,8 +203,9 @@ def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, s
     if data:
         ids, where = read_tokens(data, tok, max_tokens, jsonl_field), ", ".join(data)
     else:  # no DATA: the split the training run held out for validation
-        val, where = run_val_split(directory, model.recipe, tok)
-        ids = val[:max_tokens].long()
+        tails, _, where = run_val_split(directory, model.recipe, tok)
+        # a run that mixed sources (--data-weights): an equal share of each source's tail
+        ids = torch.cat([t[: max(1, max_tokens // len(tails))] for t in tails]).long()
     if seq_len is None:
         seq_len = default_window(model.recipe, ids.numel())
     if ids.numel() < seq_len:

@@ -618,6 +618,10 @@ def test_data_weights_mix_sources_with_their_own_validation(tmp_path, corpus, ti
         tail_file.write_bytes(src.read_bytes()[-tail:])
         on_tail = json.loads(cli("eval", full, tail_file, "--seq-len", 32, "--max-windows", 4, "--json").stdout)
         assert on_tail["loss"] == pytest.approx(by_source[str(src)], rel=1e-5)
+    per_source = json.loads(cli("eval", full, "--per-file", "--seq-len", 32, "--max-windows", 4, "--json").stdout)
+    assert [(f["data"], f["tokens"]) for f in per_source["files"]] == [(str(corpus), 4 * 32), (str(other), 4 * 32)]
+    assert [f["loss"] for f in per_source["files"]] == pytest.approx(list(by_source.values()), rel=1e-5)
+    assert per_source["tokens"] == 4 * 32  # the joined tails, 4 windows over both
     state = json.loads((full / "checkpoint" / "train_state.json").read_text())
     assert state["data_weights"] == [0.75, 0.25]
     part = tmp_path / "part"
@@ -628,6 +632,8 @@ def test_data_weights_mix_sources_with_their_own_validation(tmp_path, corpus, ti
     single = tmp_path / "single"  # the same files as one stream: other losses (the draws differ)
     train(TrainArgs(str(recipe), data, single, quiet=True))
     assert losses(single) != losses(full)
+    one_text = cli("eval", single, "--per-file")
+    assert one_text.returncode == 2 and one_text.stderr.startswith("error: --per-file: needs DATA")
     r = cli("train", "-o", part, "--resume", "--max-steps", 8, "--data-weights", "1,1", "--json", "-q")
     assert r.returncode == 0, r.stderr
     assert [m["weight"] for m in json.loads(r.stdout)["data_mix"]] == [0.5, 0.5]
