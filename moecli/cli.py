@@ -204,6 +204,8 @@ def generate(
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at the model's end-of-sequence ids."),
     jsonl_field: str = JSONL_OPT,
     as_json: bool = JSON_OPT,
+    as_jsonl: bool = typer.Option(False, "--jsonl", help="One JSON line per prompt on stdout as soon as its batch "
+                                  "is done (its \"index\" from 0, in the order batches finish), for pipelines."),
 ):
     """Sample a continuation of a prompt, printed as it is sampled (several, --prompts or --json: at the end)."""
     from .generate import generate as generate_fn
@@ -214,13 +216,18 @@ def generate(
                 "give --prompt TEXT (- for stdin) or --prompts FILE" + (", not both" if prompts is not None else ""))
         render.error_line(f"moe generate: {what} (see moe generate --help)")
         raise typer.Exit(2)
+    if as_json and as_jsonl:
+        render.error_line("moe generate: give --json (one result at the end) or --jsonl (a line per prompt), "
+                          "not both")
+        raise typer.Exit(2)
     texts = [sys.stdin.read() if p == "-" else p for p in prompt or []]
-    if prompts is not None or len(texts) > 1:
+    if prompts is not None or len(texts) > 1 or as_jsonl:
+        on_result = (lambda i, r: render.json_line({"index": i, **r})) if as_jsonl else None
         _run(lambda: generate_prompts(checkpoint, texts or read_prompts(prompts, jsonl_field), max_new_tokens,
                                       temperature, top_k, seed, top_p, dtype, num_samples, batch_size,
                                       source="--prompt" if texts else "--prompts", stops=parse_stops(stop),
-                                      stop_tokens=stop_token, ignore_eos=ignore_eos),
-             as_json, render.render_generated)
+                                      stop_tokens=stop_token, ignore_eos=ignore_eos, on_result=on_result),
+             as_json, None if as_jsonl else render.render_generated)
         return
     text = texts[0]
     out = None if as_json else render.GenerateStream(text, streamed=num_samples == 1)

@@ -347,10 +347,12 @@ def read_prompts(src: str, jsonl_field: str = JSONL_FIELD) -> list[str]:
 def generate_prompts(checkpoint: str, prompts: list[str], max_new_tokens: int, temperature: float, top_k: int,
                      seed: int, top_p: float = 1.0, dtype: str = "float32", num_samples: int = 1,
                      batch_size: int = 8, source: str = "--prompts", stops: list[str] | None = None,
-                     stop_tokens: list[int] | None = None, ignore_eos: bool = False) -> dict:
+                     stop_tokens: list[int] | None = None, ignore_eos: bool = False,
+                     on_result: Callable[[int, dict], None] | None = None) -> dict:
     """Sample completions of many prompts, batch_size prompts (of similar token counts) at a time
     (``stream_prompts``): "results" holds, in the prompts' order, what ``generate`` gives for each prompt
-    alone with seed + its index (the same tokens, beyond rounding)."""
+    alone with seed + its index (the same tokens, beyond rounding). ``on_result(index, result)`` is called
+    for each prompt as soon as its batch is done (in the order batches finish, not the prompts')."""
     _check_options(max_new_tokens, temperature, top_k, top_p, num_samples)
     check_at_least("--batch-size", batch_size, 1)
     model, tok, stop = _load(checkpoint, dtype, stops, stop_tokens, ignore_eos)
@@ -367,5 +369,7 @@ def generate_prompts(checkpoint: str, prompts: list[str], max_new_tokens: int, t
                           [seed + i for i in batch], top_p, n, stop)
         for g, i in enumerate(batch):
             results[i] = {"prompt": prompts[i], **_completions(samples[g * n: (g + 1) * n]), "seed": seed + i}
+            if on_result is not None:
+                on_result(i, results[i])
     return {"results": results, "prompts": len(prompts), "batch_size": batch_size, "num_samples": num_samples,
             **_settings(temperature, top_k, top_p, dtype, stop)}

@@ -44,6 +44,15 @@ def print_json(obj) -> None:
     sys.stdout.flush()
 
 
+def json_line(obj) -> None:
+    """One JSON object on one line of stdout, flushed (--jsonl: a pipeline reads each as it comes)."""
+    try:
+        sys.stdout.write(json.dumps(obj, default=_json_default) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `moe generate ... --jsonl | head -1`
+        stdout_gone()
+
+
 def _json_default(o):
     if hasattr(o, "tolist"):
         return o.tolist()

@@ -202,6 +202,9 @@ def test_generate_many_prompts(tmp_path, cli):
     assert [r["completion"] for r in flags["results"]] == [r["completion"] for r in res["results"][:2]]
     one_batch = cli(*args, "--prompts", "-", "--batch-size", "8", input=(tmp_path / "p.txt").read_text())
     assert one_batch.stdout == "---\n".join(p + r["completion"] + "\n" for p, r in zip(prompts, res["results"]))
+    # --jsonl: a line per prompt as its batch finishes; batches of similar lengths, the shortest first
+    lines = cli(*args, "--prompts", tmp_path / "p.txt", "--batch-size", "2", "--jsonl").stdout.splitlines()
+    assert [json.loads(line) for line in lines] == [{"index": i, **res["results"][i]} for i in (2, 0, 1)]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in ["two\nlines", "x"]))
     two = json.loads(cli(*args, "--prompts", tmp_path / "p.jsonl", "--num-samples", "2", "--json").stdout)
     assert [r["prompt"] for r in two["results"]] == ["two\nlines", "x"]
@@ -210,7 +213,8 @@ def test_generate_many_prompts(tmp_path, cli):
     for bad, message in [(("--prompts", tmp_path / "blank.txt"), "blank.txt: no prompts"),
                          (("--prompts", tmp_path / "p.txt", "-p", "x"), "--prompts FILE, not both"),
                          ((), "give --prompt TEXT"),
-                         (("-p", "-", "-p", "-"), "--prompt -: standard input can be read once")]:
+                         (("-p", "-", "-p", "-"), "--prompt -: standard input can be read once"),
+                         (("-p", "x", "--json", "--jsonl"), "give --json (one result at the end) or --jsonl")]:
         r = cli(*args, *bad)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     with pytest.raises(UserError, match="missing.txt: cannot read"):
