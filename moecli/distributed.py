@@ -1,7 +1,8 @@
 """Multi-process training on torch.distributed: data parallelism, optionally expert parallelism.
 
-* Launch: ``moe train --nproc N`` spawns N local processes (gloo on CPU, nccl on
-  GPU); under ``torchrun`` the environment (RANK, WORLD_SIZE, ...) is used as is.
+* Launch: ``moe train --nproc N`` spawns N local processes; under ``torchrun`` the
+  environment (RANK, WORLD_SIZE, ...) is used as is. The processes train on the CPU
+  and talk over gloo, also on a machine with a GPU (nccl takes only GPU tensors).
 * Data parallel: every rank takes its slice of the same global batch; gradients
   are averaged with one all-reduce over a flat buffer, so all ranks step alike.
 * Expert parallel (``--expert-parallel``): each rank holds num_experts/N experts
@@ -28,6 +29,11 @@ import torch.nn as nn
 from .errors import UserError
 
 
+# Multi-process training keeps its tensors on the CPU, which nccl cannot carry: gloo even where torch sees
+# a GPU (choosing nccl there made every collective fail).
+BACKEND = "gloo"
+
+
 @dataclass
 class DistInfo:
     rank: int = 0
@@ -48,8 +54,7 @@ def current() -> DistInfo:
 def init_from_env(expert_parallel: bool = False) -> DistInfo:
     """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun or our spawner)."""
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(BACKEND)
     current.expert_parallel = expert_parallel
     return current()
 

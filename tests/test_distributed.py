@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from moecli.distributed import spawn
@@ -85,3 +86,16 @@ def test_validation_is_split_over_ranks(expert_parallel):
     assert res["count"] == res["ref_count"] == 9 * 16
     assert res["rows_rank0"] == [2, 2, 1]  # rank 0 scored its share only: windows 0,2 | 4,6 | 8
     assert res["got"] == pytest.approx(res["ref"], rel=1e-6)  # cross-entropy is taken in float32
+
+
+def test_processes_join_over_gloo_also_where_torch_sees_a_gpu(monkeypatch):
+    """The ranks train on the CPU, so they talk over gloo even on a GPU machine (nccl carries only GPU
+    tensors: choosing it there, as before, failed the first collective)."""
+    from moecli import distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: chosen.append(backend))
+    distributed.init_from_env()
+    assert chosen == ["gloo"]
