@@ -30,6 +30,8 @@ OUT_OPT = typer.Option(None, "-o", "--output", help="Output directory.")
 FORCE_OPT = typer.Option(False, "--force", help="Replace a non-empty output directory.")
 SET_OPT = typer.Option(None, "--set", help="Override a recipe field, e.g. --set moe.top_k=1 (repeatable).")
 JSONL_OPT = typer.Option("text", "--jsonl-field", help="The text field of each line of .jsonl inputs.")
+DEVICE_OPT = typer.Option("cpu", "--device", help="Where the model computes: cpu | cuda | cuda:N | auto (cuda where "
+                          "torch sees a GPU, else cpu).")
 
 
 def _run(fn: Callable[[], dict], as_json: bool, draw: Callable[[dict], None] | None) -> None:
@@ -126,6 +128,7 @@ def train(
     expert_parallel: bool = typer.Option(False, "--expert-parallel", help="With --nproc: shard experts over ranks."),
     force: bool = typer.Option(False, "--force", help="Start over in an --output that already holds a run."),
     jsonl_field: str = JSONL_OPT,
+    device: str = DEVICE_OPT,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress on stderr."),
     as_json: bool = JSON_OPT,
 ):
@@ -151,7 +154,7 @@ def train(
             recipe_arg = None
         args = TrainArgs(recipe_arg, files, output, ov, resume, force, tokenizer, quiet,
                          nproc, expert_parallel, init=init, val_data=list(val_data or []), jsonl_field=jsonl_field,
-                         epochs=epochs, data_weights=parse_data_weights(data_weights))
+                         epochs=epochs, data_weights=parse_data_weights(data_weights), device=device)
         with render.TrainProgress(enabled=not quiet and nproc == 1 and not launched) as prog:  # ranks draw their own
             return train_fn(args, progress=prog.update)
 
@@ -170,13 +173,14 @@ def eval_(
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute; loss in fp32)."),
     per_file: bool = typer.Option(False, "--per-file", help="Also score each file (and -) on its own."),
     jsonl_field: str = JSONL_OPT,
+    device: str = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ):
     """Loss and perplexity of a checkpoint on text."""
     from .evaluate import evaluate
 
-    _run(lambda: evaluate(checkpoint, data or [], seq_len, batch_size, max_windows, dtype, per_file, jsonl_field),
-         as_json, render.render_eval)
+    _run(lambda: evaluate(checkpoint, data or [], seq_len, batch_size, max_windows, dtype, per_file, jsonl_field,
+                          device), as_json, render.render_eval)
 
 
 @app.command()
@@ -203,6 +207,7 @@ def generate(
                                                    "added unless --ignore-eos)."),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at the model's end-of-sequence ids."),
     jsonl_field: str = JSONL_OPT,
+    device: str = DEVICE_OPT,
     as_json: bool = JSON_OPT,
     as_jsonl: bool = typer.Option(False, "--jsonl", help="One JSON line per prompt on stdout as soon as its batch "
                                   "is done (its \"index\" from 0, in the order batches finish), for pipelines."),
@@ -226,15 +231,16 @@ def generate(
         _run(lambda: generate_prompts(checkpoint, texts or read_prompts(prompts, jsonl_field), max_new_tokens,
                                       temperature, top_k, seed, top_p, dtype, num_samples, batch_size,
                                       source="--prompt" if texts else "--prompts", stops=parse_stops(stop),
-                                      stop_tokens=stop_token, ignore_eos=ignore_eos, on_result=on_result),
+                                      stop_tokens=stop_token, ignore_eos=ignore_eos, on_result=on_result,
+                                      device=device),
              as_json, None if as_jsonl else render.render_generated)
         return
     text = texts[0]
     out = None if as_json else render.GenerateStream(text, streamed=num_samples == 1)
     _run(lambda: generate_fn(checkpoint, text, max_new_tokens, temperature, top_k, seed, top_p, dtype,
                              on_text=out.piece if out and out.streamed else None, num_samples=num_samples,
-                             stops=parse_stops(stop), stop_tokens=stop_token, ignore_eos=ignore_eos),
-         as_json, out and out.end)
+                             stops=parse_stops(stop), stop_tokens=stop_token, ignore_eos=ignore_eos,
+                             device=device), as_json, out and out.end)
 
 
 @app.command()
@@ -310,6 +316,7 @@ def inspect_routing(
     svg: Optional[Path] = typer.Option(None, "--svg", help="Also save the report as an SVG picture."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute; router in fp32)."),
     jsonl_field: str = JSONL_OPT,
+    device: str = DEVICE_OPT,
     as_json: bool = JSON_OPT,
 ):
     """Routing balance and specialisation per layer and expert: rich tables, --json, --svg."""
@@ -318,7 +325,7 @@ def inspect_routing(
 
     def go():
         res = inspect_fn(checkpoint, data, max_tokens, seq_len, batch_size, capacity_factor, top_tokens, near_dead,
-                         domain, compare, dtype, jsonl_field)
+                         domain, compare, dtype, jsonl_field, device)
         if layer is not None and str(layer) not in res["layers"]:
             raise UserError(f"--layer {layer}: not an MoE layer (MoE layers: {', '.join(res['layers'])})")
         if svg is not None:

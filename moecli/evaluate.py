@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from .checkpoint import load_dtype, load_with_tokenizer
 from .data import (JSONL_FIELD, default_window, encode_to_file, eval_windows, expand_data_args, open_tokens,
                    run_val_split)
+from .device import model_device, resolve_device
 from .distributed import all_sum_, current
 from .errors import UserError, check_at_least
 from .model import autocast
@@ -28,13 +29,14 @@ def evaluate_loss(model, tokens: torch.Tensor, seq_len: int, starts: list[int], 
     as expert parallelism needs: a rank with no window left in the last batch scores one with weight 0.
     """
     info = current()
+    device = model_device(model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
         mine = starts[i: i + batch_size][info.rank::info.world]
         weight = 1.0 if mine else 0.0
-        xy = torch.stack([tokens[s: s + seq_len + 1].long() for s in (mine or starts[i: i + 1])])
+        xy = torch.stack([tokens[s: s + seq_len + 1].long() for s in (mine or starts[i: i + 1])]).to(device)
         with autocast(model, precision):
             logits = model(xy[:, :-1]).logits_BSV
         total += weight * float(F.cross_entropy(logits.flatten(0, 1).float(), xy[:, 1:].flatten(), reduction="sum"))
@@ -47,15 +49,17 @@ def evaluate_loss(model, tokens: torch.Tensor, seq_len: int, starts: list[int], 
 
 
 def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: int, max_windows: int | None,
-             dtype: str = "float32", per_file: bool = False, jsonl_field: str = JSONL_FIELD) -> dict:
+             dtype: str = "float32", per_file: bool = False, jsonl_field: str = JSONL_FIELD,
+             device: str = "cpu") -> dict:
     """Loss on DATA; with no DATA, on the validation split of the training run the checkpoint belongs to.
     Without --seq-len, a text shorter than one window of the recipe's length is scored as one window.
     With per_file, each source (a file, or - for stdin) is also scored on its own, under "files"."""
     check_at_least("--batch-size", batch_size, 1)
     if max_windows is not None:
         check_at_least("--max-windows", max_windows, 1)
-    torch_dtype = load_dtype(dtype)
+    torch_dtype, dev = load_dtype(dtype), resolve_device(device)
     model, _, directory, tok = load_with_tokenizer(checkpoint, torch_dtype)
+    model.to(dev)
     context = model.recipe.model.context
     if seq_len is not None and not 1 <= seq_len <= context:
         raise UserError(f"--seq-len: must be between 1 and the model's context ({context}), got {seq_len}")
@@ -87,7 +91,7 @@ def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: 
             if per_file and not parts:
                 raise UserError("--per-file: needs DATA (the validation split is one text, unless the run "
                                 "mixed sources with --data-weights)")
-        result = {"checkpoint": str(directory), **score(tokens, where), "dtype": dtype}
+        result = {"checkpoint": str(directory), **score(tokens, where), "dtype": dtype, "device": str(dev)}
         if per_file:
             result["files"] = [score(toks, name) for name, toks in parts]
     return result

@@ -47,11 +47,12 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    """safetensors' save_file, with the file given the usual permissions (save_file leaves it 0600, so
-    a checkpoint or export shared with a group could not be read by it)."""
+    """safetensors' save_file, from CPU copies of tensors on another device (--device), with the file given
+    the usual permissions (save_file leaves it 0600, so a checkpoint or export shared with a group could not
+    be read by it)."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=metadata)
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
     os.chmod(path, 0o666 & ~_umask())
 
 

@@ -13,6 +13,7 @@ import torch
 
 from .checkpoint import load_dtype, load_with_tokenizer
 from .data import JSONL_FIELD, is_jsonl, jsonl_docs
+from .device import model_device, resolve_device
 from .errors import UserError, check_at_least
 from .model import KVCache
 
@@ -20,7 +21,9 @@ from .model import KVCache
 def pick(logits_BV: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> list[int]:
     """The next token of each row of logits: argmax at temperature 0; else sampled from
     softmax(logits / temperature), restricted to the top_k most likely (0 = all) and then to the
-    smallest set of most likely tokens whose probabilities reach top_p (nucleus sampling; 1 = all)."""
+    smallest set of most likely tokens whose probabilities reach top_p (nucleus sampling; 1 = all).
+    On the CPU, whatever device computed the logits, as the seeded generator is a CPU one."""
+    logits_BV = logits_BV.cpu()
     if temperature == 0:
         return logits_BV.argmax(-1).tolist()
     logits_BV = logits_BV / temperature
@@ -107,7 +110,8 @@ def _prefill(model, prompts: list[list[int]], n: int, capacity: int) -> tuple[KV
                 buf[first + 1: first + n, :, start:longest] = buf[first, :, start:longest]
         if start:
             if pad_BC is None:
-                pad_BC = torch.zeros(len(prompts) * n, capacity, dtype=torch.bool)
+                pad_BC = torch.zeros(len(prompts) * n, capacity, dtype=torch.bool,
+                                     device=cache.layers[0].k_BHCDh.device)
             pad_BC[first: first + n, :start] = True
     cache.filled(longest, pad_BC)
     return cache, torch.cat(logits)
@@ -224,16 +228,18 @@ def eos_tokens(directory: Path, cfg: dict) -> list[int]:
     return [int(t) for t in eos if isinstance(t, int) and not isinstance(t, bool)]
 
 
-def _load(checkpoint: str, dtype: str, texts: list[str] | None, tokens: list[int] | None, ignore_eos: bool):
-    """(model, tokenizer, Stops) for generate and generate_prompts."""
+def _load(checkpoint: str, dtype: str, texts: list[str] | None, tokens: list[int] | None, ignore_eos: bool,
+          device: str = "cpu"):
+    """(model, tokenizer, Stops) for generate and generate_prompts; the model on `device` (--device)."""
+    dev = resolve_device(device)
     model, cfg, directory, tok = load_with_tokenizer(checkpoint, load_dtype(dtype))
-    return model, tok, _stops(model, cfg, directory, texts, tokens, ignore_eos)
+    return model.to(dev), tok, _stops(model, cfg, directory, texts, tokens, ignore_eos)
 
 
-def _settings(temperature: float, top_k: int, top_p: float, dtype: str, stop: Stops) -> dict:
+def _settings(temperature: float, top_k: int, top_p: float, dtype: str, stop: Stops, model) -> dict:
     """The sampling settings a result reports."""
     return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "dtype": dtype, "stop": stop.texts,
-            "stop_tokens": stop.tokens}
+            "stop_tokens": stop.tokens, "device": str(model_device(model))}
 
 
 def _stops(model, cfg: dict, directory: Path, texts: list[str] | None, tokens: list[int] | None,
@@ -300,20 +306,20 @@ def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: f
 def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
              top_p: float = 1.0, dtype: str = "float32", on_text: Callable[[str], None] | None = None,
              num_samples: int = 1, stops: list[str] | None = None, stop_tokens: list[int] | None = None,
-             ignore_eos: bool = False) -> dict:
+             ignore_eos: bool = False, device: str = "cpu") -> dict:
     """Sample a completion of `prompt` (num_samples of them, in one batch: "completions"), each ending
     before the first stop string or stop token (the model's end-of-sequence ones too, unless ignore_eos),
     or after max_new_tokens; on_text, when given, receives the first piece by piece as its tokens come
     (the pieces join to its "completion")."""
     _check_options(max_new_tokens, temperature, top_k, top_p, num_samples)
-    model, tok, stop = _load(checkpoint, dtype, stops, stop_tokens, ignore_eos)
+    model, tok, stop = _load(checkpoint, dtype, stops, stop_tokens, ignore_eos, device)
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise UserError("--prompt: empty prompt")
     samples = _sample(model, tok, [prompt_ids], max_new_tokens, temperature, top_k, [seed], top_p, num_samples,
                       stop, on_text)
     return {"prompt": prompt, **_completions(samples), "seed": seed,
-            **_settings(temperature, top_k, top_p, dtype, stop)}
+            **_settings(temperature, top_k, top_p, dtype, stop, model)}
 
 
 def _completions(samples: list[tuple[int, str, str]]) -> dict:
@@ -348,14 +354,14 @@ def generate_prompts(checkpoint: str, prompts: list[str], max_new_tokens: int, t
                      seed: int, top_p: float = 1.0, dtype: str = "float32", num_samples: int = 1,
                      batch_size: int = 8, source: str = "--prompts", stops: list[str] | None = None,
                      stop_tokens: list[int] | None = None, ignore_eos: bool = False,
-                     on_result: Callable[[int, dict], None] | None = None) -> dict:
+                     on_result: Callable[[int, dict], None] | None = None, device: str = "cpu") -> dict:
     """Sample completions of many prompts, batch_size prompts (of similar token counts) at a time
     (``stream_prompts``): "results" holds, in the prompts' order, what ``generate`` gives for each prompt
     alone with seed + its index (the same tokens, beyond rounding). ``on_result(index, result)`` is called
     for each prompt as soon as its batch is done (in the order batches finish, not the prompts')."""
     _check_options(max_new_tokens, temperature, top_k, top_p, num_samples)
     check_at_least("--batch-size", batch_size, 1)
-    model, tok, stop = _load(checkpoint, dtype, stops, stop_tokens, ignore_eos)
+    model, tok, stop = _load(checkpoint, dtype, stops, stop_tokens, ignore_eos, device)
     ids = [tok.encode(p) for p in prompts]
     for i, p in enumerate(ids):
         if not p:
@@ -372,4 +378,4 @@ def generate_prompts(checkpoint: str, prompts: list[str], max_new_tokens: int, t
             if on_result is not None:
                 on_result(i, results[i])
     return {"results": results, "prompts": len(prompts), "batch_size": batch_size, "num_samples": num_samples,
-            **_settings(temperature, top_k, top_p, dtype, stop)}
+            **_settings(temperature, top_k, top_p, dtype, stop, model)}

@@ -248,7 +248,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None) -> ModelOutput:
         """Logits for every position. With a cache, tokens_BS continues the tokens it holds (positions
-        cache.pos onwards), and the cache is extended with them."""
+        cache.pos onwards), and the cache is extended with them. The tokens go to the weights' device."""
+        tokens_BS = tokens_BS.to(self.tok_embeddings.weight.device)
         B, S = tokens_BS.shape
         if cache is None:
             cos, sin = self.rope(S, tokens_BS.device)

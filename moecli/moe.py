@@ -115,7 +115,9 @@ class MoELayer(nn.Module):
                 s_TD = s_TD * torch.sigmoid(self.shared_gate(x_TD))
             out_TD = out_TD + s_TD
 
-        self.stats = {"load_E": d.load_E.detach(), "dropped": d.dropped, "assignments": int(d.load_E.sum())}
+        # on the CPU, where training and inspect-routing sum them (one small copy; dispatch has synced already)
+        counts_E = d.load_E.detach().cpu()
+        self.stats = {"load_E": counts_E, "dropped": d.dropped, "assignments": int(counts_E.sum())}
         if self.capture:
             self.last_route = route
         if self.training or torch.is_grad_enabled():
@@ -128,5 +130,5 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def update_bias(self, load_E: torch.Tensor, rate: float) -> None:
         """DeepSeek-V3 aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded."""
-        load = load_E.float()
+        load = load_E.to(self.router.expert_bias.device, torch.float32)
         self.router.expert_bias.add_(rate * torch.sign(load.mean() - load))

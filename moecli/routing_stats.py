@@ -31,6 +31,7 @@ import torch
 from .balance import load_health
 from .checkpoint import load_checkpoint, load_dtype, load_with_tokenizer
 from .data import JSONL_FIELD, default_window, expand_data_args, run_val_split, text_pieces
+from .device import resolve_device
 from .errors import UserError, check_at_least
 from .moe import expert_capacity
 
@@ -51,17 +52,18 @@ class LayerAcc:
         self.dropped = 0
 
     def add(self, route, token_ids_T: torch.Tensor, capacity_factor: float) -> None:
+        """Count one batch's routing (``route``, from any device: summed on the CPU)."""
         E, K = self.E, self.K
-        idx, w = route.idx_TK, route.weight_TK.detach()
+        idx, w, token_ids_T = route.idx_TK.cpu(), route.weight_TK.detach().cpu(), token_ids_T.cpu()
         T = idx.shape[0]
         flat = idx.reshape(-1)
         load = torch.bincount(flat, minlength=E)
         self.load += load
         self.gate_sum += torch.zeros(E, dtype=w.dtype).index_add_(0, flat, w.reshape(-1))
-        p = route.scores_TE.detach()
+        p = route.scores_TE.detach().cpu()
         if not self.scores_sum_to_one:
             p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
-        z = torch.logsumexp(route.logits_TE.detach(), dim=-1)
+        z = torch.logsumexp(route.logits_TE.detach().cpu(), dim=-1)
         self.sums += torch.stack([w[:, 0].sum(), torch.special.entr(p).sum(), z.sum(), z.dot(z)]).double()
         self.z_max = torch.maximum(self.z_max, z.max())
         if K > 1:
@@ -174,7 +176,7 @@ def run_routing(model, stream: Stream, batch_size: int, capacity_factor: float, 
             for i, m in moe_layers:
                 accs[i].add(m.last_route, flat, capacity_factor)
                 if keep_idx:
-                    kept[i].append(m.last_route.idx_TK.clone())
+                    kept[i].append(m.last_route.idx_TK.cpu().clone())
     finally:
         for _, m in moe_layers:
             m.capture = False
@@ -185,13 +187,14 @@ def run_routing(model, stream: Stream, batch_size: int, capacity_factor: float, 
 def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, seq_len: int | None = None,
                     batch_size: int = 8, capacity_factor: float = 1.25, top_tokens: int = 5, near_dead: float = 0.1,
                     domains: list[str] | None = None, compare: str | None = None, dtype: str = "float32",
-                    jsonl_field: str = JSONL_FIELD) -> dict:
+                    jsonl_field: str = JSONL_FIELD, device: str = "cpu") -> dict:
     check_at_least("--batch-size", batch_size, 1)
     check_at_least("--capacity-factor", capacity_factor, 0)
     check_at_least("--top-tokens", top_tokens, 0)
     check_at_least("--near-dead", near_dead, 0)
-    torch_dtype = load_dtype(dtype)
+    torch_dtype, dev = load_dtype(dtype), resolve_device(device)
     model, _, directory, tok = load_with_tokenizer(checkpoint, torch_dtype)
+    model.to(dev)
     if not model.moe_layers:
         raise UserError(f"{checkpoint}: has no MoE layers (a dense model); nothing to inspect")
     ctx = model.recipe.model.context
@@ -217,13 +220,14 @@ def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, s
         "checkpoint": str(directory), "recipe": model.recipe.name, "data": where,
         "tokens": int(stream.ids.numel() // seq_len * seq_len),
         "seq_len": seq_len, "capacity_factor": capacity_factor, "near_dead_threshold": near_dead, "dtype": dtype,
+        "device": str(dev),
         "layers": layers,
         "flagged": {k: v["status"] for k, v in layers.items() if v["status"] != "ok"},
     }
     if domains:
         result["domains"] = domain_report(model, tok, domains, seq_len, batch_size, max_tokens, jsonl_field)
     if compare:
-        result["saturation"] = saturation(compare, stream, batch_size, kept, torch_dtype)
+        result["saturation"] = saturation(compare, stream, batch_size, kept, torch_dtype, dev)
     return result
 
 
@@ -246,9 +250,11 @@ def domain_report(model, tok, domains: list[str], seq_len: int, batch_size: int,
 
 
 def saturation(other: str, stream: Stream, batch_size: int, kept: dict[int, list[torch.Tensor]],
-               dtype: torch.dtype = torch.float32) -> dict:
-    """Top-k overlap between this checkpoint's routing and another's on the same tokens, per layer."""
+               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> dict:
+    """Top-k overlap between this checkpoint's routing and another's on the same tokens, per layer (the other
+    model computes on `device`, as this one did)."""
     model_b, _ = load_checkpoint(other, dtype)
+    model_b.to(device)
     layers_b = dict(model_b.moe_layers)
     if sorted(layers_b) != sorted(kept):
         raise UserError(f"{other}: MoE layers {sorted(layers_b)} differ from {sorted(kept)}; not the same run")

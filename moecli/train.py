@@ -36,6 +36,7 @@ from .config import apply_overrides, recipe_from_dict
 from .data import JSONL_FIELD, eval_windows, load_tokenizer, prepare_tokens, sample_mixed
 from .distributed import (DistInfo, all_mean, all_sum_, barrier, current, expert_params, gather_experts,
                           init_from_env, shard_experts, spawn, sync_gradients)
+from .device import resolve_device
 from .errors import RunFailed, UserError
 from .evaluate import evaluate_loss
 from .fileio import atomic_dir, atomic_write_json, atomic_write_text, metrics_upto, save_safetensors
@@ -64,6 +65,7 @@ class TrainArgs:
     # --data-weights: one sampling weight per DATA argument, each then a source with its own validation tail
     # (None: DATA is one stream; a resumed run keeps the weights in train_state.json unless given again)
     data_weights: list[float] | None = None
+    device: str = "cpu"  # --device: where the model trains (cpu, cuda, cuda:N, auto); one process only off the CPU
 
 
 def parse_data_weights(text: str | None) -> list[float] | None:
@@ -331,6 +333,9 @@ def setup(args: TrainArgs) -> Setup:
         raise UserError(f"{out}: already holds a run; pass --resume to continue it or --force to start over")
     if args.nproc < 1:
         raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
+    if resolve_device(args.device).type != "cpu" and (args.nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise UserError(f"--device {args.device}: several processes (--nproc, torchrun) train on the CPU only; "
+                        "give --device cpu, or one process")
     if args.data_weights is not None and args.data:
         if len(args.data_weights) != len(args.data):
             raise UserError(f"--data-weights: {len(args.data_weights)} weights for {len(args.data)} DATA arguments; "
@@ -418,6 +423,8 @@ def _train(args: TrainArgs, progress=None) -> dict:
         load_into(model, st.init_state, st.init_dir)
     if args.resume:
         load_into(model, load_state_file(st.ckpt_dir / "model.safetensors"), st.ckpt_dir / "model.safetensors")
+    device = resolve_device(args.device)
+    model.to(device)  # before the optimizer, whose state (resumed too) then lives beside the weights
     if info.expert_parallel and info.world > 1:
         shard_experts(model, info)
     for _, moe in model.moe_layers:
@@ -458,6 +465,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
                              "val_tokens": None if data.val_from_own_text else data.val[i].numel()}
                             for i, (src, w, tr) in enumerate(zip(data.sources, data.weights, data.train))] or None,
                "processes": info.world, "expert_parallel": info.expert_parallel, "precision": t.precision,
+               "device": str(device),
                "init": str(st.init_dir) if st.init_dir is not None else None}
     local_b = t.batch_size // info.world
     rows = slice(info.rank * local_b, (info.rank + 1) * local_b)
@@ -476,7 +484,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
             torch.manual_seed(t.seed * SEED_STRIDE + step)
             gen = torch.Generator().manual_seed(t.seed * SEED_STRIDE + step + 0x5EED)
             x, y = sample_mixed(data.train, data.weights, t.batch_size, t.seq_len, gen)  # the global batch ...
-            x, y = x[rows], y[rows]  # ... and this rank's share of it
+            x, y = x[rows].to(device), y[rows].to(device)  # ... and this rank's share of it
             opt.zero_grad(set_to_none=True)
             m = micro_steps(model, x, y, t.grad_accum, t.precision)
             ce_all, loss_all = all_mean(m["ce"]), all_mean(m["loss"])

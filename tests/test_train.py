@@ -439,7 +439,7 @@ def test_eval_per_file(tmp_path, tiny_recipe, cli):
     alone = [evaluate(str(ckpt), [str(p)], None, 4, None) for p in (a, b)]
     assert [f["data"] for f in both["files"]] == [str(a), str(b)]
     for got, want in zip(both["files"], alone):
-        assert got == {k: v for k, v in want.items() if k not in ("checkpoint", "dtype")}
+        assert got == {k: v for k, v in want.items() if k not in ("checkpoint", "dtype", "device")}
     assert both["files"][0]["loss"] != both["files"][1]["loss"]
     r = cli("eval", ckpt, a, "-", "--per-file", "--json", input=b.read_text())
     assert r.returncode == 0, r.stderr
