@@ -286,6 +286,7 @@ class Setup:
     resume_state: dict
     init_dir: Path | None = None  # --init: the checkpoint whose weights the run starts from ...
     init_state: dict | None = None  # ... and those weights
+    device: torch.device = torch.device("cpu")  # --device, resolved
 
 
 def setup(args: TrainArgs) -> Setup:
@@ -333,7 +334,8 @@ def setup(args: TrainArgs) -> Setup:
         raise UserError(f"{out}: already holds a run; pass --resume to continue it or --force to start over")
     if args.nproc < 1:
         raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
-    if resolve_device(args.device).type != "cpu" and (args.nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    device = resolve_device(args.device)
+    if device.type != "cpu" and (args.nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         raise UserError(f"--device {args.device}: several processes (--nproc, torchrun) train on the CPU only; "
                         "give --device cpu, or one process")
     if args.data_weights is not None and args.data:
@@ -353,7 +355,7 @@ def setup(args: TrainArgs) -> Setup:
         if recipe.moe.num_experts % args.nproc:
             raise UserError(f"--expert-parallel: num_experts ({recipe.moe.num_experts}) must be divisible by "
                             f"--nproc ({args.nproc})")
-    return Setup(recipe, out, tokenizer, ckpt_dir, resume_state, init_dir, init_state)
+    return Setup(recipe, out, tokenizer, ckpt_dir, resume_state, init_dir, init_state, device)
 
 
 def train(args: TrainArgs, progress=None) -> dict:
@@ -372,8 +374,9 @@ def train(args: TrainArgs, progress=None) -> dict:
 def _tokens(args: TrainArgs, st: Setup):
     """The run's token data (from DATA, the default corpus, or the cache a launcher or checkpoint names)."""
     t = st.recipe.train
-    weights = args.data_weights or st.resume_state.get("data_weights")
-    if weights is not None and args.data and len(weights) != len(args.data):  # the run's own, from its checkpoint
+    stored = st.resume_state.get("data_weights")  # a resumed run mixes as before unless given new weights
+    weights = args.data_weights or stored
+    if args.data_weights is None and stored and args.data and len(stored) != len(args.data):
         raise UserError(f"DATA: the run in {st.out} mixes {len(weights)} sources (--data-weights); give as many "
                         "DATA arguments, or none to use the run's token cache")
     data = prepare_tokens(args.data, st.tokenizer, st.out / "data", t.val_fraction, t.seq_len,
@@ -423,7 +426,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
         load_into(model, st.init_state, st.init_dir)
     if args.resume:
         load_into(model, load_state_file(st.ckpt_dir / "model.safetensors"), st.ckpt_dir / "model.safetensors")
-    device = resolve_device(args.device)
+    device = st.device
     model.to(device)  # before the optimizer, whose state (resumed too) then lives beside the weights
     if info.expert_parallel and info.world > 1:
         shard_experts(model, info)
