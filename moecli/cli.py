@@ -15,7 +15,7 @@ from typing import Callable, List, Optional
 import typer
 
 from . import render
-from .errors import RunFailed, UserError
+from .errors import Interrupted, RunFailed, UserError
 
 app = typer.Typer(
     name="moe",
@@ -43,9 +43,9 @@ def _run(fn: Callable[[], dict], as_json: bool, draw: Callable[[dict], None] | N
     except UserError as e:
         render.error_line(str(e))
         raise typer.Exit(2) from None
-    except RunFailed as e:
+    except (RunFailed, Interrupted) as e:
         render.error_line(str(e))
-        raise typer.Exit(1) from None
+        raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         render.error_line("interrupted")
         raise typer.Exit(130) from None

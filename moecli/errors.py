@@ -22,3 +22,12 @@ class RunFailed(Exception):
     """A run that started fine but could not finish (e.g. the loss became NaN): exit code 1."""
 
     exit_code = 1
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal after saving what it had done: exit code 128 + the signal's number
+    (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a process the signal ended."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum

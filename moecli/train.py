@@ -21,6 +21,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ from .data import JSONL_FIELD, eval_windows, load_tokenizer, prepare_tokens, sam
 from .distributed import (DistInfo, all_mean, all_sum_, barrier, current, expert_params, gather_experts,
                           init_from_env, shard_experts, spawn, sync_gradients)
 from .device import resolve_device
-from .errors import RunFailed, UserError
+from .errors import Interrupted, RunFailed, UserError
 from .evaluate import evaluate_loss
 from .fileio import atomic_dir, atomic_write_json, atomic_write_text, metrics_upto, save_safetensors
 from .model import Transformer, autocast, build_model
@@ -245,6 +247,31 @@ class EarlyStop:
         """As train_state.json, the metrics and the summary record it."""
         return {"lowest_val_loss": self.lowest if math.isfinite(self.lowest) else None,
                 "lowest_step": self.lowest_step, "passes": self.passes}
+
+
+class StopSignals:
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption) during a one-process run: the step under way
+    finishes, the loop saves a checkpoint of it and ends (``Interrupted``); a second Ctrl-C stops at once.
+    Only in the main thread of a one-process run (several ranks would have to agree on the step)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum: int | None = None
+        self._old: dict = {}
+
+    def install(self) -> None:
+        if self.enabled:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # asked twice: stop now, without the checkpoint
+            raise KeyboardInterrupt
+        self.signum = signum
 
 
 def find_resume_dir(out: Path) -> Path:
@@ -478,6 +505,8 @@ def _train(args: TrainArgs, progress=None) -> dict:
     window = RoutingWindow(model)
     routing = None
     mf = open(metrics_path, "a") if info.is_main else None
+    signals = StopSignals(info.world == 1)
+    signals.install()
     try:
         for step in range(start_step, t.max_steps):
             t0 = time.perf_counter()
@@ -537,7 +566,8 @@ def _train(args: TrainArgs, progress=None) -> dict:
             if mf:
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
-            if (step + 1) % t.ckpt_interval == 0 or done:
+            interrupted = signals.signum is not None and not done  # Ctrl-C or SIGTERM: keep this step, then end
+            if (step + 1) % t.ckpt_interval == 0 or done or interrupted:
                 last_ckpt = save_train_checkpoint(out, model, opt, step + 1, tokens_seen, tokenizer, data.fingerprint,
                                                   info, early.state(), data.weights if data.sources else None)
                 last_ckpt_step = step + 1
@@ -546,7 +576,12 @@ def _train(args: TrainArgs, progress=None) -> dict:
                 progress(rec, t.max_steps)
             if stopped:
                 break
+            if interrupted:
+                raise Interrupted(f"{signal.Signals(signals.signum).name}: stopped after step {step + 1} of "
+                                  f"{t.max_steps}, saved in {last_ckpt}; continue with: moe train -o {out} --resume",
+                                  signals.signum)
     finally:
+        signals.restore()
         if mf:
             mf.close()
     measured = step_times[1:] or step_times

@@ -69,6 +69,34 @@ def test_kill_9_mid_run_then_resume(tmp_path, corpus, tiny_recipe, cli):
     assert losses(run) == losses(ref)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_the_step_it_stopped_after(tmp_path, corpus, tiny_recipe, cli, sig):
+    """Ctrl-C (SIGINT) or SIGTERM mid-run: the step under way finishes and is saved (no checkpoint was due for
+    another 1000 steps), the run exits 128 + the signal with one line saying where, and --resume then gives
+    the uninterrupted run's losses."""
+    recipe = tiny_recipe(moe={"random_routing": True}, train={"max_steps": 400, "ckpt_interval": 1000,
+                                                               "eval_interval": 1000})
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "moecli.cli", "train", str(recipe), str(corpus), "-o", str(run),
+                             "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent.parent)
+    deadline, metrics = time.time() + 120, run / "metrics.jsonl"
+    while time.time() < deadline and (metrics.read_text().count("\n") if metrics.is_file() else 0) < 5:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    stderr = proc.communicate(timeout=120)[1]
+    done = json.loads((run / "checkpoint" / "train_state.json").read_text())["step"]
+    assert proc.returncode == 128 + sig and 5 <= done < 400, (proc.returncode, stderr)
+    assert stderr.strip() == (f"error: {sig.name}: stopped after step {done} of 400, saved in {run / 'checkpoint'}; "
+                              f"continue with: moe train -o {run} --resume")
+    assert losses(run)[-1][0] == done  # the metrics end at the saved step
+    if sig == signal.SIGINT:
+        assert cli("train", "-o", run, "--resume", "-q").returncode == 0
+        ref = tmp_path / "ref"
+        assert cli("train", recipe, corpus, "-o", ref, "-q").returncode == 0
+        assert losses(run) == losses(ref)
+
+
 def test_nan_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path, corpus, tiny_recipe, cli):
     recipe = tiny_recipe(train={"lr": 1e30, "warmup_steps": 1, "ckpt_interval": 1, "max_steps": 20, "grad_clip": 0})
     run = tmp_path / "nan"
