@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 from pathlib import Path
@@ -39,6 +40,8 @@ def info(target: str | None) -> dict:
         extra = {k: cfg[k] for k in ("step", "tokens_seen", "source") if k in cfg}
         extra["weights"] = weights_summary(model, cfg, directory)
         extra.update(last_metrics(directory, cfg.get("step")))
+        if mix := data_mix(directory):
+            extra["data_mix"] = mix
         if "val_loss" in cfg:  # a run's best model (train.keep_best) records the loss it was kept for
             extra["val_loss"] = {"step": cfg.get("step"), "value": cfg["val_loss"]}
     else:
@@ -72,6 +75,19 @@ def weights_summary(model: Transformer, cfg: dict, directory: Path) -> dict:
         name = str(dtype).removeprefix("torch.")
         dtypes[name] = dtypes.get(name, 0) + math.prod(shape)
     return {"files": len(src.handles), "bytes": src.total_bytes(), "tensors": len(metas), "dtypes": dtypes}
+
+
+def data_mix(directory: Path) -> list[dict] | None:
+    """For a run's checkpoint that mixed sources (--data-weights): each source (from the run's token cache)
+    and its sampling weight (from train_state.json); else None."""
+    try:
+        weights = json.loads((directory / "train_state.json").read_text()).get("data_weights")
+        parts = json.loads((directory.parent / "data" / "tokens.json").read_text()).get("parts")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not weights or not parts or len(parts) != len(weights):
+        return None
+    return [{"source": src, "weight": w, "tokens": end - start} for (src, start, end), w in zip(parts, weights)]
 
 
 def last_metrics(directory: Path, step: int | None) -> dict:

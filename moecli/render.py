@@ -118,6 +118,9 @@ def render_info(res: dict) -> None:
             out.print(f"{key}: {res[key]['value']:.4f} (step {res[key]['step']})")
     for src, loss in res.get("val_loss_by_source", {}).get("value", {}).items():
         out.print(f"  {escape(src)}: {loss:.4f}")
+    if res.get("data_mix"):
+        out.print("data mix: " + ", ".join(f"{escape(m['source'])} {m['weight']:.3g} ({m['tokens']:,} tokens)"
+                                           for m in res["data_mix"]))
     if "routing" in res:
         out.print(f"routing (validation window ending at step {res['routing']['step']}): "
                   + routing_verdict(res["routing"]["value"].get("flagged", {})))

@@ -666,6 +666,11 @@ def test_data_weights_mix_sources_with_their_own_validation(tmp_path, corpus, ti
     assert r.returncode == 0, r.stderr
     assert [m["weight"] for m in json.loads(r.stdout)["data_mix"]] == [0.5, 0.5]
     assert json.loads((part / "checkpoint" / "train_state.json").read_text())["data_weights"] == [0.5, 0.5]
+    from moecli.info import info
+    shown = info(str(part))
+    assert shown["data_mix"] == [{"source": str(corpus), "weight": 0.5, "tokens": sizes[0]},
+                                 {"source": str(other), "weight": 0.5, "tokens": sizes[1]}]
+    assert shown["val_loss_by_source"]["step"] == 8 and set(shown["val_loss_by_source"]["value"]) == set(data)
     for args, message in [
         ((recipe, corpus, other, "--data-weights", "1,2,3"), "--data-weights: 3 weights for 2 DATA arguments"),
         ((recipe, corpus, corpus, "--data-weights", "1,2"), f"DATA: {corpus} is given twice"),
