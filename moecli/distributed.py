@@ -19,7 +19,9 @@ Shape legend: N token-copies sorted by expert, D model dim, R ranks, El experts 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -69,39 +71,66 @@ def _worker(rank: int, world: int, port: int, fn, args, queue):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the ranks from the launcher, as SIGTERM
     try:
         result = fn(*args)
         if rank == 0:
             queue.put(("ok", result))
     except BaseException as e:  # report the first failure to the parent as (kind, message)
-        queue.put(("error", (type(e).__name__, str(e), getattr(e, "exit_code", 1))))
-        raise SystemExit(1) from None
+        queue.put(("error", (type(e).__name__, getattr(e, "message", str(e)), getattr(e, "exit_code", 1))))
+        # a stop every rank agreed on (Interrupted) ends each rank in turn; a failure ends the others at once
+        raise SystemExit(0 if type(e).__name__ == "Interrupted" else 1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def spawn(nproc: int, fn, *args):
-    """Run fn(*args) in nproc local processes; returns rank 0's result, re-raises the first failure."""
+    """Run fn(*args) in nproc local processes; returns rank 0's result, re-raises the first failure.
+
+    A Ctrl-C (SIGINT) or SIGTERM to this process is passed on to the ranks as one SIGTERM (they ignore
+    SIGINT, so a Ctrl-C at a terminal, which reaches them too, counts once): they finish the step, save it
+    and stop, and this process reports the signal it got (``Interrupted``). A second signal ends them at once.
+    """
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
+    context = mp.start_processes(_worker, args=(nproc, free_port(), fn, args, queue), nprocs=nproc,
+                                 start_method="spawn", join=False)
+    got: list[int] = []
+
+    def handle(signum, frame):
+        got.append(signum)
+        for p in context.processes:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM if len(got) == 1 else signal.SIGKILL)
+
+    main = threading.current_thread() is threading.main_thread()  # where Python runs signal handlers
+    old = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
-        mp.start_processes(_worker, args=(nproc, free_port(), fn, args, queue), nprocs=nproc, start_method="spawn")
+        while not context.join():
+            pass
     except (mp.ProcessExitedException, mp.ProcessRaisedException):
         pass  # the failing worker put its error on the queue
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
     status = None
     while not queue.empty():
         item = queue.get()
         if item[0] == "error" or status is None:
             status = item
+    if got and (status is None or status[0] == "error" and status[1][0] != "Interrupted"):
+        raise KeyboardInterrupt  # a second signal ended the ranks before they could save
     if status is None:
         raise RuntimeError("distributed workers ended without a result")
     if status[0] == "error":
         name, msg, code = status[1]
-        from .errors import RunFailed
+        from .errors import Interrupted, RunFailed
 
+        if name == "Interrupted":
+            raise Interrupted(msg, got[0] if got else code - 128)
         raise (UserError if code == 2 else RunFailed)(msg)
     return status[1]
 
@@ -143,6 +172,15 @@ def all_mean(x: float) -> float:
     t = torch.tensor([x], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
+
+
+def all_max(x: int) -> int:
+    """The largest of every rank's x (x itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    t = torch.tensor([x], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
 
 
 def all_sum_(t: torch.Tensor) -> torch.Tensor:

@@ -25,9 +25,11 @@ class RunFailed(Exception):
 
 
 class Interrupted(Exception):
-    """A run stopped by a signal after saving what it had done: exit code 128 + the signal's number
-    (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a process the signal ended."""
+    """A run stopped by a signal after saving what it had done: "SIGNAME: message", exit code 128 + the
+    signal's number (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a process the signal ended."""
 
     def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
+        import signal
+
+        super().__init__(f"{signal.Signals(signum).name}: {message}")
+        self.message, self.exit_code = message, 128 + signum

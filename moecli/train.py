@@ -36,7 +36,7 @@ from .checkpoint import (CONFIG_FILE, load_into, load_state_file, load_with_toke
 from .balance import load_health
 from .config import apply_overrides, recipe_from_dict
 from .data import JSONL_FIELD, eval_windows, load_tokenizer, prepare_tokens, sample_mixed
-from .distributed import (DistInfo, all_mean, all_sum_, barrier, current, expert_params, gather_experts,
+from .distributed import (DistInfo, all_max, all_mean, all_sum_, barrier, current, expert_params, gather_experts,
                           init_from_env, shard_experts, spawn, sync_gradients)
 from .device import resolve_device
 from .errors import Interrupted, RunFailed, UserError
@@ -250,19 +250,22 @@ class EarlyStop:
 
 
 class StopSignals:
-    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption) during a one-process run: the step under way
-    finishes, the loop saves a checkpoint of it and ends (``Interrupted``); a second Ctrl-C stops at once.
-    Only in the main thread of a one-process run (several ranks would have to agree on the step)."""
+    """Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption) during training: the step under way finishes,
+    the loop saves a checkpoint of it and ends (``Interrupted``); a second signal stops at once. Under
+    torch.distributed the ranks agree at every step's end (``asked``), so all stop after the same step.
+    A signal the process ignores stays ignored: ranks of ``moe train --nproc`` ignore SIGINT, and the
+    launcher passes a Ctrl-C on to them as one SIGTERM (``distributed.spawn``)."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+    def __init__(self):
+        self.enabled = threading.current_thread() is threading.main_thread()
         self.signum: int | None = None
         self._old: dict = {}
 
     def install(self) -> None:
         if self.enabled:
             for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
+                if signal.getsignal(s) is not signal.SIG_IGN:
+                    self._old[s] = signal.signal(s, self._handle)
 
     def restore(self) -> None:
         for s, old in self._old.items():
@@ -272,6 +275,13 @@ class StopSignals:
         if self.signum is not None:  # asked twice: stop now, without the checkpoint
             raise KeyboardInterrupt
         self.signum = signum
+
+    def asked(self, info: DistInfo) -> bool:
+        """Whether to stop after this step: a signal came here, or (under torch.distributed) to any rank.
+        Every rank calls it at the same point of every step (one small all-reduce when distributed)."""
+        if info.world > 1:
+            self.signum = all_max(self.signum or 0) or None  # this rank's signal, or another's
+        return self.signum is not None
 
 
 def find_resume_dir(out: Path) -> Path:
@@ -505,7 +515,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
     window = RoutingWindow(model)
     routing = None
     mf = open(metrics_path, "a") if info.is_main else None
-    signals = StopSignals(info.world == 1)
+    signals = StopSignals()
     signals.install()
     try:
         for step in range(start_step, t.max_steps):
@@ -566,7 +576,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
             if mf:
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
-            interrupted = signals.signum is not None and not done  # Ctrl-C or SIGTERM: keep this step, then end
+            interrupted = signals.asked(info) and not done  # Ctrl-C or SIGTERM: keep this step, then end
             if (step + 1) % t.ckpt_interval == 0 or done or interrupted:
                 last_ckpt = save_train_checkpoint(out, model, opt, step + 1, tokens_seen, tokenizer, data.fingerprint,
                                                   info, early.state(), data.weights if data.sources else None)
@@ -577,9 +587,8 @@ def _train(args: TrainArgs, progress=None) -> dict:
             if stopped:
                 break
             if interrupted:
-                raise Interrupted(f"{signal.Signals(signals.signum).name}: stopped after step {step + 1} of "
-                                  f"{t.max_steps}, saved in {last_ckpt}; continue with: moe train -o {out} --resume",
-                                  signals.signum)
+                raise Interrupted(f"stopped after step {step + 1} of {t.max_steps}, saved in {last_ckpt}; "
+                                  f"continue with: moe train -o {out} --resume", signals.signum)
     finally:
         signals.restore()
         if mf:

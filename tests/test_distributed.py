@@ -99,3 +99,43 @@ def test_processes_join_over_gloo_also_where_torch_sees_a_gpu(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: chosen.append(backend))
     distributed.init_from_env()
     assert chosen == ["gloo"]
+
+
+@pytest.mark.parametrize("to_group", [True, False])
+def test_a_signal_stops_every_rank_after_the_same_step(tmp_path, tiny_recipe, cli, to_group):
+    """--nproc 2: Ctrl-C at a terminal (SIGINT to the launcher and the ranks) or SIGTERM to the launcher alone:
+    the launcher passes one SIGTERM on, the ranks agree on the step, save it together and stop; one line,
+    exit 128 + the launcher's signal. Resumed, the run ends as an uninterrupted one does (rel 1e-5)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"the {i % 17} cats sat on {i % 5} mats\n" for i in range(500)))
+    recipe = tiny_recipe(train={"max_steps": 300, "ckpt_interval": 1000, "eval_interval": 1000})
+    run, metrics = tmp_path / "run", tmp_path / "run" / "metrics.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "moecli.cli", "train", str(recipe), str(corpus), "-o", str(run),
+                             "-q", "--nproc", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent.parent, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (metrics.read_text().count("\n") if metrics.is_file() else 0) < 5:
+        time.sleep(0.01)
+    sig = signal.SIGINT if to_group else signal.SIGTERM
+    (os.killpg if to_group else os.kill)(proc.pid, sig)
+    stderr = proc.communicate(timeout=120)[1]
+    done = json.loads((run / "checkpoint" / "train_state.json").read_text())["step"]
+    assert proc.returncode == 128 + sig and 5 <= done < 300, (proc.returncode, stderr)
+    assert stderr.strip() == (f"error: {sig.name}: stopped after step {done} of 300, saved in {run / 'checkpoint'}; "
+                              f"continue with: moe train -o {run} --resume")
+    assert losses(run)[-1]["step"] == done
+    if to_group:
+        r = cli("train", "-o", run, "--resume", "-q", "--nproc", "2")
+        assert r.returncode == 0, r.stderr
+        ref = tmp_path / "ref"
+        assert cli("train", recipe, corpus, "-o", ref, "-q", "--nproc", "2").returncode == 0
+        assert [x["step"] for x in losses(run)] == list(range(1, 301))
+        for x, y in zip(losses(run), losses(ref)):
+            assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
