@@ -35,6 +35,13 @@ class RouterOutput:
     weight_TK: torch.Tensor  # combine weights (fp32)
     keep_TK: torch.Tensor | None  # False where random routing dropped a choice; None = all kept
 
+    def detached_cpu(self) -> "RouterOutput":
+        """The same routing, detached and on the CPU (statistics are summed there, whatever the device)."""
+        def cpu(t):
+            return None if t is None else t.detach().cpu()
+        return RouterOutput(cpu(self.logits_TE), cpu(self.scores_TE), cpu(self.idx_TK), cpu(self.weight_TK),
+                            cpu(self.keep_TK))
+
 
 class Router(nn.Module):
     def __init__(self, d_model: int, cfg: MoEConfig):

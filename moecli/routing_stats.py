@@ -52,18 +52,18 @@ class LayerAcc:
         self.dropped = 0
 
     def add(self, route, token_ids_T: torch.Tensor, capacity_factor: float) -> None:
-        """Count one batch's routing (``route``, from any device: summed on the CPU)."""
+        """Count one batch's routing (``route``: CPU tensors, ``RouterOutput.detached_cpu``)."""
         E, K = self.E, self.K
-        idx, w, token_ids_T = route.idx_TK.cpu(), route.weight_TK.detach().cpu(), token_ids_T.cpu()
+        idx, w = route.idx_TK, route.weight_TK
         T = idx.shape[0]
         flat = idx.reshape(-1)
         load = torch.bincount(flat, minlength=E)
         self.load += load
         self.gate_sum += torch.zeros(E, dtype=w.dtype).index_add_(0, flat, w.reshape(-1))
-        p = route.scores_TE.detach().cpu()
+        p = route.scores_TE
         if not self.scores_sum_to_one:
             p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
-        z = torch.logsumexp(route.logits_TE.detach().cpu(), dim=-1)
+        z = torch.logsumexp(route.logits_TE, dim=-1)
         self.sums += torch.stack([w[:, 0].sum(), torch.special.entr(p).sum(), z.sum(), z.dot(z)]).double()
         self.z_max = torch.maximum(self.z_max, z.max())
         if K > 1:
@@ -174,9 +174,10 @@ def run_routing(model, stream: Stream, batch_size: int, capacity_factor: float, 
             model(x)
             flat = x.reshape(-1)
             for i, m in moe_layers:
-                accs[i].add(m.last_route, flat, capacity_factor)
+                route = m.last_route.detached_cpu()  # a copy where the model is not on the CPU
+                accs[i].add(route, flat, capacity_factor)
                 if keep_idx:
-                    kept[i].append(m.last_route.idx_TK.cpu().clone())
+                    kept[i].append(route.idx_TK.clone())
     finally:
         for _, m in moe_layers:
             m.capture = False
