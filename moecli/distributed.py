@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .errors import UserError
+from .errors import Interrupted, RunFailed, UserError
 
 
 # Multi-process training keeps its tensors on the CPU, which nccl cannot carry: gloo even where torch sees
@@ -79,7 +79,7 @@ def _worker(rank: int, world: int, port: int, fn, args, queue):
     except BaseException as e:  # report the first failure to the parent as (kind, message)
         queue.put(("error", (type(e).__name__, getattr(e, "message", str(e)), getattr(e, "exit_code", 1))))
         # a stop every rank agreed on (Interrupted) ends each rank in turn; a failure ends the others at once
-        raise SystemExit(0 if type(e).__name__ == "Interrupted" else 1) from None
+        raise SystemExit(0 if isinstance(e, Interrupted) else 1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -127,9 +127,7 @@ def spawn(nproc: int, fn, *args):
         raise RuntimeError("distributed workers ended without a result")
     if status[0] == "error":
         name, msg, code = status[1]
-        from .errors import Interrupted, RunFailed
-
-        if name == "Interrupted":
+        if name == "Interrupted":  # by name: what the queue carries across processes
             raise Interrupted(msg, got[0] if got else code - 128)
         raise (UserError if code == 2 else RunFailed)(msg)
     return status[1]
