@@ -7,7 +7,6 @@ the loaders accept either that directory or ``OUT`` itself.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -16,10 +15,11 @@ from safetensors.torch import load_file
 
 from .config import Recipe, recipe_from_dict
 from .errors import UserError
-from .fileio import atomic_write_json, save_safetensors
+from .fileio import atomic_write_json, read_json_object, save_safetensors
 from .model import Transformer
 
 FORMAT = "moecli-checkpoint"
+VERSION = 1  # config.json "version": the layout of the checkpoint's files and tensor names
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -40,7 +40,7 @@ def save_checkpoint(model: Transformer, directory: Path, extra: dict | None = No
     directory = Path(directory)
     save_safetensors(state if state is not None else model_state(model), directory / MODEL_FILE,
                      metadata={"format": "pt"})
-    config = {"format": FORMAT, "version": 1, "recipe": model.recipe.to_dict()}
+    config = {"format": FORMAT, "version": VERSION, "recipe": model.recipe.to_dict()}
     config.update(extra or {})
     atomic_write_json(directory / CONFIG_FILE, config)
 
@@ -72,14 +72,7 @@ def find_checkpoint_dir(path: str | Path) -> Path:
 
 
 def read_config(directory: Path) -> dict:
-    cfg_path = directory / CONFIG_FILE
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{cfg_path}: cannot read JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{cfg_path}: expected a JSON object")
-    return cfg
+    return read_json_object(directory / CONFIG_FILE)
 
 
 def load_state_file(path: Path) -> dict[str, torch.Tensor]:
@@ -97,6 +90,10 @@ def read_recipe(path: str | Path) -> tuple[Recipe, dict, Path]:
     directory = find_checkpoint_dir(path)
     cfg = read_config(directory)
     if cfg.get("format") == FORMAT:
+        version = cfg.get("version", VERSION)
+        if not isinstance(version, int) or isinstance(version, bool) or version > VERSION:
+            raise UserError(f"{directory / CONFIG_FILE}: version: {version!r}; this moecli reads checkpoint format "
+                            f"version {VERSION} (a newer moecli wrote it? upgrade moecli)")
         return recipe_from_dict(cfg.get("recipe"), str(directory / CONFIG_FILE) + " recipe"), cfg, directory
     if "model_type" in cfg:
         from .hf import read_hf_config, recipe_from_hf
@@ -143,6 +140,18 @@ def check_shapes(model: Transformer, shapes: dict[str, tuple], source: Path | st
             raise UserError(f"{source}: {k} has shape {tuple(shape)}, config says {expected[k]}")
 
 
+def check_values(sd: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Every tensor must hold floating-point numbers, all finite: a NaN or inf weight (a run saved after it
+    diverged, a damaged file) would only show later as NaN losses or a sampler's failure."""
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            raise UserError(f"{source}: {k} has dtype {str(v.dtype).removeprefix('torch.')}; expected floating point")
+        # a NaN or inf makes the sum non-finite (one fast pass); only then count (an overflowing sum counts 0)
+        if not bool(torch.isfinite(v.sum())) and (bad := v.numel() - int(torch.isfinite(v).sum())):
+            raise UserError(f"{source}: {k} holds {bad} NaN or inf value{'s' if bad > 1 else ''} (of {v.numel()})")
+
+
 def load_into(model: Transformer, sd: dict[str, torch.Tensor], source: Path | str) -> None:
     check_shapes(model, {k: tuple(v.shape) for k, v in sd.items()}, source)
+    check_values(sd, source)
     model.load_state_dict(sd, strict=False)

@@ -46,6 +46,18 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json_object(path: Path, what: str = "JSON") -> dict:
+    """A JSON file that must hold an object; anything else (missing, unreadable, not JSON, a list) is bad input
+    naming the file."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read {what}: {e}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def save_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
     """safetensors' save_file, from CPU copies of tensors on another device (--device), with the file given
     the usual permissions (save_file leaves it 0600, so a checkpoint or export shared with a group could not

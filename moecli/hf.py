@@ -10,14 +10,13 @@ stores one (out, in) matrix per expert, so expert e's gate is w1_EDF[e].T.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .config import Recipe, recipe_from_dict
 from .errors import UserError
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, read_json_object
 from .st_stream import LazyTensors
 
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -32,10 +31,7 @@ QK_NORM_TYPES = ("qwen3", "qwen3_moe")
 
 def read_hf_config(directory: Path) -> dict:
     p = Path(directory) / "config.json"
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{p}: cannot read Hugging Face config: {e}") from None
+    cfg = read_json_object(p, "Hugging Face config")
     mt = cfg.get("model_type")
     if mt not in DENSE_TYPES + MOE_TYPES + READ_ONLY_MOE_TYPES:
         raise UserError(f"{p}: model_type {mt!r} is not supported (dense: {', '.join(DENSE_TYPES)}; "

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import UserError
+from .fileio import read_json_object
 
 DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -105,10 +106,9 @@ class LazyTensors:
     def from_dir(cls, directory: Path) -> "LazyTensors":
         index = directory / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise UserError(f"{index}: not a safetensors index ({e})") from None
+            weight_map = read_json_object(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise UserError(f"{index}: weight_map: must map tensor names to shard file names")
             files = sorted({directory / v for v in weight_map.values()})
             missing = [f for f in files if not f.is_file()]
             if missing:

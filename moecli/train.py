@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from .build import prepare_recipe
-from .checkpoint import (CONFIG_FILE, load_into, load_state_file, load_with_tokenizer, model_state, read_config,
-                         save_checkpoint)
+from .checkpoint import (CONFIG_FILE, check_values, load_into, load_state_file, load_with_tokenizer, model_state,
+                         read_config, save_checkpoint)
 from .balance import load_health
 from .config import apply_overrides, recipe_from_dict
 from .data import JSONL_FIELD, eval_windows, load_tokenizer, prepare_tokens, sample_mixed
@@ -41,7 +41,8 @@ from .distributed import (DistInfo, all_max, all_mean, all_sum_, barrier, curren
 from .device import resolve_device
 from .errors import Interrupted, RunFailed, UserError
 from .evaluate import evaluate_loss
-from .fileio import atomic_dir, atomic_write_json, atomic_write_text, metrics_upto, save_safetensors
+from .fileio import (atomic_dir, atomic_write_json, atomic_write_text, metrics_upto, read_json_object,
+                     save_safetensors)
 from .model import Transformer, autocast, build_model
 
 SEED_STRIDE = 1_000_003
@@ -291,19 +292,72 @@ def find_resume_dir(out: Path) -> Path:
     raise UserError(f"{out}: no checkpoint to resume from (expected {out / 'checkpoint'})")
 
 
-def load_optimizer_state(model, opt, directory: Path, info: DistInfo) -> dict:
-    ts = json.loads((directory / "train_state.json").read_text())
-    flat = load_state_file(directory / "optimizer.safetensors")
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def read_train_state(directory: Path) -> dict:
+    """A checkpoint's train_state.json, its fields checked before the run is touched (a damaged or hand-edited
+    file is bad input naming the field, not a failure halfway through the resume)."""
+    path = directory / "train_state.json"
+    ts = read_json_object(path)
+
+    def check(field: str, ok: bool, want: str) -> None:
+        if not ok:
+            raise UserError(f"{path}: {field}: must be {want}, got {ts.get(field)!r}")
+
+    for name in ("step", "tokens_seen"):
+        check(name, _whole(ts.get(name)), "a whole number >= 0")
+    groups = ts.get("param_groups")
+    check("param_groups", isinstance(groups, list) and all(isinstance(g, dict) for g in groups),
+          "a list of objects (the optimizer's settings)")
+    check("data", isinstance(ts.get("data", ""), str), "a string (the token cache's fingerprint)")
+    w = ts.get("data_weights")
+    check("data_weights", w is None or (isinstance(w, list) and len(w) > 0 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in w)),
+        "a list of positive numbers")
+    es = ts.get("early_stop")
+    low = es.get("lowest_val_loss") if isinstance(es, dict) else None
+    check("early_stop", es is None or (isinstance(es, dict) and (low is None or (
+        isinstance(low, (int, float)) and not isinstance(low, bool))) and all(
+        _whole(es.get(k, 0)) for k in ("lowest_step", "passes"))),
+        "an object with lowest_val_loss (a number or null), lowest_step and passes (whole numbers)")
+    return ts
+
+
+ADAMW_STATE = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def load_optimizer_state(model, opt, directory: Path, ts: dict, info: DistInfo) -> None:
+    """The optimizer's state from OUT/checkpoint/optimizer.safetensors (whole experts; under expert
+    parallelism each rank takes its own) and ``ts`` (read_train_state). Every tensor is checked against its
+    parameter's shape first: AdamW's fused kernel would read past a smaller one."""
+    path = directory / "optimizer.safetensors"
+    flat = load_state_file(path)
+    check_values(flat, path)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
     sharded = _expert_indices(model, opt) if info.expert_parallel and info.world > 1 else set()
     state: dict[int, dict] = {}
     for key, v in flat.items():
-        idx, name = key.split(".", 1)
-        if int(idx) in sharded and name != "step":
+        idx, _, name = key.partition(".")
+        if not idx.isdigit() or int(idx) >= len(params) or name not in ADAMW_STATE:
+            raise UserError(f"{path}: {key}: not a tensor of this model's optimizer (AdamW, {len(params)} parameters)")
+        p, i = params[int(idx)], int(idx)
+        whole = (p.shape[0] * info.world, *p.shape[1:]) if i in sharded else tuple(p.shape)
+        want = () if name == "step" else whole
+        if tuple(v.shape) != want:
+            raise UserError(f"{path}: {key} has shape {tuple(v.shape)}; {names.get(id(p), 'its parameter')} "
+                            f"needs {want}")
+        if i in sharded and name != "step":
             El = v.shape[0] // info.world
             v = v[info.rank * El:(info.rank + 1) * El].clone()
-        state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": ts["param_groups"]})
-    return ts
+        state.setdefault(i, {})[name] = v
+    try:
+        opt.load_state_dict({"state": state, "param_groups": ts["param_groups"]})
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{directory / 'train_state.json'}: param_groups: do not fit this model's optimizer "
+                        f"({e})") from None
 
 
 def _trim_metrics(path: Path, upto_step: int) -> None:
@@ -347,7 +401,7 @@ def setup(args: TrainArgs) -> Setup:
             recipe = apply_overrides(recipe, args.overrides, source="command-line overrides")
         tcfg = cfg.get("tokenizer") or {"type": "byte"}
         tokenizer = load_tokenizer(ckpt_dir / "tokenizer.json" if tcfg.get("type") == "hf" else None)
-        resume_state = json.loads((ckpt_dir / "train_state.json").read_text())
+        resume_state = read_train_state(ckpt_dir)
     elif args.init:
         if args.tokenizer:
             raise UserError("--tokenizer: with --init the tokenizer is the checkpoint's own")
@@ -474,7 +528,8 @@ def _train(args: TrainArgs, progress=None) -> dict:
     start_step, tokens_seen = 0, 0
     early = EarlyStop(t.patience)
     if args.resume:
-        ts = load_optimizer_state(model, opt, st.ckpt_dir, info)
+        ts = st.resume_state
+        load_optimizer_state(model, opt, st.ckpt_dir, ts, info)
         start_step, tokens_seen = ts["step"], ts["tokens_seen"]
         early = EarlyStop.resumed(t.patience, ts)
         if start_step > t.max_steps:  # before anything of the run is touched
