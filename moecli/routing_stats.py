@@ -193,6 +193,7 @@ def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, s
     check_at_least("--capacity-factor", capacity_factor, 0)
     check_at_least("--top-tokens", top_tokens, 0)
     check_at_least("--near-dead", near_dead, 0)
+    named = parse_domains(domains or [])  # before any work: a bad --domain should not wait for the routing
     torch_dtype, dev = load_dtype(dtype), resolve_device(device)
     model, _, directory, tok = load_with_tokenizer(checkpoint, torch_dtype)
     model.to(dev)
@@ -225,23 +226,35 @@ def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, s
         "layers": layers,
         "flagged": {k: v["status"] for k, v in layers.items() if v["status"] != "ok"},
     }
-    if domains:
-        result["domains"] = domain_report(model, tok, domains, seq_len, batch_size, max_tokens, jsonl_field)
+    if named:
+        result["domains"] = domain_report(model, tok, named, seq_len, batch_size, max_tokens, jsonl_field)
     if compare:
         result["saturation"] = saturation(compare, stream, batch_size, kept, torch_dtype, dev)
     return result
 
 
-def domain_report(model, tok, domains: list[str], seq_len: int, batch_size: int, max_tokens: int,
-                  jsonl_field: str = JSONL_FIELD) -> dict:
-    out: dict[str, dict] = {}
-    for spec in domains:
-        if "=" not in spec:
+def parse_domains(specs: list[str]) -> dict[str, str]:
+    """--domain NAME=FILE, repeatable -> {name: file}; a missing name or file, or a name given twice, is bad
+    input (the second would silently replace the first's report)."""
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if not eq or not name.strip() or not path:
             raise UserError(f"--domain {spec}: expected NAME=FILE")
-        name, path = spec.split("=", 1)
+        if name in named:
+            raise UserError(f"--domain {spec}: the name {name!r} is given twice")
+        named[name] = path
+    return named
+
+
+def domain_report(model, tok, domains: dict[str, str], seq_len: int, batch_size: int, max_tokens: int,
+                  jsonl_field: str = JSONL_FIELD) -> dict:
+    """Each domain's expert shares and lift (share x E) per layer; ``domains`` from parse_domains."""
+    out: dict[str, dict] = {}
+    for name, path in domains.items():
         ids = read_tokens([path], tok, max_tokens, jsonl_field)
         if ids.numel() < seq_len:
-            raise UserError(f"--domain {spec}: only {ids.numel()} tokens; need at least {seq_len}")
+            raise UserError(f"--domain {name}={path}: only {ids.numel()} tokens; need at least {seq_len}")
         accs, _ = run_routing(model, Stream(ids, seq_len), batch_size, 0.0)
         for i, a in accs.items():
             share = (a.load.double() / max(a.tokens * a.K, 1))

@@ -239,3 +239,17 @@ def test_read_tokens_joins_sources_as_training_does(tmp_path):
     assert read_tokens([str(a), str(b)], tok, 1000).tolist() == open_tokens(tmp_path / "t.bin", n, 256).tolist()
     assert bytes(read_tokens([str(a), str(b)], tok, 1000).tolist()) == b"alpha beta\ngamma\ndelta"
     assert read_tokens([str(a), str(b)], tok, 7).tolist() == list(b"alpha b")
+
+
+def test_domain_specs_are_checked_before_any_work():
+    from moecli.errors import UserError
+    from moecli.routing_stats import inspect_routing, parse_domains
+
+    assert parse_domains(["code=a.py", "prose=dir/b=c.txt"]) == {"code": "a.py", "prose": "dir/b=c.txt"}
+    for specs, message in [(["=a.txt"], "expected NAME=FILE"), (["a="], "expected NAME=FILE"),
+                           (["x=a.txt", "x=b.txt"], "the name 'x' is given twice")]:
+        with pytest.raises(UserError, match=message):
+            parse_domains(specs)
+        # refused before the checkpoint is even read (this one does not exist)
+        with pytest.raises(UserError, match=message):
+            inspect_routing("no-such-checkpoint", [], domains=specs)
