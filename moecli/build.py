@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .checkpoint import save_checkpoint
 from .config import Recipe, apply_overrides, load_recipe
+from .device import check_fits
 from .fileio import atomic_dir
-from .model import build_model
+from .model import Transformer, build_model, param_counts
 from .params import parameter_report
 
 
@@ -19,8 +22,16 @@ def prepare_recipe(recipe_arg: str, overrides: dict | None = None) -> Recipe:
 
 
 def build(recipe_arg: str, output: Path | None, overrides: dict | None = None, force: bool = False) -> dict:
+    """The recipe's parameter report; with ``output``, also its initialised checkpoint (float32 weights).
+    Without one the model is built on the meta device (shapes only), so a full-size recipe is measured too."""
     recipe = prepare_recipe(recipe_arg, overrides)
-    model = build_model(recipe)
+    if output is None:
+        with torch.device("meta"):
+            model = Transformer(recipe)
+    else:
+        check_fits(4 * param_counts(recipe)[0], f"{recipe_arg}: the model's float32 weights",
+                   "without -o, moe build reports the parameters without allocating them")
+        model = build_model(recipe)
     report = parameter_report(model)
     if output is not None:
         with atomic_dir(Path(output), overwrite=force) as tmp:

@@ -320,10 +320,12 @@ def inspect_routing(
     as_json: bool = JSON_OPT,
 ):
     """Routing balance and specialisation per layer and expert: rich tables, --json, --svg."""
-    from .fileio import atomic_write_text
+    from .fileio import atomic_write_text, check_output
     from .routing_stats import inspect_routing as inspect_fn
 
     def go():
+        if svg is not None:  # before the routing is measured, not after
+            check_output(svg, directory=False)
         res = inspect_fn(checkpoint, data, max_tokens, seq_len, batch_size, capacity_factor, top_tokens, near_dead,
                          domain, compare, dtype, jsonl_field, device)
         if layer is not None and str(layer) not in res["layers"]:

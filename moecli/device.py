@@ -9,6 +9,7 @@ GPU where torch sees one.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 
@@ -40,3 +41,23 @@ def resolve_device(name: str) -> torch.device:
 def model_device(model: torch.nn.Module) -> torch.device:
     """The device of a model's weights."""
     return next(model.parameters()).device
+
+
+def available_memory() -> int | None:
+    """Bytes the system can still give without swapping (Linux's MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits(num_bytes: int, what: str, hint: str) -> None:
+    """Refuse (bad input) work whose memory is known up front to exceed what the machine has, before it is
+    started: the kernel would otherwise kill the process part-way, with no message."""
+    avail = available_memory()
+    if avail is not None and num_bytes > avail:
+        raise UserError(f"{what}: {num_bytes / 2**30:,.1f} GiB of memory needed, {avail / 2**30:,.1f} GiB "
+                        f"available on this machine; {hint}")

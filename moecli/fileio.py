@@ -16,8 +16,24 @@ from pathlib import Path
 from .errors import UserError
 
 
+def check_output(path: Path, directory: bool) -> None:
+    """Refuse, as bad input naming the path, an output that cannot go where it is asked to: a file where a
+    directory must go or the reverse, a parent that is a file, or (for a file) a parent that does not exist.
+    Directories are created with their parents."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        raise UserError(f"{path}: exists and is not a directory" if directory else
+                        f"{path}: is a directory; give a file name")
+    nearest = next(p for p in path.parents if p.exists())  # the nearest ancestor there is must be a directory
+    if not nearest.is_dir():
+        raise UserError(f"{path}: {nearest} is a file, not a directory")
+    if not directory and nearest != path.parent:
+        raise UserError(f"{path}: no such directory {path.parent}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
+    check_output(path, directory=False)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
@@ -91,8 +107,7 @@ def atomic_dir(target: Path, overwrite: bool = False):
     before anything is written.
     """
     target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise UserError(f"{target}: exists and is not a directory")
+    check_output(target, directory=True)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise UserError(f"{target}: output directory exists and is not empty (choose another -o, or pass --force)")
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -294,6 +294,15 @@ def autocast(model: nn.Module, precision: str):
     return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
 
+def param_counts(recipe: Recipe) -> tuple[int, int]:
+    """(all parameters, the routed experts' share) of the recipe's model, counted on the meta device: no memory
+    is allocated, so a recipe of any size can be measured before it is built."""
+    with torch.device("meta"):
+        model = Transformer(recipe)
+    experts = sum(p.numel() for _, moe in model.moe_layers for p in moe.experts.parameters())
+    return sum(p.numel() for p in model.parameters()), experts
+
+
 def build_model(recipe: Recipe, seed: int | None = None) -> Transformer:
     model = Transformer(recipe)
     model.init_weights(recipe.train.seed if seed is None else seed)

@@ -38,12 +38,12 @@ from .config import apply_overrides, recipe_from_dict
 from .data import JSONL_FIELD, eval_windows, load_tokenizer, prepare_tokens, sample_mixed
 from .distributed import (DistInfo, all_max, all_mean, all_sum_, barrier, current, expert_params, gather_experts,
                           init_from_env, shard_experts, spawn, sync_gradients)
-from .device import resolve_device
+from .device import check_fits, resolve_device
 from .errors import Interrupted, RunFailed, UserError
 from .evaluate import evaluate_loss
-from .fileio import (atomic_dir, atomic_write_json, atomic_write_text, metrics_upto, read_json_object,
-                     save_safetensors)
-from .model import Transformer, autocast, build_model
+from .fileio import (atomic_dir, atomic_write_json, atomic_write_text, check_output, metrics_upto,
+                     read_json_object, save_safetensors)
+from .model import Transformer, autocast, build_model, param_counts
 
 SEED_STRIDE = 1_000_003
 
@@ -421,6 +421,7 @@ def setup(args: TrainArgs) -> Setup:
         tokenizer = load_tokenizer(args.tokenizer)
         if tokenizer.vocab_size > recipe.model.vocab_size:
             recipe = apply_overrides(recipe, {"model.vocab_size": tokenizer.vocab_size}, source="tokenizer")
+    check_output(out, directory=True)
     if not args.resume and (out / "checkpoint").exists() and not args.force:
         raise UserError(f"{out}: already holds a run; pass --resume to continue it or --force to start over")
     if args.nproc < 1:
@@ -446,6 +447,12 @@ def setup(args: TrainArgs) -> Setup:
         if recipe.moe.num_experts % args.nproc:
             raise UserError(f"--expert-parallel: num_experts ({recipe.moe.num_experts}) must be divisible by "
                             f"--nproc ({args.nproc})")
+    if device.type == "cpu":
+        procs = max(args.nproc, int(os.environ.get("WORLD_SIZE", "1")))
+        total, experts = param_counts(recipe)
+        per_proc = total - experts + experts // procs if args.expert_parallel else total
+        check_fits(16 * per_proc * procs, f"{recipe.name}: training's float32 weights, gradients and AdamW state",
+                   "train a smaller model (e.g. --set model.n_layers=... or model.d_model=...)")
     return Setup(recipe, out, tokenizer, ckpt_dir, resume_state, init_dir, init_state, device)
 
 

@@ -1,0 +1,85 @@
+"""Outputs that cannot go where they are asked to, and models too big for the machine: one line naming the
+path or recipe (exit 2), before any work, and nothing the user had is changed."""
+
+import pytest
+import yaml
+
+from moecli.build import build
+from moecli.device import available_memory
+from moecli.errors import UserError
+from moecli.fileio import atomic_write_text, check_output
+from moecli.train import TrainArgs, train
+
+# DeepSeek-V3's published sizes (less its multi-head latent attention): about 672e9 parameters, 2.5 TB of
+# float32 weights, which no test machine has
+FULL_SIZE = {
+    "name": "full", "model": {"n_layers": 61, "d_model": 7168, "n_heads": 128, "n_kv_heads": 128,
+                              "ffn_dim": 18432, "vocab_size": 129280, "context": 4096},
+    "moe": {"num_experts": 256, "top_k": 8, "expert_ffn": 2048, "num_shared_experts": 1, "score_func": "sigmoid",
+            "n_groups": 8, "topk_groups": 4, "first_k_dense": 3},
+}
+
+
+def one_line(res):
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(lines) == 1, res.stderr
+    return lines[0]
+
+
+def test_check_output(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "dir").mkdir()
+    for path, directory, message in [
+        (tmp_path / "file", True, "file: exists and is not a directory"),
+        (tmp_path / "file" / "run", True, "file is a file, not a directory"),
+        (tmp_path / "file" / "a" / "b.svg", False, "file is a file, not a directory"),
+        (tmp_path / "dir", False, "dir: is a directory; give a file name"),
+        (tmp_path / "nodir" / "x.svg", False, "x.svg: no such directory"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            check_output(path, directory)
+    check_output(tmp_path / "new" / "deeper", True)  # directories are created with their parents
+    check_output(tmp_path / "dir" / "x.svg", False)
+    with pytest.raises(UserError, match="is a directory"):
+        atomic_write_text(tmp_path / "dir", "text")
+    assert (tmp_path / "file").read_text() == "mine" and list((tmp_path / "dir").iterdir()) == []
+
+
+def test_train_output_is_a_file(tmp_path, tiny_recipe):
+    (tmp_path / "f").write_text("mine")
+    (tmp_path / "c.txt").write_text("some text " * 200)
+    for out, message in [(tmp_path / "f", "f: exists and is not a directory"),
+                         (tmp_path / "f" / "run", "f is a file, not a directory")]:
+        with pytest.raises(UserError, match=message):
+            train(TrainArgs(str(tiny_recipe()), [str(tmp_path / "c.txt")], out, {}, quiet=True))
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_cli_outputs_under_a_file(cli, tmp_path):
+    (tmp_path / "f").write_text("mine")
+    assert "f/x: " in one_line(cli("build", "mixtral", "-o", tmp_path / "f" / "x"))
+    ckpt = tmp_path / "ckpt"
+    assert cli("build", "mixtral", "-o", ckpt).returncode == 0
+    assert "f/x: " in one_line(cli("export", ckpt, "-o", tmp_path / "f" / "x"))
+    # --svg is checked before the routing is measured
+    assert "is a directory; give a file name" in one_line(cli("inspect-routing", ckpt, "--svg", tmp_path))
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_full_size_recipe_is_measured_without_its_weights(tmp_path):
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump(FULL_SIZE))
+    res = build(str(path), None)  # on the meta device: no 2.5 TB allocation
+    assert 6.6e11 < res["params"]["total"] < 6.8e11 and 3.6e10 < res["params"]["active"] < 3.9e10
+
+
+@pytest.mark.skipif((available_memory() or 0) >= 4 * 6.8e11, reason="this machine could hold the weights")
+def test_too_big_to_build_or_train_is_refused(cli, tmp_path):
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump(FULL_SIZE))
+    line = one_line(cli("build", path, "-o", tmp_path / "out"))
+    assert "full.yaml: the model's float32 weights: 2," in line and "GiB of memory needed" in line
+    (tmp_path / "c.txt").write_text("some text " * 200)
+    line = one_line(cli("train", path, tmp_path / "c.txt", "-o", tmp_path / "run"))
+    assert "full: training's float32 weights, gradients and AdamW state: 10," in line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
