@@ -45,6 +45,33 @@ def test_sigmoid_bias_changes_selection_not_weight_and_scaling():
     assert out.weight_TK.item() == pytest.approx(2.5 / (1 + math.exp(-1.0)), rel=1e-6)
 
 
+def test_noise_and_jitter_act_only_in_training_and_as_specified():
+    torch.manual_seed(0)
+    T, D, E = 64, 16, 8
+    x = torch.randn(T, D)
+    cfg = dict(num_experts=E, top_k=2, renormalize=False)
+    plain, noisy = Router(D, MoEConfig(**cfg)), Router(D, MoEConfig(**cfg, router_noise=1.0, router_jitter=0.2))
+    noisy.gate.load_state_dict(plain.gate.state_dict())
+    for r in (plain, noisy):
+        r.eval()
+    a, b = plain(x), noisy(x)  # eval: neither noise nor jitter
+    assert torch.equal(a.idx_TK, b.idx_TK) and torch.equal(a.weight_TK, b.weight_TK)
+    noisy.train()
+    gen = torch.Generator().manual_seed(7)
+    torch.manual_seed(7)
+    out = noisy(x)
+    # the same draws, in the router's order: jitter U(0.8, 1.2) on x, then N(0, 1) on the logits
+    u = torch.empty(T, D).uniform_(0.8, 1.2, generator=gen)
+    logits = (x * u) @ noisy.gate.weight.t()
+    noise = torch.randn(T, E, generator=gen)
+    torch.testing.assert_close(out.logits_TE, logits)  # the clean (jittered) logits, what the losses see
+    sel = torch.softmax(logits + noise, -1)
+    assert torch.equal(out.idx_TK, sel.topk(2, dim=-1).indices)  # chosen on the noisy scores
+    torch.testing.assert_close(out.weight_TK, sel.gather(1, out.idx_TK))  # weighted by them too
+    torch.testing.assert_close(out.scores_TE, torch.softmax(logits, -1))
+    assert not torch.equal(out.idx_TK, a.idx_TK)  # noise of std 1 changes some choices
+
+
 def test_group_limited_routing():
     # 4 experts in 2 groups; the single best expert (2) is in group 1, but group 0 has the higher top-2 sum
     logits = [[2.0, 1.9, 2.1, -5.0]]
