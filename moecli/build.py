@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from .checkpoint import save_checkpoint
 from .config import Recipe, apply_overrides, load_recipe
 from .device import check_fits
 from .fileio import atomic_dir
-from .model import Transformer, build_model, param_counts
+from .model import build_model, meta_model, param_counts
 from .params import parameter_report
 
 
@@ -26,8 +24,7 @@ def build(recipe_arg: str, output: Path | None, overrides: dict | None = None, f
     Without one the model is built on the meta device (shapes only), so a full-size recipe is measured too."""
     recipe = prepare_recipe(recipe_arg, overrides)
     if output is None:
-        with torch.device("meta"):
-            model = Transformer(recipe)
+        model = meta_model(recipe)
     else:
         check_fits(4 * param_counts(recipe)[0], f"{recipe_arg}: the model's float32 weights",
                    "without -o, moe build reports the parameters without allocating them")

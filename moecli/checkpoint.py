@@ -10,13 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .config import Recipe, recipe_from_dict
+from .device import check_fits
 from .errors import UserError
 from .fileio import atomic_write_json, read_json_object, save_safetensors
-from .model import Transformer
+from .model import Transformer, meta_model, param_counts
 
 FORMAT = "moecli-checkpoint"
 VERSION = 1  # config.json "version": the layout of the checkpoint's files and tensor names
@@ -75,13 +76,23 @@ def read_config(directory: Path) -> dict:
     return read_json_object(directory / CONFIG_FILE)
 
 
-def load_state_file(path: Path) -> dict[str, torch.Tensor]:
+def load_state_file(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; with ``dtype``, read one at a time and each cast as it is read, so a
+    file in another dtype is never held whole beside the result."""
     if not path.is_file():
         raise UserError(f"{path}: missing")
     try:
-        return load_file(str(path))
+        if dtype is None:
+            return load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            return {k: cast(f.get_tensor(k), dtype) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable safetensors file: {e}") from None
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A floating-point tensor in dtype; any other (refused later by check_values, naming it) as it is."""
+    return t.to(dtype) if t.is_floating_point() else t
 
 
 def read_recipe(path: str | Path) -> tuple[Recipe, dict, Path]:
@@ -106,14 +117,22 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
     """Load a moecli checkpoint, or a Hugging Face model directory (see hf.py), with its parameters in
     `dtype`. Returns (model, config)."""
     recipe, cfg, directory = read_recipe(path)
+    check_fits(param_counts(recipe)[0] * dtype.itemsize, f"{directory}: the model's {dtype_name(dtype)} weights",
+               "--dtype bfloat16 (eval, generate, inspect-routing) takes half" if dtype.itemsize > 2 else
+               "a machine with more memory is needed")
     if cfg.get("format") != FORMAT:
         from .hf import load_hf_model
 
         return load_hf_model(directory, dtype, recipe), cfg
-    model = Transformer(recipe).to(dtype)
-    load_into(model, load_state_file(directory / MODEL_FILE), directory / MODEL_FILE)
+    model = meta_model(recipe)
+    load_into(model, load_state_file(directory / MODEL_FILE, dtype), directory / MODEL_FILE, dtype)
     model.eval()
     return model, cfg
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
 
 
 def load_with_tokenizer(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -151,7 +170,18 @@ def check_values(sd: dict[str, torch.Tensor], source: Path | str) -> None:
             raise UserError(f"{source}: {k} holds {bad} NaN or inf value{'s' if bad > 1 else ''} (of {v.numel()})")
 
 
-def load_into(model: Transformer, sd: dict[str, torch.Tensor], source: Path | str) -> None:
+def load_into(model: Transformer, sd: dict[str, torch.Tensor], source: Path | str,
+              dtype: torch.dtype | None = None) -> None:
+    """Load a checkpoint's tensors (checked: names, shapes, values) into ``model``. With ``dtype``, ``model`` is
+    a model.meta_model and takes the tensors themselves, each cast to dtype in turn (the state dict's entries are
+    replaced as it goes): the weights are held once, not once in the model and again in ``sd``."""
     check_shapes(model, {k: tuple(v.shape) for k, v in sd.items()}, source)
     check_values(sd, source)
-    model.load_state_dict(sd, strict=False)
+    if dtype is None:
+        model.load_state_dict(sd, strict=False)
+        return
+    for k in sd:
+        sd[k] = cast(sd[k], dtype)
+    model.load_state_dict(sd, strict=False, assign=True)
+    if model.recipe.model.tie_embeddings:  # assign replaced the shared Parameter on one side only
+        model.output.weight = model.tok_embeddings.weight

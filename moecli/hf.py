@@ -257,14 +257,14 @@ def load_hf_model(directory: Path, dtype=torch.float32, recipe: Recipe | None = 
     """A Hugging Face dense or MoE checkpoint loaded into moecli's Transformer (eval mode); `recipe`:
     recipe_from_hf of its config, where the caller has it already."""
     from .checkpoint import load_into
-    from .model import Transformer
+    from .model import meta_model
 
     directory = Path(directory)
     cfg = read_hf_config(directory)
     mt = cfg["model_type"]
     recipe = recipe or recipe_from_hf(cfg, str(directory / "config.json"))
     src = LazyTensors.from_dir(directory)
-    model = Transformer(recipe).to(dtype)
+    model = meta_model(recipe)
     sd = {}
     for ours, theirs in plain_name_map(recipe, mt).items():
         if theirs not in src:
@@ -277,7 +277,7 @@ def load_hf_model(directory: Path, dtype=torch.float32, recipe: Recipe | None = 
             sd[f"layers.{i}.moe.experts.{k}"] = v
     for k, v in model.state_dict().items():
         if k.endswith("expert_bias"):
-            sd[k] = torch.zeros_like(v)
-    load_into(model, sd, directory)
+            sd[k] = torch.zeros(v.shape, dtype=dtype)
+    load_into(model, sd, directory, dtype)
     model.eval()
     return model

@@ -15,7 +15,7 @@ from .config import list_recipes, load_recipe
 from .errors import UserError
 from .experts import threads_from_env
 from .fileio import metrics_upto
-from .model import Transformer
+from .model import Transformer, meta_model
 from .params import parameter_report
 from .st_stream import LazyTensors
 
@@ -35,8 +35,7 @@ def info(target: str | None) -> dict:
     if p.is_dir():
         kind = "checkpoint"
         recipe, cfg, directory = read_recipe(p)
-        with torch.device("meta"):  # shapes only: a checkpoint of any size is described without its weights
-            model = Transformer(recipe)
+        model = meta_model(recipe)  # shapes only: a checkpoint of any size is described without its weights
         extra = {k: cfg[k] for k in ("step", "tokens_seen", "source") if k in cfg}
         extra["weights"] = weights_summary(model, cfg, directory)
         extra.update(last_metrics(directory, cfg.get("step")))
@@ -51,8 +50,7 @@ def info(target: str | None) -> dict:
             if not p.exists():
                 raise UserError(f"{target}: no such checkpoint directory or recipe") from None
             raise
-        with torch.device("meta"):
-            model, kind, extra = Transformer(recipe), "recipe", {}
+        model, kind, extra = meta_model(recipe), "recipe", {}
     r = model.recipe
     return {
         "kind": kind, "target": target, "recipe": r.name, "description": r.description,

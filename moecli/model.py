@@ -294,11 +294,31 @@ def autocast(model: nn.Module, precision: str):
     return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Initialisers (normal_, uniform_, zero_, fill_) do nothing to meta tensors. They would compute nothing
+    anyway, but torch 2.13 runs normal_ on meta through its Python references, whose first use imports
+    torch._dynamo: about 1 s added to every command that describes or loads a model."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in ("normal_", "uniform_", "zero_", "fill_"):  # torch.nn.init's too
+            t = args[0] if args else kwargs.get("tensor")
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                return t
+        return func(*args, **kwargs)
+
+
+def meta_model(recipe: Recipe) -> Transformer:
+    """The recipe's model on PyTorch's meta device: shapes only, no memory and no initialisation (a recipe of
+    any size is described in milliseconds; a loader then fills it, checkpoint.load_into)."""
+    with torch.device("meta"), _SkipInit():
+        return Transformer(recipe)
+
+
 def param_counts(recipe: Recipe) -> tuple[int, int]:
     """(all parameters, the routed experts' share) of the recipe's model, counted on the meta device: no memory
     is allocated, so a recipe of any size can be measured before it is built."""
-    with torch.device("meta"):
-        model = Transformer(recipe)
+    model = meta_model(recipe)
     experts = sum(p.numel() for _, moe in model.moe_layers for p in moe.experts.parameters())
     return sum(p.numel() for p in model.parameters()), experts
 

@@ -41,7 +41,7 @@ from .errors import RunFailed, UserError
 from .fileio import atomic_dir, atomic_write_json
 from .hf import (MOE_TYPES, TOKENIZER_FILES, check_writable, hf_config_for, plain_name_map, read_hf_config,
                  recipe_from_hf, shard_file_name, write_shard_index)
-from .model import Transformer
+from .model import meta_model
 from .st_stream import LazyTensors, SafetensorsWriter, assign_shards, nbytes
 
 HF_OUT = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe"}
@@ -324,9 +324,7 @@ def output_format(src: DenseSource, o: UpcycleOptions) -> str:
 
 
 def plan_moecli(recipe: Recipe, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple]]:
-    with torch.device("meta"):
-        model = Transformer(recipe)
-    sd = model.state_dict()
+    sd = meta_model(recipe).state_dict()
     if recipe.model.tie_embeddings:
         sd.pop("output.weight", None)
     return [(k, torch.float32 if k.endswith("expert_bias") else dtype, tuple(v.shape)) for k, v in sd.items()]

@@ -146,3 +146,29 @@ def test_cli_exit_2_one_line_on_nan_weights(run, tmp_path, cli, command):
     assert res.stderr.strip().splitlines() == [
         f"error: {out / 'checkpoint' / 'model.safetensors'}: layers.0.moe.experts.w1_EDF holds 3 NaN or inf values "
         f"(of {4 * 32 * 32})"]
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loaded_model_is_the_saved_one(tmp_path, tie, dtype):
+    """load_checkpoint builds the model on the meta device and takes the file's tensors: nothing is left on
+    meta, tied embeddings stay one tensor, and the logits are the saved model's (cast to dtype)."""
+    from moecli.checkpoint import save_checkpoint
+    from moecli.config import apply_overrides, load_recipe
+    from moecli.model import build_model
+
+    recipe = apply_overrides(load_recipe("deepseek-v3"), {"model.tie_embeddings": tie, "model.n_layers": 2})
+    saved = build_model(recipe, seed=3).eval()
+    saved.layers[1].moe.router.expert_bias.copy_(torch.linspace(-1, 1, recipe.moe.num_experts))
+    (tmp_path / "ckpt").mkdir()
+    save_checkpoint(saved, tmp_path / "ckpt")
+    model, _ = load_checkpoint(tmp_path / "ckpt", dtype)
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+    assert (model.output.weight is model.tok_embeddings.weight) == tie
+    assert torch.equal(model.layers[1].moe.router.expert_bias, saved.layers[1].moe.router.expert_bias.to(dtype))
+    x = torch.randint(0, recipe.model.vocab_size, (2, 16))
+    with torch.no_grad():
+        got = model(x).logits_BSV
+        want = saved.to(dtype)(x).logits_BSV
+    assert torch.equal(got, want)
