@@ -17,7 +17,7 @@ from .config import Recipe, recipe_from_dict
 from .device import check_fits
 from .errors import UserError
 from .fileio import atomic_write_json, read_json_object, save_safetensors
-from .model import Transformer, meta_model, param_counts
+from .model import Transformer, meta_model
 
 FORMAT = "moecli-checkpoint"
 VERSION = 1  # config.json "version": the layout of the checkpoint's files and tensor names
@@ -117,17 +117,25 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
     """Load a moecli checkpoint, or a Hugging Face model directory (see hf.py), with its parameters in
     `dtype`. Returns (model, config)."""
     recipe, cfg, directory = read_recipe(path)
-    check_fits(param_counts(recipe)[0] * dtype.itemsize, f"{directory}: the model's {dtype_name(dtype)} weights",
-               "--dtype bfloat16 (eval, generate, inspect-routing) takes half" if dtype.itemsize > 2 else
-               "a machine with more memory is needed")
     if cfg.get("format") != FORMAT:
         from .hf import load_hf_model
 
         return load_hf_model(directory, dtype, recipe), cfg
-    model = meta_model(recipe)
+    model = model_to_load(recipe, directory, dtype)
     load_into(model, load_state_file(directory / MODEL_FILE, dtype), directory / MODEL_FILE, dtype)
     model.eval()
     return model, cfg
+
+
+def model_to_load(recipe: Recipe, directory: Path, dtype: torch.dtype) -> Transformer:
+    """The meta_model a loader fills (load_into with dtype), once the weights in dtype are known to fit in the
+    memory the machine has: before anything is read."""
+    model = meta_model(recipe)
+    check_fits(sum(p.numel() for p in model.parameters()) * dtype.itemsize,
+               f"{directory}: the model's {dtype_name(dtype)} weights",
+               "--dtype bfloat16 (eval, generate, inspect-routing) takes half" if dtype.itemsize > 2 else
+               "a machine with more memory is needed")
+    return model
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -164,7 +172,7 @@ def check_values(sd: dict[str, torch.Tensor], source: Path | str) -> None:
     diverged, a damaged file) would only show later as NaN losses or a sampler's failure."""
     for k, v in sd.items():
         if not v.is_floating_point():
-            raise UserError(f"{source}: {k} has dtype {str(v.dtype).removeprefix('torch.')}; expected floating point")
+            raise UserError(f"{source}: {k} has dtype {dtype_name(v.dtype)}; expected floating point")
         # a NaN or inf makes the sum non-finite (one fast pass); only then count (an overflowing sum counts 0)
         if not bool(torch.isfinite(v.sum())) and (bad := v.numel() - int(torch.isfinite(v).sum())):
             raise UserError(f"{source}: {k} holds {bad} NaN or inf value{'s' if bad > 1 else ''} (of {v.numel()})")

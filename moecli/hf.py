@@ -256,15 +256,14 @@ def _expert_stack(src: LazyTensors, mt: str, i: int, E: int, dtype) -> dict[str,
 def load_hf_model(directory: Path, dtype=torch.float32, recipe: Recipe | None = None):
     """A Hugging Face dense or MoE checkpoint loaded into moecli's Transformer (eval mode); `recipe`:
     recipe_from_hf of its config, where the caller has it already."""
-    from .checkpoint import load_into
-    from .model import meta_model
+    from .checkpoint import load_into, model_to_load
 
     directory = Path(directory)
     cfg = read_hf_config(directory)
     mt = cfg["model_type"]
     recipe = recipe or recipe_from_hf(cfg, str(directory / "config.json"))
     src = LazyTensors.from_dir(directory)
-    model = meta_model(recipe)
+    model = model_to_load(recipe, directory, dtype)
     sd = {}
     for ours, theirs in plain_name_map(recipe, mt).items():
         if theirs not in src:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import FORMAT, MODEL_FILE, check_shapes, read_recipe
+from .checkpoint import FORMAT, MODEL_FILE, check_shapes, dtype_name, read_recipe
 from .config import list_recipes, load_recipe
 from .errors import UserError
 from .experts import threads_from_env
@@ -70,7 +70,7 @@ def weights_summary(model: Transformer, cfg: dict, directory: Path) -> dict:
         check_shapes(model, {k: shape for k, (_, shape) in metas.items()}, directory / MODEL_FILE)
     dtypes: dict[str, int] = {}
     for dtype, shape in metas.values():
-        name = str(dtype).removeprefix("torch.")
+        name = dtype_name(dtype)
         dtypes[name] = dtypes.get(name, 0) + math.prod(shape)
     return {"files": len(src.handles), "bytes": src.total_bytes(), "tensors": len(metas), "dtypes": dtypes}
 
