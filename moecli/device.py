@@ -44,14 +44,13 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def available_memory() -> int | None:
-    """Bytes the system can still give without swapping (Linux's MemAvailable), or None where unknown."""
+    """Bytes the system can still give, swap included (Linux's MemAvailable + SwapFree: a model that fits only
+    with swap is slow but runs), or None where unknown. A container's own limit (cgroup) is not read."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
+        return (int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0 kB").split()[0])) * 1024
+    except (OSError, ValueError, IndexError, KeyError):
+        return None
 
 
 def check_fits(num_bytes: int, what: str, hint: str) -> None:
