@@ -53,7 +53,8 @@ def check_format(recipe: Recipe, fmt: str, model) -> None:
     if not moe:
         raise UserError(f"--format {fmt}: an MoE architecture; this model is dense (use one of "
                         f"{', '.join(DENSE_FORMATS)})")
-    check_writable(recipe, fmt)
+    check_writable(recipe, fmt, "no Hugging Face format moecli writes holds this model (keep the moecli checkpoint: "
+                                "moe eval, generate and inspect-routing read it)")
     for i, layer in model.moe_layers:
         if layer.router.expert_bias.abs().max() > 0:
             raise UserError(f"--format {fmt}: layer {i} routes with aux-loss-free expert biases, which Hugging Face "

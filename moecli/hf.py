@@ -162,8 +162,9 @@ def plain_name_map(recipe: Recipe, mt: str) -> dict[str, str]:
     return m
 
 
-def check_writable(recipe: Recipe, mt: str) -> None:
-    """Refuse MoE settings that the target Hugging Face architecture cannot express."""
+def check_writable(recipe: Recipe, mt: str, instead: str) -> None:
+    """Refuse MoE settings that the target Hugging Face architecture cannot express; ``instead``: what the
+    message suggests (the command's own way out)."""
     m = recipe.moe
     problems = []
     if recipe.model.qk_norm_full:
@@ -193,8 +194,7 @@ def check_writable(recipe: Recipe, mt: str) -> None:
         if recipe.model.qk_norm or not recipe.model.qkv_bias:
             problems.append("an attention layout other than Qwen2's")
     if problems:
-        raise UserError(f"--format {mt}: Hugging Face {mt} cannot express {', '.join(problems)}; "
-                        "write the moecli format instead (--format moecli)")
+        raise UserError(f"--format {mt}: Hugging Face {mt} cannot express {', '.join(problems)}; {instead}")
 
 
 def hf_config_for(recipe: Recipe, mt: str, base: dict | None) -> dict:

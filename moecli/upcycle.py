@@ -359,7 +359,7 @@ def upcycle(source: str, output: Path | None, o: UpcycleOptions, dry_run: bool =
     fmt = output_format(src, o)
     recipe = moe_recipe(src.recipe, o)
     if fmt != "moecli":
-        check_writable(recipe, fmt)
+        check_writable(recipe, fmt, "write the moecli format instead (--format moecli)")
     inexact = analyse_exactness(o, fmt)
     dtype = src.dtype
     if fmt == "moecli":

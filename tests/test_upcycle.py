@@ -105,7 +105,7 @@ def test_option_errors(tmp_path, dense_ckpt, cli):
     assert r.returncode == 2 and "already a mixture-of-experts" in r.stderr
     r = cli("upcycle", dense_ckpt, "-o", tmp_path / "o3", "--granularity", "2", "-e", "8", "-k", "2",
             "--format", "mixtral")
-    assert r.returncode == 2 and "cannot express" in r.stderr
+    assert r.returncode == 2 and "cannot express" in r.stderr and "(--format moecli)" in r.stderr
 
 
 @pytest.mark.parametrize("kind,expected", [("llama", "mixtral"), ("mistral", "mixtral"), ("qwen3", "qwen3_moe"),
