@@ -50,7 +50,18 @@ def _rope_theta(cfg: dict, source: str) -> float:
 
 
 def recipe_from_hf(cfg: dict, source: str = "config.json") -> Recipe:
+    """The recipe of a Hugging Face config (read_hf_config); a missing or malformed size is bad input naming
+    the config's own key."""
     mt = cfg["model_type"]
+
+    def count(key: str, *alternatives: str) -> int:  # a size the config must hold (or under an alternative name)
+        v = next((cfg[k] for k in (key, *alternatives) if cfg.get(k) is not None), None)
+        if v is None:
+            raise UserError(f"{source}: {key}: missing (a Hugging Face {mt} config holds it)")
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UserError(f"{source}: {key}: must be a whole number >= 1, got {v!r}")
+        return v
+
     if cfg.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (SwiGLU/silu only)")
     if mt not in QKV_BIAS_TYPES and cfg.get("attention_bias"):
@@ -59,13 +70,13 @@ def recipe_from_hf(cfg: dict, source: str = "config.json") -> Recipe:
         raise UserError(f"{source}: mlp_bias is not supported")
     if cfg.get("clip_qkv") is not None:
         raise UserError(f"{source}: clip_qkv is not supported")
-    n_heads = cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
+    n_heads, hidden = count("num_attention_heads"), count("hidden_size")
+    hd = count("head_dim") if cfg.get("head_dim") else hidden // n_heads
     model = {
-        "vocab_size": cfg["vocab_size"], "n_layers": cfg["num_hidden_layers"], "d_model": cfg["hidden_size"],
-        "n_heads": n_heads, "n_kv_heads": cfg.get("num_key_value_heads") or n_heads,
-        "head_dim": hd if hd * n_heads != cfg["hidden_size"] else 0,
-        "context": cfg.get("max_position_embeddings", 2048), "ffn_dim": cfg["intermediate_size"],
+        "vocab_size": count("vocab_size"), "n_layers": count("num_hidden_layers"), "d_model": hidden,
+        "n_heads": n_heads, "n_kv_heads": count("num_key_value_heads") if cfg.get("num_key_value_heads") else n_heads,
+        "head_dim": hd if hd * n_heads != hidden else 0,
+        "context": cfg.get("max_position_embeddings", 2048), "ffn_dim": count("intermediate_size"),
         "rope_theta": _rope_theta(cfg, source), "norm_eps": cfg.get("rms_norm_eps", 1e-6),
         "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
         "qkv_bias": mt in QKV_BIAS_TYPES and bool(cfg.get("qkv_bias", True)), "qk_norm": mt in QK_NORM_TYPES,
@@ -74,16 +85,16 @@ def recipe_from_hf(cfg: dict, source: str = "config.json") -> Recipe:
     }
     moe, balance = {}, {}
     if mt == "mixtral":
-        moe = {"num_experts": cfg["num_local_experts"], "top_k": cfg["num_experts_per_tok"],
-               "expert_ffn": cfg["intermediate_size"], "renormalize": True}
+        moe = {"num_experts": count("num_local_experts"), "top_k": count("num_experts_per_tok"),
+               "expert_ffn": model["ffn_dim"], "renormalize": True}
         balance = {"aux_loss_coef": cfg.get("router_aux_loss_coef", 0.0)}
     elif mt == "olmoe":
-        moe = {"num_experts": cfg.get("num_experts") or cfg["num_local_experts"], "top_k": cfg["num_experts_per_tok"],
-               "expert_ffn": cfg["intermediate_size"], "renormalize": bool(cfg.get("norm_topk_prob", False))}
+        moe = {"num_experts": count("num_experts", "num_local_experts"), "top_k": count("num_experts_per_tok"),
+               "expert_ffn": model["ffn_dim"], "renormalize": bool(cfg.get("norm_topk_prob", False))}
         balance = {"aux_loss_coef": cfg.get("router_aux_loss_coef", 0.0)}
     elif mt in ("qwen2_moe", "qwen3_moe"):
-        moe = {"num_experts": cfg.get("num_experts") or cfg["num_local_experts"], "top_k": cfg["num_experts_per_tok"],
-               "expert_ffn": cfg["moe_intermediate_size"], "renormalize": bool(cfg.get("norm_topk_prob", False))}
+        moe = {"num_experts": count("num_experts", "num_local_experts"), "top_k": count("num_experts_per_tok"),
+               "expert_ffn": count("moe_intermediate_size"), "renormalize": bool(cfg.get("norm_topk_prob", False))}
         step = cfg.get("decoder_sparse_step", 1) or 1
         dense_layers = sorted(cfg.get("mlp_only_layers") or [])
         if dense_layers and (step != 1 or dense_layers != list(range(len(dense_layers)))):

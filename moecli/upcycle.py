@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from .checkpoint import (CONFIG_FILE, FORMAT, MODEL_FILE, find_checkpoint_dir, load_checkpoint, load_with_tokenizer,
-                         read_config)
+                         model_state, read_config)
 from .config import Recipe, _FieldError, _section_from_dict, recipe_from_dict
 from .errors import RunFailed, UserError
 from .fileio import atomic_dir, atomic_write_json
@@ -135,6 +135,18 @@ class DenseSource:
         self.hf_config = cfg
         if self.recipe.moe.num_experts:
             raise UserError(f"{self.dir}: already a mixture-of-experts model; upcycling needs a dense checkpoint")
+        self.check_shapes()
+
+    def check_shapes(self) -> None:
+        """Every tensor of the dense model its config describes is there with that shape (in the source's
+        names), before anything is written."""
+        for ours, v in model_state(meta_model(self.recipe)).items():
+            theirs = self.name(ours)
+            if theirs not in self.tensors:
+                raise UserError(f"{self.dir}: tensor {theirs} missing")
+            shape = tuple(self.tensors.meta(theirs)[1])
+            if shape != tuple(v.shape):
+                raise UserError(f"{self.dir}: {theirs} has shape {shape}, {CONFIG_FILE} says {tuple(v.shape)}")
 
     def name(self, ours: str) -> str:
         return self.names[ours] if self.names is not None else ours

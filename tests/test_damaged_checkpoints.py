@@ -172,3 +172,40 @@ def test_loaded_model_is_the_saved_one(tmp_path, tie, dtype):
         got = model(x).logits_BSV
         want = saved.to(dtype)(x).logits_BSV
     assert torch.equal(got, want)
+
+
+def test_hf_config_sizes_missing_or_malformed_name_the_key():
+    from moecli.hf import recipe_from_hf
+
+    base = {"model_type": "llama", "vocab_size": 64, "num_hidden_layers": 1, "hidden_size": 32,
+            "num_attention_heads": 2, "intermediate_size": 64}
+    assert recipe_from_hf(base).model.n_heads == 2
+    for change, message in [({"num_attention_heads": None}, "num_attention_heads: missing"),
+                            ({"hidden_size": "32"}, "hidden_size: must be a whole number >= 1, got '32'"),
+                            ({"num_hidden_layers": 0}, "num_hidden_layers: must be a whole number >= 1, got 0"),
+                            ({"model_type": "mixtral", "num_local_experts": 4}, "num_experts_per_tok: missing")]:
+        cfg = {k: v for k, v in {**base, **change}.items() if v is not None}
+        with pytest.raises(UserError, match="cfg.json: " + message):
+            recipe_from_hf(cfg, "cfg.json")
+
+
+def test_upcycle_source_with_tensors_that_do_not_fit_its_config(tmp_path):
+    """Refused before anything is written, in the source's own tensor names (was an AssertionError, exit 1)."""
+    from moecli.build import build
+    from moecli.export import export
+    from moecli.upcycle import UpcycleOptions, upcycle
+
+    dense = tmp_path / "dense"
+    build("dense", dense, {"model.n_layers": 1})
+    export(str(dense), tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 999}))
+    sd = load_file(dense / "model.safetensors")
+    save_file({**sd, "layers.0.attention.wq.weight": sd["layers.0.attention.wq.weight"][:5].clone()},
+              dense / "model.safetensors")
+    for source, message in [(tmp_path / "hf", "model.layers.0.mlp.gate_proj.weight has shape (512, 128), "
+                                              "config.json says (999, 128)"),
+                            (dense, "layers.0.attention.wq.weight has shape (5, 128), config.json says (128, 128)")]:
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            upcycle(str(source), tmp_path / "out", UpcycleOptions(num_experts=4, top_k=2))
+        assert not (tmp_path / "out").exists()
