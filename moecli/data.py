@@ -213,10 +213,15 @@ def jsonl_docs(src, field: str = JSONL_FIELD):
                     doc = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{src}:{n}: not JSON ({e.msg}); a .jsonl file holds one JSON object per line")
-                text = doc.get(field) if isinstance(doc, dict) else None
+                if not isinstance(doc, dict):
+                    kind = {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(
+                        type(doc), "a number")
+                    raise UserError(f"{src}:{n}: {kind}, not a JSON object; a .jsonl file holds one JSON object "
+                                    "per line")
+                text = doc.get(field)
                 if not isinstance(text, str):
                     keys = f" (its keys: {', '.join(map(str, list(doc)[:8]))}; --jsonl-field names the text's)" \
-                        if isinstance(doc, dict) and doc else ""
+                        if doc else ""
                     raise UserError(f"{src}:{n}: no \"{field}\" string field in this line's JSON object{keys}")
                 yield text
     except OSError as e:

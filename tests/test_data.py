@@ -139,7 +139,7 @@ def test_jsonl_documents_are_the_text_fields(tmp_path, tiny_recipe, cli):
     a, b = (json.loads(cli("eval", ckpt, f, "--json").stdout)["loss"] for f in (jl, txt))
     assert a == b
     for line, message in [('{"text": 3}', 'no "text" string field'), ("not json", "not JSON (Expecting value)"),
-                          ('["text"]', 'no "text" string field')]:
+                          ('["text"]', "an array, not a JSON object"), ('"text"', "a string, not a JSON object")]:
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps({"text": "fine"}) + "\n" + line + "\n")
         r = cli("train", tiny_recipe(), bad, "-o", tmp_path / "run")
