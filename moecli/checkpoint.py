@@ -64,7 +64,9 @@ def find_checkpoint_dir(path: str | Path) -> Path:
     if not p.exists():
         raise UserError(f"{p}: no such checkpoint directory")
     if p.is_file():
-        raise UserError(f"{p}: expected a checkpoint directory (with {CONFIG_FILE} and {MODEL_FILE}), got a file")
+        raise UserError(f"{p}: expected a checkpoint directory (with {CONFIG_FILE} and {MODEL_FILE}), got a file"
+                        + (f"; give its directory, {p.parent}" if p.name == CONFIG_FILE or p.suffix == ".safetensors"
+                           else ""))
     if (p / CONFIG_FILE).is_file():
         return p
     if (p / "checkpoint" / CONFIG_FILE).is_file():

@@ -83,3 +83,19 @@ def test_too_big_to_build_or_train_is_refused(cli, tmp_path):
     line = one_line(cli("train", path, tmp_path / "c.txt", "-o", tmp_path / "run"))
     assert "full: training's float32 weights, gradients and AdamW state: 10," in line
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_checkpoints_file_given_for_its_directory(tmp_path):
+    """moe info read config.json or model.safetensors as a recipe ("format: unknown key", a UTF-8 error); every
+    command now names the directory to give instead."""
+    from moecli.checkpoint import find_checkpoint_dir
+    from moecli.info import info
+
+    ckpt = tmp_path / "ckpt"
+    build("mixtral", ckpt, {"model.n_layers": 1})
+    for name in ("config.json", "model.safetensors"):
+        for fn in (info, find_checkpoint_dir):
+            with pytest.raises(UserError, match=f"{name}: expected a checkpoint directory .*; give its directory, "
+                                                f"{ckpt}$"):
+                fn(str(ckpt / name))
+    assert info(str(ckpt))["kind"] == "checkpoint"
