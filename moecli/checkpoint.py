@@ -124,13 +124,13 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
 
         return load_hf_model(directory, dtype, recipe), cfg
     model = model_to_load(recipe, directory, dtype)
-    load_into(model, load_state_file(directory / MODEL_FILE, dtype), directory / MODEL_FILE, dtype)
+    load_into(model, load_state_file(directory / MODEL_FILE, dtype), directory / MODEL_FILE, assign=True)
     model.eval()
     return model, cfg
 
 
 def model_to_load(recipe: Recipe, directory: Path, dtype: torch.dtype) -> Transformer:
-    """The meta_model a loader fills (load_into with dtype), once the weights in dtype are known to fit in the
+    """The meta_model a loader fills (load_into with assign), once the weights in dtype are known to fit in the
     memory the machine has: before anything is read."""
     model = meta_model(recipe)
     check_fits(sum(p.numel() for p in model.parameters()) * dtype.itemsize,
@@ -142,7 +142,6 @@ def model_to_load(recipe: Recipe, directory: Path, dtype: torch.dtype) -> Transf
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
 
 
 def load_with_tokenizer(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -180,18 +179,15 @@ def check_values(sd: dict[str, torch.Tensor], source: Path | str) -> None:
             raise UserError(f"{source}: {k} holds {bad} NaN or inf value{'s' if bad > 1 else ''} (of {v.numel()})")
 
 
-def load_into(model: Transformer, sd: dict[str, torch.Tensor], source: Path | str,
-              dtype: torch.dtype | None = None) -> None:
-    """Load a checkpoint's tensors (checked: names, shapes, values) into ``model``. With ``dtype``, ``model`` is
-    a model.meta_model and takes the tensors themselves, each cast to dtype in turn (the state dict's entries are
-    replaced as it goes): the weights are held once, not once in the model and again in ``sd``."""
+def load_into(model: Transformer, sd: dict[str, torch.Tensor], source: Path | str, assign: bool = False) -> None:
+    """Load a checkpoint's tensors (checked: names, shapes, values) into ``model``. With ``assign``, ``model`` is
+    a model_to_load (meta) and takes the tensors themselves, already in the dtype wanted: the weights are held
+    once, not once in the model and again in ``sd``."""
     check_shapes(model, {k: tuple(v.shape) for k, v in sd.items()}, source)
     check_values(sd, source)
-    if dtype is None:
+    if not assign:
         model.load_state_dict(sd, strict=False)
         return
-    for k in sd:
-        sd[k] = cast(sd[k], dtype)
     model.load_state_dict(sd, strict=False, assign=True)
     if model.recipe.model.tie_embeddings:  # assign replaced the shared Parameter on one side only
         model.output.weight = model.tok_embeddings.weight

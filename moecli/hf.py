@@ -288,6 +288,6 @@ def load_hf_model(directory: Path, dtype=torch.float32, recipe: Recipe | None = 
     for k, v in model.state_dict().items():
         if k.endswith("expert_bias"):
             sd[k] = torch.zeros(v.shape, dtype=dtype)
-    load_into(model, sd, directory, dtype)
+    load_into(model, sd, directory, assign=True)
     model.eval()
     return model
