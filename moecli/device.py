@@ -45,11 +45,66 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 def available_memory() -> int | None:
     """Bytes the system can still give, swap included (Linux's MemAvailable + SwapFree: a model that fits only
-    with swap is slow but runs), or None where unknown. A container's own limit (cgroup) is not read."""
+    with swap is slow but runs), or None where unknown. Inside a memory cgroup with a limit (a container, a
+    job scheduler's slot), no more than that limit's headroom plus the free swap (cgroup_headroom)."""
     try:
         fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines() if ":" in line)
-        return (int(fields["MemAvailable"].split()[0]) + int(fields.get("SwapFree", "0 kB").split()[0])) * 1024
+        swap = int(fields.get("SwapFree", "0 kB").split()[0]) * 1024
+        avail = int(fields["MemAvailable"].split()[0]) * 1024 + swap
     except (OSError, ValueError, IndexError, KeyError):
+        return None
+    cgroup = cgroup_headroom()
+    # the cgroup's own swap limit is not read: counting all free swap can only let a model through
+    return avail if cgroup is None else min(avail, cgroup + swap)
+
+
+# per cgroup version: the limit's file, the usage's file, and the memory.stat key of the page cache that the
+# kernel reclaims before it kills (counted as free, as MemAvailable counts it)
+_CGROUP_FILES = {2: ("memory.max", "memory.current", "inactive_file"),
+                 1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
+def cgroup_headroom(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes of memory this process's cgroup still allows (limit - usage + reclaimable page cache), the least
+    over its cgroup and that cgroup's ancestors, for cgroup v2 (at ``root`` or ``root/unified``) and v1
+    (``root/memory``); None where no limit is set or none can be read. A container usually sees its own
+    cgroup as "/", the root of the hierarchy mounted in it, where its limit is."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    least = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3 or ".." in parts[2]:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            version, base = 2, root if (root / "cgroup.controllers").exists() else root / "unified"
+        elif "memory" in parts[1].split(","):
+            version, base = 1, root / "memory"
+        else:
+            continue
+        d = base / parts[2].strip("/")
+        while True:
+            room = _cgroup_room(d, *_CGROUP_FILES[version])
+            if room is not None:
+                least = room if least is None else min(least, room)
+            if d == base:
+                break
+            d = d.parent
+    return least
+
+
+def _cgroup_room(d: Path, limit_file: str, usage_file: str, reclaimable_key: str) -> int | None:
+    """One cgroup directory's headroom, or None: no limit ("max", or v1's near-2^63 "unlimited"), or unreadable."""
+    try:
+        limit = (d / limit_file).read_text().strip()
+        if limit == "max" or int(limit) >= 2**60:
+            return None
+        usage = int((d / usage_file).read_text())
+        stat = dict(line.split()[:2] for line in (d / "memory.stat").read_text().splitlines() if " " in line)
+        return max(0, int(limit) - usage + int(stat.get(reclaimable_key, 0)))
+    except (OSError, ValueError):
         return None
 
 

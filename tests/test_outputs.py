@@ -99,3 +99,50 @@ def test_a_checkpoints_file_given_for_its_directory(tmp_path):
                                                 f"{ckpt}$"):
                 fn(str(ckpt / name))
     assert info(str(ckpt))["kind"] == "checkpoint"
+
+
+def _cgroup(d, limit, usage, reclaimable, v2=True):
+    d.mkdir(parents=True, exist_ok=True)
+    names = ("memory.max", "memory.current", "inactive_file") if v2 else \
+        ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+    (d / names[0]).write_text(f"{limit}\n")
+    (d / names[1]).write_text(f"{usage}\n")
+    (d / "memory.stat").write_text(f"anon {usage}\n{names[2]} {reclaimable}\n")
+
+
+def test_a_memory_cgroups_limit_is_what_is_available(tmp_path, monkeypatch):
+    """Inside a container with a memory limit, MemAvailable is the host's: a model that fits the host but not
+    the limit was OOM-killed part-way (rc 137, no message). The cgroup's headroom now caps what is available."""
+    from moecli import device
+
+    proc = tmp_path / "cgroup"
+    v2 = tmp_path / "v2"
+    (v2 / "cgroup.controllers").parent.mkdir()
+    (v2 / "cgroup.controllers").write_text("cpu memory\n")
+    proc.write_text("0::/job/step\n")
+    assert device.cgroup_headroom(proc, v2) is None  # no limit files: none set
+    _cgroup(v2 / "job" / "step", "max", 10 << 20, 0)
+    _cgroup(v2 / "job", 3 << 30, 2 << 30, 512 << 20)  # the ancestor's limit applies too: 1.5 GiB left
+    assert device.cgroup_headroom(proc, v2) == (3 << 30) - (2 << 30) + (512 << 20)
+    _cgroup(v2 / "job" / "step", 1 << 30, 900 << 20, 0)  # tighter below: 124 MiB left
+    assert device.cgroup_headroom(proc, v2) == 124 << 20
+    proc.write_text("0::/\n")  # a container's own namespace: its limit sits at the root
+    _cgroup(v2, 2 << 30, 1 << 30, 0)
+    assert device.cgroup_headroom(proc, v2) == 1 << 30
+    # cgroup v1 (here beside a v2 hierarchy with no memory controller, as hybrid hosts mount them)
+    v1 = tmp_path / "v1"
+    (v1 / "unified").mkdir(parents=True)
+    proc.write_text("4:memory:/slot\n0::/\n")
+    _cgroup(v1 / "memory", 9223372036854771712, 5 << 30, 0, v2=False)  # v1's "unlimited"
+    _cgroup(v1 / "memory" / "slot", 4 << 30, 3 << 30, 1 << 30, v2=False)
+    assert device.cgroup_headroom(proc, v1) == 2 << 30
+    assert device.cgroup_headroom(tmp_path / "missing", v1) is None
+
+    # what is available is the tighter of the host and the cgroup; build -o refuses past it, before writing
+    monkeypatch.setattr(device, "cgroup_headroom", lambda: 1 << 20)
+    swap = int(dict(line.split(":", 1) for line in open("/proc/meminfo"))["SwapFree"].split()[0]) * 1024
+    assert device.available_memory() == (1 << 20) + swap
+    if swap < 1 << 20:  # the bundled recipe's float32 weights (several MiB) exceed 1 MiB + that swap
+        with pytest.raises(UserError, match=r"^mixtral: the model's float32 weights: .* GiB of memory needed, "):
+            build("mixtral", tmp_path / "out")
+        assert not (tmp_path / "out").exists()
