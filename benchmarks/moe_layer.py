@@ -21,6 +21,12 @@ implementation that runs here) is timed when transformers is installed.
 as in training) instead of one fixed input; in bf16 that is where kernels for new product shapes get
 built (moecli pads its expert rows to a few sizes: experts.PAD_ROWS).
 --breakdown adds fwd+bwd times of the experts alone and of the routing alone (see breakdown()).
+Every run also times the products floor (products_floor()): the experts' nine matrix products per expert
+(three forward, six backward) at the layer's row counts, alone, one after another on this process's
+threads, into outputs allocated once. In fp32, where torch.mm splits these products well over the threads,
+no implementation doing the same products takes less, so transformers' time over the floor bounds the
+ratio to transformers any exact implementation could reach on this machine. (Not in bf16: there the
+products run faster one per core side by side, as moecli's threaded path runs them.)
 --runs N repeats everything in N fresh processes and reports each ratio's median, min and max:
 the dense baseline's speed depends on the process's heap state (page faults), so one process's
 ratio is one draw.
@@ -202,6 +208,42 @@ def breakdown(ours, dense, x, g, repeats: int) -> dict:
                      ("routing_only", fwd_bwd(routing, x, g)[1]), ("layer", fwd_bwd(ours, x, g)[1])):
         out[f"{name}_ms"] = timeit(fn, repeats) * 1e3
     return out
+
+
+def products_floor(layer, x):
+    """A function running only the matrix products of the layer's experts, fwd+bwd, for input x: per expert
+    with m rows (its routed rows for x, padded as the layer pads them), x_mD @ w1, x_mD @ w3, h_mF @ w2
+    forward and dy_mD @ w2^T, h^T @ dy, x^T @ da, x^T @ db, da @ w1^T, db @ w3^T backward, in the weights'
+    dtype, transposes as views (as autograd passes them). Operands are random tensors of those shapes and
+    the outputs are allocated once, so the time is the products' and nothing else's."""
+    from moecli import experts as X
+    from moecli.moe import dispatch
+
+    ex = layer.experts
+    T, D = x.shape[1], x.shape[2]
+    with torch.no_grad():
+        route = layer.router(x.detach().view(T, D))
+    counts = dispatch(route.idx_TK, route.keep_TK, ex.num_experts).counts_E.tolist()
+    pad = X.pad_rows(x.view(T, D), ex.w1_EDF)
+    F = ex.hidden
+    w1, w3, w2 = (w.detach() for w in (ex.w1_EDF, ex.w3_EDF, ex.w2_EFD))
+    gen = torch.Generator().manual_seed(2)
+    jobs = []
+    for e, n in enumerate(counts):
+        m = X.padded_rows(n) if pad else n
+        if m == 0:
+            continue
+        x_mD, dy_mD, h_mF = (torch.randn(m, k, generator=gen).to(w1.dtype) for k in (D, D, F))
+        products = [(x_mD, w1[e]), (x_mD, w3[e]), (h_mF, w2[e]),  # forward
+                    (dy_mD, w2[e].t()), (h_mF.t(), dy_mD), (x_mD.t(), h_mF), (x_mD.t(), h_mF),  # backward
+                    (h_mF, w1[e].t()), (h_mF, w3[e].t())]
+        jobs += [(a, b, a.new_empty(a.shape[0], b.shape[1])) for a, b in products]
+
+    def run():
+        for a, b, out in jobs:
+            torch.mm(a, b, out=out)
+
+    return run
 
 
 def make_case(sh, dtype):
@@ -412,6 +454,7 @@ def main() -> None:
                 f, b = fwd_bwd(mod, x, g, out_of, pool)
                 fns[name] = (f, b)
                 rows[name] = {"fwd_s": timeit(f, a.repeats), "fwd_bwd_s": timeit(b, a.repeats)}
+            floor_s = timeit(products_floor(ours, x), a.repeats)
             if have_hf:
                 for impl in a.hf_impls.split(","):
                     try:
@@ -443,6 +486,9 @@ def main() -> None:
             summary["fwd_bwd_speed_vs_dense_of_medians"] = rows["dense"]["fwd_bwd_s"] / rows["moecli"]["fwd_bwd_s"]
             summary["meets_dense_target"] = min(summary["fwd_bwd_speed_vs_dense"],
                                                 summary["fwd_bwd_speed_vs_dense_of_medians"]) >= TARGETS[sname]
+            # the products alone, fwd+bwd, and the share of moecli's layer time they take
+            summary["products_floor_ms"] = floor_s * 1e3
+            summary["products_share_of_moecli_fwd_bwd"] = floor_s / rows["moecli"]["fwd_bwd_s"]
             hf_ok = [k for k, v in rows.items() if k.startswith("hf_") and "fwd_bwd_s" in v]
             if hf_ok:  # the fastest implementation by median, then paired against moecli
                 best_fb = min(hf_ok, key=lambda k: rows[k]["fwd_bwd_s"])
@@ -454,6 +500,8 @@ def main() -> None:
                                                                   / rows["moecli"]["fwd_bwd_s"])
                 summary["meets_hf_target"] = min(summary["fwd_bwd_speed_vs_best_hf"],
                                                  summary["fwd_bwd_speed_vs_best_hf_of_medians"]) >= HF_TARGET
+                # the ratio to transformers of an implementation that spent no time beyond its products
+                summary["best_hf_over_products_floor"] = rows[best_fb]["fwd_bwd_s"] / floor_s
             if a.breakdown:
                 summary["breakdown_fwd_bwd"] = {k: round(v, 2) for k, v in breakdown(ours, dense, x, g,
                                                                                      a.repeats).items()}
