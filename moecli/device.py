@@ -114,4 +114,4 @@ def check_fits(num_bytes: int, what: str, hint: str) -> None:
     avail = available_memory()
     if avail is not None and num_bytes > avail:
         raise UserError(f"{what}: {num_bytes / 2**30:,.1f} GiB of memory needed, {avail / 2**30:,.1f} GiB "
-                        f"available on this machine; {hint}")
+                        f"available to this process; {hint}")
