@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import os
+import stat
 import sys
 import sysconfig
 from dataclasses import dataclass, field
@@ -117,7 +118,9 @@ def default_corpus_files(limit_bytes: int = DEFAULT_CORPUS_BYTES) -> list[Path]:
 
 
 def expand_data_args(args: list[str]) -> list[str | Path]:
-    """Files, globs and directories (recursively, text-like files) -> an ordered list; '-' is stdin."""
+    """Files, globs and directories (recursively, text-like files) -> an ordered list; '-' is stdin. A path
+    that is neither a file nor a directory but exists (a pipe: the shell's <(command), a named FIFO) is
+    read as it is, once."""
     out: list[str | Path] = []
     for a in args:
         if a == "-":
@@ -129,7 +132,7 @@ def expand_data_args(args: list[str]) -> list[str | Path]:
             if not found:
                 raise UserError(f"{a}: directory holds no files")
             out.extend(found)
-        elif p.is_file():
+        elif p.exists():  # a file, or a pipe
             out.append(p)
         elif any(ch in a for ch in "*?["):
             found = sorted(Path(f) for f in glob.glob(a, recursive=True) if Path(f).is_file())
@@ -150,11 +153,11 @@ def _fingerprint(sources: list[str | Path], tokenizer, jsonl_field: str = JSONL_
     if part_ends is not None:
         h.update(f"parts:{part_ends}".encode())
     for s in sources:
-        if s == "-":
-            h.update(b"<stdin>")  # stdin is never reused from cache
+        st = None if s == "-" else Path(s).stat()
+        if st is None or not stat.S_ISREG(st.st_mode):
+            h.update(b"<stream>")  # stdin or a pipe: read once, never reused from cache
             h.update(os.urandom(8))
         else:
-            st = Path(s).stat()
             h.update(f"{Path(s).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
             if is_jsonl(s):  # read as JSON Lines (earlier moecli versions took the raw bytes: not the same tokens)
                 h.update(f"|jsonl:{jsonl_field}".encode())

@@ -1,6 +1,7 @@
 """Data inputs: files, directories, globs, stdin; streaming tokenisation; corrupt inputs."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -225,3 +226,43 @@ def test_parts_hold_out_each_sources_tail_and_come_back_from_the_cache(tmp_path)
     (tmp_path / "short.txt").write_text("tiny")
     with pytest.raises(UserError, match=r"short.txt: only 4 tokens; need at least 34 for training and validation"):
         prepare_tokens([args[1], str(tmp_path / "short.txt")], ByteTokenizer(), tmp_path / "c3", 0.1, 16, parts=True)
+
+
+def test_a_pipe_is_data_read_once(tmp_path, tiny_recipe, cli):
+    """bash's <(command) and named FIFOs are neither files nor directories: every command refused them as
+    "no such file or directory". They are read once, like stdin, and their tokens are never taken from a
+    cache made for an earlier pipe at the same path."""
+    import shutil
+    import subprocess
+    import sys
+
+    text = "The quick brown fox jumps over the lazy dog. " * 300
+    (tmp_path / "c.txt").write_text(text)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+
+    def feed(content):  # a writer that blocks until the reader opens the FIFO
+        return subprocess.Popen([sys.executable, "-c", f"open({str(fifo)!r}, 'w').write({content!r})"])
+
+    writer = feed(text)
+    cache = tmp_path / "cache"
+    d1 = prepare_tokens([str(fifo)], ByteTokenizer(), cache, 0.1, 16)
+    writer.wait()
+    assert d1.n_train + d1.n_val == len(text)
+    writer = feed(text[::-1])  # the same path, other text: tokenised again
+    d2 = prepare_tokens([str(fifo)], ByteTokenizer(), cache, 0.1, 16)
+    writer.wait()
+    assert d2.fingerprint != d1.fingerprint
+    assert bytes(d2.train[0][:20].tolist()) == text[::-1][:20].encode()
+
+    # through the shell, as users write it: eval scores a pipe as it scores the file
+    if shutil.which("bash") is None:
+        pytest.skip("no bash for <(command)")
+    ckpt = tmp_path / "ckpt"
+    assert cli("train", tiny_recipe(), tmp_path / "c.txt", "-o", ckpt).returncode == 0
+    moe = f"{sys.executable} -m moecli.cli"
+    piped = subprocess.run(["bash", "-c", f"{moe} eval {ckpt} <(cat {tmp_path / 'c.txt'}) --json"],
+                           capture_output=True, text=True)
+    assert piped.returncode == 0, piped.stderr
+    from_file = cli("eval", ckpt, tmp_path / "c.txt", "--json")
+    assert json.loads(piped.stdout)["loss"] == json.loads(from_file.stdout)["loss"]
