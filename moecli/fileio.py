@@ -21,9 +21,11 @@ def check_output(path: Path, directory: bool) -> None:
     directory must go or the reverse, a parent that is a file, or (for a file) a parent that does not exist.
     Directories are created with their parents."""
     path = Path(path)
-    if path.exists() and path.is_dir() != directory:
-        raise UserError(f"{path}: exists and is not a directory" if directory else
-                        f"{path}: is a directory; give a file name")
+    if path.exists():  # "." and "/" among them, which have no parents to look at
+        if path.is_dir() != directory:
+            raise UserError(f"{path}: exists and is not a directory" if directory else
+                            f"{path}: is a directory; give a file name")
+        return
     nearest = next(p for p in path.parents if p.exists())  # the nearest ancestor there is must be a directory
     if not nearest.is_dir():
         raise UserError(f"{path}: {nearest} is a file, not a directory")
@@ -104,21 +106,35 @@ def atomic_dir(target: Path, overwrite: bool = False):
     """Yield a temporary directory; on success it replaces ``target`` in one rename.
 
     Without ``overwrite``, an existing non-empty ``target`` is refused (UserError)
-    before anything is written.
+    before anything is written. An existing empty ``target`` (which may be the shell's
+    working directory, "-o .", or a mount point) is kept, and filled by moving the
+    finished entries into it, each in one rename; a non-empty one that is or holds the
+    working directory is refused even with ``overwrite``.
     """
     target = Path(target)
     check_output(target, directory=True)
-    if target.exists() and any(target.iterdir()) and not overwrite:
+    full = target.resolve()  # "." and ".." have no name of their own to make a temporary name from
+    filled = target.exists() and any(target.iterdir())
+    if filled and not overwrite:
         raise UserError(f"{target}: output directory exists and is not empty (choose another -o, or pass --force)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    if filled and Path.cwd().resolve().is_relative_to(full):
+        raise UserError(f"{target}: is the working directory, or holds it; replacing it (--force) would leave "
+                        "the shell in a deleted directory: choose another -o")
+    in_place = target.exists() and not filled
+    (full if in_place else full.parent).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=full if in_place else full.parent, prefix=f".{full.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        if in_place:
+            for entry in sorted(tmp.iterdir()):
+                os.rename(entry, full / entry.name)
+            tmp.rmdir()
+        else:
+            replace_dir(tmp, full)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_dir(tmp, target)
 
 
 def replace_dir(tmp: Path, target: Path) -> None:

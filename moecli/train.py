@@ -285,6 +285,30 @@ class StopSignals:
         return self.signum is not None
 
 
+# what a run writes in its output directory (module docstring), and in OUT/data (data.prepare_tokens)
+RUN_ENTRIES = ("checkpoint", "best", "data", "metrics.jsonl")
+CACHE_ENTRIES = ("tokens.bin", "tokens.json", "val.bin", "val.json")
+
+
+def not_a_runs(out: Path) -> Path | None:
+    """The first entry of ``out`` that a run does not write (its own files, their temporary and .old names
+    during an atomic write or swap, and the token cache's files in data/), or None."""
+    def ours(entry: Path, names) -> bool:  # NAME, or .NAME.<...> (fileio's temporary and .old names)
+        return entry.name in names or any(entry.name.startswith(f".{n}.") for n in names) \
+            or any(entry.name.startswith(f"{n}.") and entry.name.endswith(".tmp") for n in names)
+
+    if not out.is_dir():
+        return None
+    for entry in sorted(out.iterdir()):
+        if not ours(entry, RUN_ENTRIES):
+            return entry
+        if entry.name == "data" and entry.is_dir():
+            for inner in sorted(entry.iterdir()):
+                if not ours(inner, CACHE_ENTRIES):
+                    return inner
+    return None
+
+
 def find_resume_dir(out: Path) -> Path:
     for d in (out / "checkpoint", out / ".checkpoint.old"):  # .old survives a crash mid-swap
         if (d / CONFIG_FILE).is_file() and (d / "train_state.json").is_file():
@@ -424,6 +448,10 @@ def setup(args: TrainArgs) -> Setup:
     check_output(out, directory=True)
     if not args.resume and (out / "checkpoint").exists() and not args.force:
         raise UserError(f"{out}: already holds a run; pass --resume to continue it or --force to start over")
+    foreign = None if args.resume or args.force else not_a_runs(out)
+    if foreign is not None:  # e.g. -o . in a project: its metrics.jsonl replaced, the token cache in its data/
+        raise UserError(f"{out}: output directory holds {foreign}, which a run does not write (choose another "
+                        "-o, or pass --force)")
     if args.nproc < 1:
         raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
     device = resolve_device(args.device)

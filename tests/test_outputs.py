@@ -1,6 +1,8 @@
 """Outputs that cannot go where they are asked to, and models too big for the machine: one line naming the
 path or recipe (exit 2), before any work, and nothing the user had is changed."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -53,6 +55,48 @@ def test_train_output_is_a_file(tmp_path, tiny_recipe):
         with pytest.raises(UserError, match=message):
             train(TrainArgs(str(tiny_recipe()), [str(tmp_path / "c.txt")], out, {}, quiet=True))
     assert (tmp_path / "f").read_text() == "mine"
+
+
+def test_the_working_directory_as_output(tmp_path, tiny_recipe, monkeypatch):
+    """-o . failed with "unexpected StopIteration" (train, build, export, upcycle) or, in an empty working
+    directory, with "unexpected OSError" and a stray temporary directory (build/export tried to rename "."). An
+    empty one is now filled in place; one with other files is refused as any non-empty output is."""
+    from moecli.train import not_a_runs
+
+    (tmp_path / "c.txt").write_text("some text " * 200)
+    recipe = str(tiny_recipe())
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    build(recipe, ".")
+    assert sorted(p.name for p in here.iterdir()) == ["config.json", "model.safetensors"]  # nothing else
+    with pytest.raises(UserError, match=r"^\.: output directory exists and is not empty"):
+        build(recipe, ".")
+    with pytest.raises(UserError, match=r"^\.: is the working directory, or holds it; .*: choose another -o$"):
+        build(recipe, ".", force=True)
+    monkeypatch.chdir(tmp_path)
+    build(recipe, "here", force=True)  # elsewhere --force replaces it, as before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "here", "tiny.yaml"]
+
+    # train -o DIR into a directory that holds other things: a project's metrics.jsonl was replaced and the
+    # token cache written into its data/ (which a later run over data/ would then read as text)
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    (proj / "data" / "a.txt").write_text("my text " * 300)
+    (proj / "metrics.jsonl").write_text('{"mine": 1}\n')
+    monkeypatch.chdir(proj)
+    with pytest.raises(UserError, match=r"^\.: output directory holds data/a.txt, which a run does not write"):
+        train(TrainArgs(recipe, ["data"], Path("."), {}, quiet=True))
+    assert sorted(str(p.relative_to(proj)) for p in proj.rglob("*")) == ["data", "data/a.txt", "metrics.jsonl"]
+    assert (proj / "metrics.jsonl").read_text() == '{"mine": 1}\n'
+    # a run's own directory, whatever a failed or finished run left there, is not refused for this
+    run = tmp_path / "run"
+    train(TrainArgs(recipe, [str(tmp_path / "c.txt")], run, {"train.keep_best": True}, quiet=True))
+    (run / ".checkpoint.old").mkdir()
+    (run / "data" / "tokens.bin.tmp").write_bytes(b"")
+    assert not_a_runs(run) is None
+    (run / "notes.txt").write_text("mine")
+    assert not_a_runs(run) == run / "notes.txt"
 
 
 def test_cli_outputs_under_a_file(cli, tmp_path):
