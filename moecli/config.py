@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,9 +321,9 @@ def _cross_validate(r: Recipe) -> None:
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:
-    """A path to a YAML file, or the name of a bundled recipe (``mixtral``)."""
+    """A path to a YAML file (or a pipe: the shell's <(command)), or the name of a bundled recipe (``mixtral``)."""
     p = Path(name_or_path)
-    if p.is_file():
+    if p.exists() and not p.is_dir():
         return p
     if p.exists():
         raise UserError(f"{name_or_path}: not a file")
@@ -342,11 +343,15 @@ def list_recipes() -> list[str]:
 
 
 def load_recipe(name_or_path: str) -> Recipe:
-    path = resolve_recipe_path(name_or_path)
+    """A recipe from a YAML file or pipe, a bundled recipe's name, or ``-``: YAML on standard input."""
+    stdin = name_or_path == "-"
+    path = Path("<stdin>") if stdin else resolve_recipe_path(name_or_path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = sys.stdin.read() if stdin else path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read: {e}") from None
+    if stdin and not text.strip():  # most likely a failed command before the pipe, not a wish for all defaults
+        raise UserError(f"{path}: no recipe: standard input was empty")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

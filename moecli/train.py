@@ -34,7 +34,7 @@ from .build import prepare_recipe
 from .checkpoint import (CONFIG_FILE, check_values, load_into, load_state_file, load_with_tokenizer, model_state,
                          read_config, save_checkpoint)
 from .balance import load_health
-from .config import apply_overrides, recipe_from_dict
+from .config import Recipe, apply_overrides, recipe_from_dict
 from .data import JSONL_FIELD, eval_windows, load_tokenizer, prepare_tokens, sample_mixed
 from .distributed import (DistInfo, all_max, all_mean, all_sum_, barrier, current, expert_params, gather_experts,
                           init_from_env, shard_experts, spawn, sync_gradients)
@@ -50,7 +50,7 @@ SEED_STRIDE = 1_000_003
 
 @dataclass
 class TrainArgs:
-    recipe: str | None
+    recipe: str | Recipe | None  # a name or path ("-": stdin); a Recipe in --nproc's ranks
     data: list[str] = field(default_factory=list)
     output: Path | None = None
     overrides: dict = field(default_factory=dict)
@@ -309,6 +309,19 @@ def not_a_runs(out: Path) -> Path | None:
     return None
 
 
+def check_recipe_source(args: TrainArgs) -> None:
+    """RECIPE from standard input (-) or a pipe can be read once: not when DATA or --val-data is stdin too, nor
+    by every process that torchrun starts (--nproc reads it once and hands it to its ranks)."""
+    once = args.recipe == "-" or (Path(args.recipe).exists() and not Path(args.recipe).is_file()
+                                  and not Path(args.recipe).is_dir())
+    if args.recipe == "-" and "-" in [*args.data, *args.val_data]:
+        raise UserError("RECIPE -: standard input can be read once, and DATA (or --val-data) - reads it too; "
+                        "give the recipe or the text as a file")
+    if once and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(f"RECIPE {args.recipe}: under torchrun every process reads the recipe and this one can be "
+                        "read once; give a file, or --nproc instead of torchrun")
+
+
 def find_resume_dir(out: Path) -> Path:
     for d in (out / "checkpoint", out / ".checkpoint.old"):  # .old survives a crash mid-swap
         if (d / CONFIG_FILE).is_file() and (d / "train_state.json").is_file():
@@ -440,7 +453,10 @@ def setup(args: TrainArgs) -> Setup:
     else:
         if args.recipe is None:
             raise UserError("RECIPE: missing (a recipe file or bundled name, e.g. `moe train mixtral`)")
-        recipe = prepare_recipe(args.recipe, args.overrides)
+        if isinstance(args.recipe, str):
+            check_recipe_source(args)
+        # a rank of --nproc gets the launcher's recipe, overrides applied (it may have come from stdin)
+        recipe = args.recipe if isinstance(args.recipe, Recipe) else prepare_recipe(args.recipe, args.overrides)
         out = out or Path("runs") / recipe.name
         tokenizer = load_tokenizer(args.tokenizer)
         if tokenizer.vocab_size > recipe.model.vocab_size:
@@ -492,7 +508,8 @@ def train(args: TrainArgs, progress=None) -> dict:
         st = setup(args)  # validate and tokenise once, here, before starting the ranks
         st.out.mkdir(parents=True, exist_ok=True)
         data = _tokens(args, st)
-        rank_args = dataclasses.replace(args, data=[], val_data=[], data_fingerprint=data.fingerprint, output=st.out)
+        rank_args = dataclasses.replace(args, data=[], val_data=[], data_fingerprint=data.fingerprint, output=st.out,
+                                        recipe=st.recipe if args.recipe is not None else None)
         return spawn(args.nproc, _rank_main, rank_args)
     return _train(args, progress)
 

@@ -153,3 +153,38 @@ def test_a_closed_stdout_stops_quietly_with_141(tmp_path, tiny_recipe, cli, args
     p.stdout.close()  # the reader is gone before the first write
     _, err = p.communicate(input=b"some text to score " * 50, timeout=300)
     assert (p.returncode, err) == (141, b"")
+
+
+def test_a_recipe_from_stdin_or_a_pipe(cli, tmp_path, tiny_recipe, monkeypatch):
+    """`-` reads the recipe's YAML from stdin and a pipe (bash's <(command)) is read like a file: both were
+    "no such recipe file". Stdin read once: not also as DATA; empty stdin is refused, not all defaults."""
+    import os
+    import subprocess
+    import sys
+
+    recipe = tiny_recipe()
+    from_file = json.loads(cli("build", recipe, "--json").stdout)
+    r = cli("build", "-", "--json", input=recipe.read_text())
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["params"] == from_file["params"] and json.loads(r.stdout)["recipe"] == "tiny"
+    r = cli("build", "-", input="model: {d_model: -1}\n")
+    assert r.returncode == 2 and r.stderr.strip() == "error: <stdin>: model.d_model: must be >= 1, got -1"
+    r = cli("build", "-", input="")
+    assert r.returncode == 2 and r.stderr.strip() == "error: <stdin>: no recipe: standard input was empty"
+    (tmp_path / "c.txt").write_text("some text " * 200)
+    r = cli("train", "-", "-", "-o", tmp_path / "run", input=recipe.read_text())
+    assert r.returncode == 2 and "RECIPE -: standard input can be read once" in r.stderr
+    assert not (tmp_path / "run").exists()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen([sys.executable, "-c", f"open({str(fifo)!r}, 'w').write({recipe.read_text()!r})"])
+    assert load_recipe(str(fifo)).to_dict() == load_recipe(str(recipe)).to_dict()
+    writer.wait()
+    # torchrun starts every rank with the same command line: each would read the recipe
+    from moecli.train import TrainArgs, check_recipe_source
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for once in ("-", str(fifo)):
+        with pytest.raises(UserError, match=f"^RECIPE {once}: under torchrun every process reads the recipe"):
+            check_recipe_source(TrainArgs(once, [str(tmp_path / "c.txt")]))
+    check_recipe_source(TrainArgs(str(recipe), [str(tmp_path / "c.txt")]))  # a file: every rank reads it

@@ -42,7 +42,10 @@ def test_ddp_matches_single_process(tmp_path, tiny_recipe, cli):
                                   "num_devices": 2, "z_loss_coef": 0.01})
     one, two, ep = tmp_path / "one", tmp_path / "two", tmp_path / "ep"
     for out, extra in ((one, []), (two, ["--nproc", "2"]), (ep, ["--nproc", "2", "--expert-parallel"])):
-        r = cli("train", recipe, corpus, "-o", out, "-q", *extra)
+        if out == two:  # the recipe from stdin, read once by the launcher, which hands it to the ranks
+            r = cli("train", "-", corpus, "-o", out, "-q", *extra, input=recipe.read_text())
+        else:
+            r = cli("train", recipe, corpus, "-o", out, "-q", *extra)
         assert r.returncode == 0, r.stderr
     a, b, c = losses(one), losses(two), losses(ep)
     assert len(a) == len(b) == len(c) == 5
