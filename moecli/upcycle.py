@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,12 +94,14 @@ def load_options(yaml_path: str | None, overrides: dict) -> UpcycleOptions:
     data = {}
     source = "command line"
     if yaml_path:
-        p = Path(yaml_path)
+        p = Path("<stdin>" if yaml_path == "-" else yaml_path)  # -: the options' YAML on standard input
         source = str(p)
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = yaml.safe_load(sys.stdin.read() if yaml_path == "-" else p.read_text(encoding="utf-8")) or {}
         except OSError as e:
             raise UserError(f"{p}: cannot read: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{p}: cannot read: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except yaml.YAMLError as e:
             raise UserError(f"{p}: invalid YAML: {getattr(e, 'problem', e)}") from None
         if not isinstance(data, dict):

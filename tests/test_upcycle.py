@@ -98,6 +98,15 @@ def test_option_errors(tmp_path, dense_ckpt, cli):
     r = cli("upcycle", dense_ckpt, "-o", tmp_path / "o", "--config", y, "--top-k", "1", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["top_k"] == 1  # the flag wins over the YAML
+    # "-c -": the options from stdin ("cannot read: No such file or directory" before); text that is not UTF-8
+    r = cli("upcycle", dense_ckpt, "--dry-run", "--json", "-c", "-", input="num_experts: 6\ntop_k: 3\n")
+    assert r.returncode == 0, r.stderr
+    assert (json.loads(r.stdout)["num_experts"], json.loads(r.stdout)["top_k"]) == (6, 3)
+    r = cli("upcycle", dense_ckpt, "--dry-run", "-c", "-", input="top_k: many\n")
+    assert r.returncode == 2 and "<stdin>: upcycle.top_k: " in r.stderr
+    y.write_bytes(b"\xff\xfenum_experts: 8\n")
+    r = cli("upcycle", dense_ckpt, "-o", tmp_path / "q", "--config", y)  # was "unexpected UnicodeDecodeError"
+    assert r.returncode == 2 and "up.yaml: cannot read: not UTF-8 text" in r.stderr
     r = cli("upcycle", dense_ckpt, "-o", tmp_path / "p", "--router-init", "prompts", "--prompts", tmp_path / "no.txt")
     assert r.returncode == 2 and "no.txt: cannot read prompts" in r.stderr
     moe_dir = tmp_path / "o"
