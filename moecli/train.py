@@ -290,7 +290,7 @@ RUN_ENTRIES = ("checkpoint", "best", "data", "metrics.jsonl")
 CACHE_ENTRIES = ("tokens.bin", "tokens.json", "val.bin", "val.json")
 
 
-def not_a_runs(out: Path) -> Path | None:
+def foreign_entry(out: Path) -> Path | None:
     """The first entry of ``out`` that a run does not write (its own files, their temporary and .old names
     during an atomic write or swap, and the token cache's files in data/), or None."""
     def ours(entry: Path, names) -> bool:  # NAME, or .NAME.<...> (fileio's temporary and .old names)
@@ -312,8 +312,7 @@ def not_a_runs(out: Path) -> Path | None:
 def check_recipe_source(args: TrainArgs) -> None:
     """RECIPE from standard input (-) or a pipe can be read once: not when DATA or --val-data is stdin too, nor
     by every process that torchrun starts (--nproc reads it once and hands it to its ranks)."""
-    once = args.recipe == "-" or (Path(args.recipe).exists() and not Path(args.recipe).is_file()
-                                  and not Path(args.recipe).is_dir())
+    once = args.recipe == "-" or Path(args.recipe).is_fifo()
     if args.recipe == "-" and "-" in [*args.data, *args.val_data]:
         raise UserError("RECIPE -: standard input can be read once, and DATA (or --val-data) - reads it too; "
                         "give the recipe or the text as a file")
@@ -464,7 +463,7 @@ def setup(args: TrainArgs) -> Setup:
     check_output(out, directory=True)
     if not args.resume and (out / "checkpoint").exists() and not args.force:
         raise UserError(f"{out}: already holds a run; pass --resume to continue it or --force to start over")
-    foreign = None if args.resume or args.force else not_a_runs(out)
+    foreign = None if args.resume or args.force else foreign_entry(out)
     if foreign is not None:  # e.g. -o . in a project: its metrics.jsonl replaced, the token cache in its data/
         raise UserError(f"{out}: output directory holds {foreign}, which a run does not write (choose another "
                         "-o, or pass --force)")

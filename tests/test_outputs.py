@@ -61,7 +61,7 @@ def test_the_working_directory_as_output(tmp_path, tiny_recipe, monkeypatch):
     """-o . failed with "unexpected StopIteration" (train, build, export, upcycle) or, in an empty working
     directory, with "unexpected OSError" and a stray temporary directory (build/export tried to rename "."). An
     empty one is now filled in place; one with other files is refused as any non-empty output is."""
-    from moecli.train import not_a_runs
+    from moecli.train import foreign_entry
 
     (tmp_path / "c.txt").write_text("some text " * 200)
     recipe = str(tiny_recipe())
@@ -94,9 +94,9 @@ def test_the_working_directory_as_output(tmp_path, tiny_recipe, monkeypatch):
     train(TrainArgs(recipe, [str(tmp_path / "c.txt")], run, {"train.keep_best": True}, quiet=True))
     (run / ".checkpoint.old").mkdir()
     (run / "data" / "tokens.bin.tmp").write_bytes(b"")
-    assert not_a_runs(run) is None
+    assert foreign_entry(run) is None
     (run / "notes.txt").write_text("mine")
-    assert not_a_runs(run) == run / "notes.txt"
+    assert foreign_entry(run) == run / "notes.txt"
 
 
 def test_cli_outputs_under_a_file(cli, tmp_path):
