@@ -259,7 +259,8 @@ class StopSignals:
 
     def __init__(self):
         self.enabled = threading.current_thread() is threading.main_thread()
-        self.signum: int | None = None
+        self.signum: int | None = None  # the signal this process got (set by its handler only)
+        self.agreed: int | None = None  # the signal the run stops for (asked): this process's, or another rank's
         self._old: dict = {}
 
     def install(self) -> None:
@@ -279,10 +280,12 @@ class StopSignals:
 
     def asked(self, info: DistInfo) -> bool:
         """Whether to stop after this step: a signal came here, or (under torch.distributed) to any rank.
-        Every rank calls it at the same point of every step (one small all-reduce when distributed)."""
-        if info.world > 1:
-            self.signum = all_max(self.signum or 0) or None  # this rank's signal, or another's
-        return self.signum is not None
+        Every rank calls it at the same point of every step (one small all-reduce when distributed), and all
+        decide on the all-reduce's result; a signal whose handler runs during the all-reduce counts at the
+        next step. (Assigning the result to signum lost such a signal: the ranks, which mostly wait inside
+        that call on a busy machine, then ran to the end.)"""
+        self.agreed = (all_max(self.signum or 0) or None) if info.world > 1 else self.signum
+        return self.agreed is not None
 
 
 # what a run writes in its output directory (module docstring), and in OUT/data (data.prepare_tokens)
@@ -694,7 +697,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
                 break
             if interrupted:
                 raise Interrupted(f"stopped after step {step + 1} of {t.max_steps}, saved in {last_ckpt}; "
-                                  f"continue with: moe train -o {out} --resume", signals.signum)
+                                  f"continue with: moe train -o {out} --resume", signals.agreed)
     finally:
         signals.restore()
         if mf:
