@@ -18,19 +18,26 @@ from .errors import UserError
 
 def check_output(path: Path, directory: bool) -> None:
     """Refuse, as bad input naming the path, an output that cannot go where it is asked to: a file where a
-    directory must go or the reverse, a parent that is a file, or (for a file) a parent that does not exist.
-    Directories are created with their parents."""
+    directory must go or the reverse, a parent that is a file, (for a file) a parent that does not exist, or a
+    place this process cannot write in (a read-only file system, no permission: tried with a file that has
+    no name there). Directories are created with their parents."""
     path = Path(path)
     if path.exists():  # "." and "/" among them, which have no parents to look at
         if path.is_dir() != directory:
             raise UserError(f"{path}: exists and is not a directory" if directory else
                             f"{path}: is a directory; give a file name")
-        return
-    nearest = next(p for p in path.parents if p.exists())  # the nearest ancestor there is must be a directory
-    if not nearest.is_dir():
-        raise UserError(f"{path}: {nearest} is a file, not a directory")
-    if not directory and nearest != path.parent:
-        raise UserError(f"{path}: no such directory {path.parent}")
+        where = path if directory else path.parent
+    else:
+        where = next(p for p in path.parents if p.exists())  # the nearest ancestor there is must be a directory
+        if not where.is_dir():
+            raise UserError(f"{path}: {where} is a file, not a directory")
+        if not directory and where != path.parent:
+            raise UserError(f"{path}: no such directory {path.parent}")
+    try:
+        with tempfile.TemporaryFile(dir=where):  # O_TMPFILE on Linux: nothing appears in the directory
+            pass
+    except OSError as e:
+        raise UserError(f"{path}: cannot write in {where}: {e.strerror}") from None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

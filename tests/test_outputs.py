@@ -1,6 +1,7 @@
 """Outputs that cannot go where they are asked to, and models too big for the machine: one line naming the
 path or recipe (exit 2), before any work, and nothing the user had is changed."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,27 @@ def test_check_output(tmp_path):
     with pytest.raises(UserError, match="is a directory"):
         atomic_write_text(tmp_path / "dir", "text")
     assert (tmp_path / "file").read_text() == "mine" and list((tmp_path / "dir").iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no file can be made")
+def test_an_output_where_nothing_can_be_written(cli, tmp_path):
+    """A place this process cannot write in (here /proc; a read-only file system or a directory without
+    permission alike) ended every command in "unexpected FileNotFoundError/PermissionError", exit 1, the
+    routing measurement first; now one line naming the place, before any work."""
+    with pytest.raises(UserError, match=r"^/proc/out: cannot write in /proc: "):
+        check_output(Path("/proc/out"), True)
+    with pytest.raises(UserError, match=r"^/proc/r.svg: cannot write in /proc: "):
+        check_output(Path("/proc/r.svg"), False)
+    ckpt = tmp_path / "ckpt"
+    assert cli("build", "mixtral", "-o", ckpt).returncode == 0
+    assert one_line(cli("build", "mixtral", "-o", "/proc/out")).startswith("error: /proc/out: cannot write in /proc: ")
+    line = one_line(cli("inspect-routing", ckpt, "--svg", "/proc/r.svg"))
+    assert line.startswith("error: /proc/r.svg: cannot write in /proc: ")
+    if os.geteuid() != 0:  # permissions hold for everyone but root
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(UserError, match="cannot write in .*locked: Permission denied"):
+            check_output(locked / "run", True)
 
 
 def test_train_output_is_a_file(tmp_path, tiny_recipe):
