@@ -342,24 +342,33 @@ def list_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
-def load_recipe(name_or_path: str) -> Recipe:
-    """A recipe from a YAML file or pipe, a bundled recipe's name, or ``-``: YAML on standard input."""
-    stdin = name_or_path == "-"
-    path = Path("<stdin>") if stdin else resolve_recipe_path(name_or_path)
+def read_yaml(arg: str, what: str):
+    """(the parsed YAML, its source's name) of a file or pipe, or of standard input for ``-``: empty, that is
+    refused as holding no ``what`` (most likely a command before the pipe failed; not a wish for all defaults).
+    An unreadable file, text that is not UTF-8 and invalid YAML (with its line) are bad input naming the source."""
+    stdin = arg == "-"
+    source = "<stdin>" if stdin else arg
     try:
-        text = sys.stdin.read() if stdin else path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read: {e}") from None
-    if stdin and not text.strip():  # most likely a failed command before the pipe, not a wish for all defaults
-        raise UserError(f"{path}: no recipe: standard input was empty")
+        text = sys.stdin.read() if stdin else Path(arg).read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"{source}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{source}: cannot read: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if stdin and not text.strip():
+        raise UserError(f"{source}: no {what}: standard input was empty")
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text), source
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
-    return recipe_from_dict(data, str(path))
+        raise UserError(f"{source}: invalid YAML{where}: {problem}") from None
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A recipe from a YAML file or pipe, a bundled recipe's name, or ``-``: YAML on standard input."""
+    data, source = read_yaml(name_or_path if name_or_path == "-" else str(resolve_recipe_path(name_or_path)), "recipe")
+    return recipe_from_dict(data, source)
 
 
 def apply_overrides(recipe: Recipe, overrides: dict[str, object], source: str = "override") -> Recipe:

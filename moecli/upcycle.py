@@ -27,17 +27,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from .checkpoint import (CONFIG_FILE, FORMAT, MODEL_FILE, find_checkpoint_dir, load_checkpoint, load_with_tokenizer,
                          model_state, read_config)
-from .config import Recipe, _FieldError, _section_from_dict, recipe_from_dict
+from .config import Recipe, _FieldError, _section_from_dict, read_yaml, recipe_from_dict
 from .errors import RunFailed, UserError
 from .fileio import atomic_dir, atomic_write_json
 from .hf import (MOE_TYPES, TOKENIZER_FILES, check_writable, hf_config_for, plain_name_map, read_hf_config,
@@ -93,19 +91,11 @@ class UpcycleOptions:
 def load_options(yaml_path: str | None, overrides: dict) -> UpcycleOptions:
     data = {}
     source = "command line"
-    if yaml_path:
-        p = Path("<stdin>" if yaml_path == "-" else yaml_path)  # -: the options' YAML on standard input
-        source = str(p)
-        try:
-            data = yaml.safe_load(sys.stdin.read() if yaml_path == "-" else p.read_text(encoding="utf-8")) or {}
-        except OSError as e:
-            raise UserError(f"{p}: cannot read: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise UserError(f"{p}: cannot read: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except yaml.YAMLError as e:
-            raise UserError(f"{p}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if yaml_path:  # a file, a pipe, or - (standard input)
+        data, source = read_yaml(yaml_path, "upcycle options")
+        data = data or {}
         if not isinstance(data, dict):
-            raise UserError(f"{p}: expected a YAML mapping of upcycle options")
+            raise UserError(f"{source}: expected a YAML mapping of upcycle options")
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return _section_from_dict(UpcycleOptions, data, "upcycle")
