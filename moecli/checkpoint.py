@@ -65,13 +65,18 @@ def find_checkpoint_dir(path: str | Path) -> Path:
         raise UserError(f"{p}: no such checkpoint directory")
     if p.is_file():
         raise UserError(f"{p}: expected a checkpoint directory (with {CONFIG_FILE} and {MODEL_FILE}), got a file"
-                        + (f"; give its directory, {p.parent}" if p.name == CONFIG_FILE or p.suffix == ".safetensors"
-                           else ""))
+                        + (f"; give its directory, {p.parent}" if is_checkpoint_file(p) else ""))
     if (p / CONFIG_FILE).is_file():
         return p
     if (p / "checkpoint" / CONFIG_FILE).is_file():
         return p / "checkpoint"
     raise UserError(f"{p}: not a checkpoint directory (no {CONFIG_FILE})")
+
+
+def is_checkpoint_file(p: Path) -> bool:
+    """Whether a file is one of a checkpoint's own (its config.json or a .safetensors file), given where the
+    checkpoint's directory belongs."""
+    return p.is_file() and (p.name == CONFIG_FILE or p.suffix == ".safetensors")
 
 
 def read_config(directory: Path) -> dict:

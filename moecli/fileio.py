@@ -128,8 +128,9 @@ def atomic_dir(target: Path, overwrite: bool = False):
         raise UserError(f"{target}: is the working directory, or holds it; replacing it (--force) would leave "
                         "the shell in a deleted directory: choose another -o")
     in_place = target.exists() and not filled
-    (full if in_place else full.parent).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=full if in_place else full.parent, prefix=f".{full.name}.", suffix=".tmp"))
+    tmp_parent = full if in_place else full.parent
+    tmp_parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=tmp_parent, prefix=f".{full.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp

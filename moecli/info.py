@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import CONFIG_FILE, FORMAT, MODEL_FILE, check_shapes, dtype_name, find_checkpoint_dir, read_recipe
+from .checkpoint import (FORMAT, MODEL_FILE, check_shapes, dtype_name, find_checkpoint_dir, is_checkpoint_file,
+                         read_recipe)
 from .config import list_recipes, load_recipe
 from .errors import UserError
 from .experts import threads_from_env
@@ -32,7 +33,7 @@ def info(target: str | None) -> dict:
             "recipes": {name: load_recipe(name).description for name in list_recipes()},
         }
     p = Path(target)
-    if p.is_file() and (p.name == CONFIG_FILE or p.suffix == ".safetensors"):  # a checkpoint's file, not a recipe
+    if is_checkpoint_file(p):  # not a recipe
         find_checkpoint_dir(p)  # refuses it, naming the directory to give
     if p.is_dir():
         kind = "checkpoint"
