@@ -8,8 +8,8 @@ from .checkpoint import save_checkpoint
 from .config import Recipe, apply_overrides, load_recipe
 from .device import check_fits
 from .fileio import atomic_dir
-from .model import build_model, meta_model, param_counts
-from .params import parameter_report
+from .model import build_model, param_counts
+from .params import parameter_report, recipe_parameter_report
 
 
 def prepare_recipe(recipe_arg: str, overrides: dict | None = None) -> Recipe:
@@ -21,16 +21,15 @@ def prepare_recipe(recipe_arg: str, overrides: dict | None = None) -> Recipe:
 
 def build(recipe_arg: str, output: Path | None, overrides: dict | None = None, force: bool = False) -> dict:
     """The recipe's parameter report; with ``output``, also its initialised checkpoint (float32 weights).
-    Without one the model is built on the meta device (shapes only), so a full-size recipe is measured too."""
+    Without one nothing is built (one block of each kind on the meta device), so a recipe of any size is measured."""
     recipe = prepare_recipe(recipe_arg, overrides)
     if output is None:
-        model = meta_model(recipe)
+        report = recipe_parameter_report(recipe)
     else:
         check_fits(4 * param_counts(recipe)[0], f"{recipe_arg}: the model's float32 weights",
                    "without -o, moe build reports the parameters without allocating them")
         model = build_model(recipe)
-    report = parameter_report(model)
-    if output is not None:
+        report = parameter_report(model)
         with atomic_dir(Path(output), overwrite=force) as tmp:
             save_checkpoint(model, tmp, {"params": {k: v for k, v in report.items() if k != "layers"}})
     return {

@@ -17,7 +17,7 @@ from .config import Recipe, recipe_from_dict
 from .device import check_fits
 from .errors import UserError
 from .fileio import atomic_write_json, read_json_object, save_safetensors
-from .model import Transformer, meta_model
+from .model import Transformer, meta_model, param_counts
 
 FORMAT = "moecli-checkpoint"
 VERSION = 1  # config.json "version": the layout of the checkpoint's files and tensor names
@@ -137,12 +137,11 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
 def model_to_load(recipe: Recipe, directory: Path, dtype: torch.dtype) -> Transformer:
     """The meta_model a loader fills (load_into with assign), once the weights in dtype are known to fit in the
     memory the machine has: before anything is read."""
-    model = meta_model(recipe)
-    check_fits(sum(p.numel() for p in model.parameters()) * dtype.itemsize,
+    check_fits(param_counts(recipe)[0] * dtype.itemsize,
                f"{directory}: the model's {dtype_name(dtype)} weights",
                "--dtype bfloat16 (eval, generate, inspect-routing) takes half" if dtype.itemsize > 2 else
                "a machine with more memory is needed")
-    return model
+    return meta_model(recipe)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -358,6 +358,8 @@ def read_yaml(arg: str, what: str):
         raise UserError(f"{source}: no {what}: standard input was empty")
     try:
         return yaml.safe_load(text), source
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise UserError(f"{source}: invalid YAML: nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -392,6 +394,8 @@ def parse_set_option(item: str) -> tuple[str, object]:
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw)
+    except RecursionError:
+        raise UserError(f"--set {item[:60]}: value nested too deeply") from None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

@@ -216,6 +216,8 @@ def jsonl_docs(src, field: str = JSONL_FIELD):
                     doc = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{src}:{n}: not JSON ({e.msg}); a .jsonl file holds one JSON object per line")
+                except RecursionError:
+                    raise UserError(f"{src}:{n}: JSON nested too deeply") from None
                 if not isinstance(doc, dict):
                     kind = {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(
                         type(doc), "a number")

@@ -78,6 +78,8 @@ def read_json_object(path: Path, what: str = "JSON") -> dict:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: cannot read {what}: {e}") from None
+    except RecursionError:
+        raise UserError(f"{path}: cannot read {what}: nested too deeply") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj

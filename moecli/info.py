@@ -17,7 +17,7 @@ from .errors import UserError
 from .experts import threads_from_env
 from .fileio import metrics_upto
 from .model import Transformer, meta_model
-from .params import parameter_report
+from .params import parameter_report, recipe_parameter_report
 from .st_stream import LazyTensors
 
 
@@ -53,11 +53,11 @@ def info(target: str | None) -> dict:
             if not p.exists():
                 raise UserError(f"{target}: no such checkpoint directory or recipe") from None
             raise
-        model, kind, extra = meta_model(recipe), "recipe", {}
-    r = model.recipe
+        model, kind, extra = None, "recipe", {}
+    report = parameter_report(model) if model is not None else recipe_parameter_report(recipe)
     return {
-        "kind": kind, "target": target, "recipe": r.name, "description": r.description,
-        "moe_layers": r.moe_layers(), "params": parameter_report(model), "config": r.to_dict(), **extra,
+        "kind": kind, "target": target, "recipe": recipe.name, "description": recipe.description,
+        "moe_layers": recipe.moe_layers(), "params": report, "config": recipe.to_dict(), **extra,
     }
 
 

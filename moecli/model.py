@@ -315,12 +315,19 @@ def meta_model(recipe: Recipe) -> Transformer:
         return Transformer(recipe)
 
 
+def meta_block(recipe: Recipe, layer_id: int) -> Block:
+    """Layer layer_id's block on the meta device (shapes only), as meta_model builds it."""
+    with torch.device("meta"), _SkipInit():
+        return Block(recipe, layer_id)
+
+
 def param_counts(recipe: Recipe) -> tuple[int, int]:
-    """(all parameters, the routed experts' share) of the recipe's model, counted on the meta device: no memory
-    is allocated, so a recipe of any size can be measured before it is built."""
-    model = meta_model(recipe)
-    experts = sum(p.numel() for _, moe in model.moe_layers for p in moe.experts.parameters())
-    return sum(p.numel() for p in model.parameters()), experts
+    """(all parameters, the routed experts' share) of the recipe's model, without building it
+    (params.recipe_parameter_report): a recipe of any size is measured before anything is allocated."""
+    from .params import recipe_parameter_report
+
+    rep = recipe_parameter_report(recipe)
+    return rep["total"], sum(row.get("routed", 0) for row in rep["layers"])
 
 
 def build_model(recipe: Recipe, seed: int | None = None) -> Transformer:

@@ -60,7 +60,7 @@ def _json_default(o):
 
 
 def human(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
             return f"{n / div:.2f}{unit}"
     return str(int(n))
@@ -75,10 +75,17 @@ def params_table(report: dict, title: str) -> Table:
     t.add_column("shared", justify="right")
     t.add_column("total", justify="right")
     t.add_column("active", justify="right")
+    runs: list[list[dict]] = []  # consecutive layers alike but for their index share a row ("3-60")
     for row in report["layers"]:
+        if runs and {**runs[-1][0], "layer": row["layer"]} == row:
+            runs[-1].append(row)
+        else:
+            runs.append([row])
+    for run in runs:
+        row = run[0]
         moe = row["kind"] == "moe"
         t.add_row(
-            str(row["layer"]), "[cyan]MoE[/]" if moe else "dense",
+            str(row["layer"]) + (f"-{run[-1]['layer']}" if len(run) > 1 else ""), "[cyan]MoE[/]" if moe else "dense",
             str(row["experts"]) if moe else "-", str(row["top_k"]) if moe else "-",
             str(row["shared"]) if moe else "-", human(row["total"]), human(row["active"]),
         )

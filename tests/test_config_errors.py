@@ -188,3 +188,39 @@ def test_a_recipe_from_stdin_or_a_pipe(cli, tmp_path, tiny_recipe, monkeypatch):
         with pytest.raises(UserError, match=f"^RECIPE {once}: under torchrun every process reads the recipe"):
             check_recipe_source(TrainArgs(once, [str(tmp_path / "c.txt")]))
     check_recipe_source(TrainArgs(str(recipe), [str(tmp_path / "c.txt")]))  # a file: every rank reads it
+
+
+def test_nested_too_deeply_is_bad_input(tmp_path, cli):
+    """A 5000-deep YAML or JSON nest is one line, exit 2 (PyYAML and json recurse: was RecursionError, exit 1)."""
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("model: " + "{a: " * 5000 + "1" + "}" * 5000 + "\n")
+    r = cli("build", deep)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {deep}: invalid YAML: nested too deeply"
+    r = cli("build", "mixtral", "--set", "model.n_layers=" + "[" * 5000)
+    assert r.returncode == 2 and "nested too deeply" in r.stderr and len(r.stderr.splitlines()) == 1
+    ckpt = tmp_path / "hf"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text('{"a": ' + "[" * 5000 + "]" * 5000 + "}")
+    r = cli("info", ckpt)
+    assert r.returncode == 2 and "nested too deeply" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_huge_recipe_is_measured_and_refused_in_seconds(tmp_path, cli):
+    """100,000 layers of d_model 100,000: counted without building the model (was minutes of module
+    construction), and refused where it would be allocated."""
+    import time
+
+    big = tmp_path / "big.yaml"
+    big.write_text("model: {n_layers: 100000, d_model: 100000}\n")
+    t0 = time.monotonic()
+    r = cli("build", big, "--json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(r.stdout)["params"]
+    D, F, V, L = 100000, 512, 256, 100000
+    per_layer = 2 * D + 2 * D * D + 2 * D * D // 2 + 3 * D * F  # norms, wq+wo, wk+wv (2 of 4 heads), FFN
+    assert p["total"] == 2 * V * D + D + L * per_layer
+    r = cli("build", big, "-o", tmp_path / "out", timeout=120)
+    assert r.returncode == 2 and "float32 weights" in r.stderr and not (tmp_path / "out").exists()
+    r = cli("train", big, "-o", tmp_path / "run", "--max-steps", "1", timeout=120)
+    assert r.returncode == 2 and "AdamW state" in r.stderr
+    assert time.monotonic() - t0 < 60  # each took minutes; now a few seconds each (no timing target here)

@@ -85,3 +85,19 @@ def test_attention_under_bf16_autocast_runs_in_fp32_only_below_the_threshold():
         else:
             assert o.dtype == torch.bfloat16
             torch.testing.assert_close(o.float(), ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("name", sorted(SEED_SYSTEMS))
+def test_recipe_report_equals_the_models(name):
+    """The report counted from one block of each kind equals the whole model's, per layer and in all."""
+    from moecli.model import meta_model, param_counts
+    from moecli.params import recipe_parameter_report
+
+    for ov in ({}, {"model.tie_embeddings": True}):
+        from moecli.config import apply_overrides
+
+        r = apply_overrides(load_recipe(name), ov)
+        model = meta_model(r)
+        assert recipe_parameter_report(r) == parameter_report(model)
+        experts = sum(p.numel() for _, moe in model.moe_layers for p in moe.experts.parameters())
+        assert param_counts(r) == (sum(p.numel() for p in model.parameters()), experts)
