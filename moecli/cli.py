@@ -21,7 +21,7 @@ app = typer.Typer(
     name="moe",
     help="Mixture-of-Experts toolkit: build, train, upcycle and inspect MoE transformers.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 
@@ -32,6 +32,13 @@ SET_OPT = typer.Option(None, "--set", help="Override a recipe field, e.g. --set 
 JSONL_OPT = typer.Option("text", "--jsonl-field", help="The text field of each line of .jsonl inputs.")
 DEVICE_OPT = typer.Option("cpu", "--device", help="Where the model computes: cpu | cuda | cuda:N | auto (cuda where "
                           "torch sees a GPU, else cpu).")
+
+
+def _complete_recipe(incomplete: str) -> list[str]:
+    """Shell completion of RECIPE: the bundled recipes' names (a path falls back to the shell's file completion)."""
+    from .config import list_recipes
+
+    return [name for name in list_recipes() if name.startswith(incomplete)]
 
 
 def _run(fn: Callable[[], dict], as_json: bool, draw: Callable[[dict], None] | None) -> None:
@@ -74,7 +81,8 @@ def _overrides(items: Optional[List[str]], **flags) -> dict:
 
 @app.command()
 def build(
-    recipe: str = typer.Argument(..., help="Recipe YAML file or bundled recipe name (see `moe info --recipes`)."),
+    recipe: str = typer.Argument(..., help="Recipe YAML file or bundled recipe name (see `moe info`).",
+                                 autocompletion=_complete_recipe),
     output: Optional[Path] = OUT_OPT,
     seed: Optional[int] = typer.Option(None, help="Initialisation seed (train.seed)."),
     set_: Optional[List[str]] = SET_OPT,
@@ -92,7 +100,7 @@ def build(
 def train(
     recipe: Optional[str] = typer.Argument(None, help="Recipe YAML or bundled name (not needed with --resume, "
                                            "where a first argument that is not one is DATA; none with --init: "
-                                           "then every argument is DATA)."),
+                                           "then every argument is DATA).", autocompletion=_complete_recipe),
     data: Optional[List[str]] = typer.Argument(None, help="Text files, globs, directories, or - for stdin. "
                                                "Default: the Python standard library's source (embedded corpus)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Run directory (default runs/RECIPE)."),
