@@ -102,6 +102,11 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype) if t.is_floating_point() else t
 
 
+def is_hf_config(cfg: dict) -> bool:
+    """Whether a checkpoint's config.json is a Hugging Face model's (a pretrained model) rather than moecli's."""
+    return cfg.get("format") != FORMAT
+
+
 def read_recipe(path: str | Path) -> tuple[Recipe, dict, Path]:
     """(recipe, config, directory) of a moecli checkpoint or a Hugging Face model directory (see hf.py),
     without reading its weights."""

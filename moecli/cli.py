@@ -174,9 +174,11 @@ def eval_(
     checkpoint: str = typer.Argument(..., help="Checkpoint directory (or a training run directory)."),
     data: Optional[List[str]] = typer.Argument(
         None, help="Text files, globs, directories, or - for stdin; none: the training run's validation split."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length (default: the recipe's, or a "
-                                                               "shorter text's length)."),
-    batch_size: int = typer.Option(16, "--batch-size"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length (default: a Hugging Face "
+                                          "model's context up to 2048, a moecli model's training length; a "
+                                          "shorter text's length)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per forward (default: about "
+                                             "2048 tokens' worth, at most 16)."),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Score at most this many windows."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute; loss in fp32)."),
     per_file: bool = typer.Option(False, "--per-file", help="Also score each file (and -) on its own."),
@@ -313,8 +315,9 @@ def inspect_routing(
     data: Optional[List[str]] = typer.Argument(
         None, help="Text files, globs, directories, or - for stdin; none: the training run's validation split."),
     max_tokens: int = typer.Option(65536, "--max-tokens", help="Read at most this many tokens."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len"),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length (default: as moe eval's)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per forward (default: about "
+                                             "2048 tokens' worth, at most 8)."),
     capacity_factor: float = typer.Option(1.25, "--capacity-factor", help="For the dropped-token fraction."),
     top_tokens: int = typer.Option(5, "--top-tokens", help="Tokens listed per expert."),
     near_dead: float = typer.Option(0.1, "--near-dead", help="Load (x uniform) below which an expert is near-dead."),

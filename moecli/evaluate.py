@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_dtype, load_with_tokenizer
-from .data import (JSONL_FIELD, default_window, encode_to_file, eval_windows, expand_data_args, open_tokens,
+from .checkpoint import is_hf_config, load_dtype, load_with_tokenizer
+from .data import (JSONL_FIELD, default_batch, default_window, encode_to_file, eval_windows, expand_data_args, open_tokens,
                    run_val_split)
 from .device import model_device, resolve_device
 from .distributed import all_sum_, current
@@ -48,17 +48,21 @@ def evaluate_loss(model, tokens: torch.Tensor, seq_len: int, starts: list[int], 
     return (total / count if count else float("nan")), count
 
 
-def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: int, max_windows: int | None,
+def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: int | None, max_windows: int | None,
              dtype: str = "float32", per_file: bool = False, jsonl_field: str = JSONL_FIELD,
              device: str = "cpu") -> dict:
     """Loss on DATA; with no DATA, on the validation split of the training run the checkpoint belongs to.
-    Without --seq-len, a text shorter than one window of the recipe's length is scored as one window.
-    With per_file, each source (a file, or - for stdin) is also scored on its own, under "files"."""
-    check_at_least("--batch-size", batch_size, 1)
+    Without --seq-len the windows are the recipe's training length, or for a Hugging Face model its own context
+    (up to PRETRAINED_WINDOW), and a text shorter than one window is scored as one window; without --batch-size a
+    batch holds about BATCH_TOKENS tokens. With per_file, each source (a file, or - for stdin) is also scored on its
+    own, under "files"."""
+    if batch_size is not None:
+        check_at_least("--batch-size", batch_size, 1)
     if max_windows is not None:
         check_at_least("--max-windows", max_windows, 1)
     torch_dtype, dev = load_dtype(dtype), resolve_device(device)
-    model, _, directory, tok = load_with_tokenizer(checkpoint, torch_dtype)
+    model, cfg, directory, tok = load_with_tokenizer(checkpoint, torch_dtype)
+    pretrained = is_hf_config(cfg)
     model.to(dev)
     context = model.recipe.model.context
     if seq_len is not None and not 1 <= seq_len <= context:
@@ -68,16 +72,18 @@ def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: 
         n = tokens.numel()
         if n < 2:
             raise UserError(f"{where}: only {n} tokens; need at least 2 to score one")
-        window = seq_len
+        window, why = seq_len, "--seq-len"
         if window is None:
-            window = default_window(model.recipe, n - 1)  # a window scores seq_len + 1 tokens
+            window, why = default_window(model.recipe, n - 1, pretrained)  # a window scores seq_len + 1 tokens
         elif n < window + 1:
             raise UserError(f"{where}: only {n} tokens; need at least {window + 1} to score one window "
                             f"of --seq-len {window}")
         starts = eval_windows(tokens, window, max_windows)
-        loss, count = evaluate_loss(model, tokens, window, starts, batch_size)
+        batch = batch_size or default_batch(window, 16)
+        loss, count = evaluate_loss(model, tokens, window, starts, batch)
         return {"data": where, "loss": loss, "perplexity": math.exp(min(loss, 700)),
-                "bits_per_token": loss / math.log(2), "tokens": count, "windows": len(starts), "seq_len": window}
+                "bits_per_token": loss / math.log(2), "tokens": count, "windows": len(starts), "seq_len": window,
+                "seq_len_from": why, "batch_size": batch}
 
     with tempfile.TemporaryDirectory(prefix="moe-eval-") as tmp:
         if data:

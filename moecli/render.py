@@ -246,8 +246,8 @@ def render_train(res: dict) -> None:
 
 def render_eval(res: dict) -> None:
     out.print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  "
-              f"({res['tokens']:,} tokens in {res['windows']} window{'s' * (res['windows'] != 1)} of {res['seq_len']}, "
-              f"{res['dtype']}; {escape(res['data'])})")
+              f"({res['tokens']:,} tokens in {res['windows']} window{'s' * (res['windows'] != 1)} of {res['seq_len']}: "
+              f"{res['seq_len_from']}; {res['dtype']}; {escape(res['data'])})")
     if res.get("files"):
         t = Table(title="per file", title_justify="left")
         for col in ("file", "loss", "perplexity", "tokens", "windows"):
@@ -383,7 +383,8 @@ def routing_tables(res: dict, detail_layer: str | None = None) -> list:
     from rich.text import Text
 
     items = []
-    s = Table(title=f"routing of {res['recipe']} over {res['tokens']:,} tokens of {res.get('data', 'DATA')} "
+    window = f" in windows of {res['seq_len']} ({res['seq_len_from']})" if "seq_len_from" in res else ""
+    s = Table(title=f"routing of {res['recipe']} over {res['tokens']:,} tokens of {res.get('data', 'DATA')}{window} "
                     f"(capacity factor {res['capacity_factor']} for the dropped column)", title_justify="left")
     for col in ("layer", "E/k", "MaxVio", "CV", "H(route)", "H(load)", "dead/near", "dropped", "gate1", "z mean/max",
                 "vocab", "status"):

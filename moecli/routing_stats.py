@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from .balance import load_health
-from .checkpoint import load_checkpoint, load_dtype, load_with_tokenizer
-from .data import JSONL_FIELD, default_window, expand_data_args, run_val_split, text_pieces
+from .checkpoint import is_hf_config, load_checkpoint, load_dtype, load_with_tokenizer
+from .data import JSONL_FIELD, default_batch, default_window, expand_data_args, run_val_split, text_pieces
 from .device import resolve_device
 from .errors import UserError, check_at_least
 from .moe import expert_capacity
@@ -186,16 +186,17 @@ def run_routing(model, stream: Stream, batch_size: int, capacity_factor: float, 
 
 
 def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, seq_len: int | None = None,
-                    batch_size: int = 8, capacity_factor: float = 1.25, top_tokens: int = 5, near_dead: float = 0.1,
+                    batch_size: int | None = None, capacity_factor: float = 1.25, top_tokens: int = 5, near_dead: float = 0.1,
                     domains: list[str] | None = None, compare: str | None = None, dtype: str = "float32",
                     jsonl_field: str = JSONL_FIELD, device: str = "cpu") -> dict:
-    check_at_least("--batch-size", batch_size, 1)
+    if batch_size is not None:
+        check_at_least("--batch-size", batch_size, 1)
     check_at_least("--capacity-factor", capacity_factor, 0)
     check_at_least("--top-tokens", top_tokens, 0)
     check_at_least("--near-dead", near_dead, 0)
     named = parse_domains(domains or [])  # before any work: a bad --domain should not wait for the routing
     torch_dtype, dev = load_dtype(dtype), resolve_device(device)
-    model, _, directory, tok = load_with_tokenizer(checkpoint, torch_dtype)
+    model, cfg, directory, tok = load_with_tokenizer(checkpoint, torch_dtype)
     model.to(dev)
     if not model.moe_layers:
         raise UserError(f"{checkpoint}: has no MoE layers (a dense model); nothing to inspect")
@@ -211,17 +212,19 @@ def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, s
         tails, _, where = run_val_split(directory, model.recipe, tok)
         # a run that mixed sources (--data-weights): an equal share of each source's tail
         ids = torch.cat([t[: max(1, max_tokens // len(tails))] for t in tails]).long()
+    why = "--seq-len"
     if seq_len is None:
-        seq_len = default_window(model.recipe, ids.numel())
+        seq_len, why = default_window(model.recipe, ids.numel(), is_hf_config(cfg))
     if ids.numel() < seq_len:
         raise UserError(f"{where}: only {ids.numel()} tokens; need at least --seq-len {seq_len}")
+    batch_size = batch_size or default_batch(seq_len, 8)
     stream = Stream(ids, seq_len)
     accs, kept = run_routing(model, stream, batch_size, capacity_factor, keep_idx=compare is not None)
     layers = {str(i): layer_report(a, tok, top_tokens, near_dead, capacity_factor) for i, a in accs.items()}
     result = {
         "checkpoint": str(directory), "recipe": model.recipe.name, "data": where,
         "tokens": int(stream.ids.numel() // seq_len * seq_len),
-        "seq_len": seq_len, "capacity_factor": capacity_factor, "near_dead_threshold": near_dead, "dtype": dtype,
+        "seq_len": seq_len, "seq_len_from": why, "batch_size": batch_size, "capacity_factor": capacity_factor, "near_dead_threshold": near_dead, "dtype": dtype,
         "device": str(dev),
         "layers": layers,
         "flagged": {k: v["status"] for k, v in layers.items() if v["status"] != "ok"},

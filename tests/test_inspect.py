@@ -253,3 +253,40 @@ def test_domain_specs_are_checked_before_any_work():
         # refused before the checkpoint is even read (this one does not exist)
         with pytest.raises(UserError, match=message):
             inspect_routing("no-such-checkpoint", [], domains=specs)
+
+
+def test_hf_model_is_scored_on_windows_of_its_own_context(tmp_path, cli):
+    """A Hugging Face checkpoint's eval and inspect-routing windows are its context up to 2048 tokens (stated
+    in the output), not the 128 of a recipe's training length; the loss is transformers' own on those windows.
+    A moecli checkpoint keeps its training length."""
+    pytest.importorskip("transformers")
+    d = tmp_path / "mixtral"
+    hf = make("mixtral", d, vocab_size=256, max_position_embeddings=4096)  # bytes: the default tokenizer
+    text = tmp_path / "t.txt"
+    text.write_bytes(bytes(torch.randint(97, 123, (4200,), generator=torch.Generator().manual_seed(1)).tolist()))
+    r = cli("eval", d, text, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert (res["seq_len"], res["windows"], res["batch_size"]) == (2048, 2, 1)
+    assert res["seq_len_from"] == "the model's context (4096) capped at 2048"
+    ids = torch.tensor(list(text.read_bytes()))
+    with torch.no_grad():
+        losses = [hf(ids[s: s + 2049][None], labels=ids[s: s + 2049][None]).loss for s in (0, 2048)]
+    assert res["loss"] == pytest.approx(float(sum(losses) / 2), rel=1e-5)
+    r = cli("eval", d, text)
+    assert "windows of 2048: the model's context (4096) capped at 2048" in r.stdout
+    r = cli("inspect-routing", d, text, "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert (res["seq_len"], res["tokens"], res["seq_len_from"]) == (2048, 4096, "the model's context (4096) capped at 2048")
+    short = make("mixtral", tmp_path / "short", vocab_size=256, max_position_embeddings=1000)
+    del short
+    res = json.loads(cli("eval", tmp_path / "short", text, "--json").stdout)
+    assert (res["seq_len"], res["seq_len_from"], res["batch_size"]) == (1000, "the model's context (1000)", 2)
+
+
+def test_moecli_checkpoint_keeps_its_training_window(trained, cli):
+    run, corpus = trained
+    for cmd in ("eval", "inspect-routing"):
+        res = json.loads(cli(cmd, run, corpus, "--json").stdout)
+        assert (res["seq_len"], res["seq_len_from"]) == (32, "the recipe's train.seq_len")
