@@ -234,6 +234,10 @@ def render_train(res: dict) -> None:
         loss = by_source.get(m["source"])
         rows.append((f"source {escape(m['source'])}", f"weight {m['weight']:.3g}, {m['train_tokens']:,} training tokens"
                      + (f", val loss {loss:.4f}" if loss is not None else "")))
+    if res.get("finetune_defaults"):  # --init: what it chose, and how to choose otherwise
+        ft = res["finetune_defaults"]
+        rows.append(("fine-tuning defaults", ", ".join(f"{k} {v:g}" for k, v in ft.items())
+                     + " (--init; set with --lr or --set train.FIELD=...)"))
     if res.get("stopped_early"):
         rows.append(("stopped early", early_stop_text(res["stopped_early"])))
     if res.get("best"):

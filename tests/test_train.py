@@ -681,3 +681,46 @@ def test_data_weights_mix_sources_with_their_own_validation(tmp_path, corpus, ti
     ]:
         bad = cli("train", *args, *(() if "--resume" in args else ("-o", tmp_path / "bad")), "-q")
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr
+
+
+def test_init_takes_fine_tuning_defaults_that_keep_a_pretrained_models_loss(tmp_path, cli):
+    """--init from a trained model takes fine-tuning defaults (lr 2e-5, no weight decay, 3% warmup) unless the
+    command line sets them: 10 steps do not raise its validation loss, where the pretraining recipe's settings
+    (lr 3e-3, warmup 20, weight decay 0.1) do."""
+    import yaml
+
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "austen.txt").is_file():
+        pytest.skip("needs ../shared/data/austen.txt")
+    data = tmp_path / "d.txt"
+    data.write_bytes((SHARED_DATA / "austen.txt").read_bytes()[:300_000])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "tiny", "model": {"n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 128,
+                                  "context": 64},
+        "moe": {"num_experts": 4, "top_k": 2, "expert_ffn": 64},
+        "train": {"batch_size": 16, "seq_len": 64, "max_steps": 300, "warmup_steps": 10, "eval_interval": 100,
+                  "eval_batches": 4, "ckpt_interval": 300}}))
+    r = cli("train", recipe, data, "-o", tmp_path / "pre", "-q", "--json")
+    assert r.returncode == 0, r.stderr
+    pretrained = json.loads(r.stdout)["val_loss"]
+
+    def fine_tune(name, *flags):
+        r = cli("train", "--init", tmp_path / "pre", data, "-o", tmp_path / name, "--max-steps", "10", "-q", "--json",
+                *flags)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    ft = fine_tune("ft")
+    assert ft["finetune_defaults"] == {"lr": 2e-5, "weight_decay": 0.0, "warmup_steps": 1}
+    saved = json.loads((tmp_path / "ft" / "checkpoint" / "config.json").read_text())["recipe"]["train"]
+    assert (saved["lr"], saved["weight_decay"], saved["warmup_steps"]) == (2e-5, 0.0, 1)
+    assert ft["val_loss"] <= pretrained  # the same validation windows as the pretraining run's last pass
+    old = fine_tune("old", "--lr", "3e-3", "--set", "train.warmup_steps=20", "--set", "train.weight_decay=0.1")
+    assert old["finetune_defaults"] is None
+    assert old["val_loss"] > pretrained + 0.01
+    part = fine_tune("part", "--lr", "1e-4")  # what the command line sets is its own; the rest are defaults
+    assert part["finetune_defaults"] == {"weight_decay": 0.0, "warmup_steps": 1}
+    r = cli("train", "--init", tmp_path / "pre", data, "-o", tmp_path / "shown", "--max-steps", "10", "-q")
+    assert "fine-tuning defaults" in r.stdout and "lr 2e-05" in r.stdout
