@@ -150,3 +150,42 @@ def test_hf_dense_to_moecli_format(tmp_path):
     res = upcycle(str(src), out, UpcycleOptions(num_experts=6, top_k=3, granularity=3, format="moecli"))
     assert res["exact"] and res["max_abs_logit_diff"] < 1e-5
     assert (out / "model.safetensors").is_file() and json.loads((out / "config.json").read_text())["format"]
+
+
+@pytest.mark.parametrize("kind,expected", [("llama", "mixtral"),
+                                           pytest.param("qwen2", "qwen2_moe", marks=pytest.mark.slow),
+                                           pytest.param("qwen3", "qwen3_moe", marks=pytest.mark.slow)])
+def test_hugging_face_chain_end_to_end(tmp_path, cli, kind, expected):
+    """The README's chain on a pretrained-style dense model: upcycle -> train --init -> eval -> inspect-routing ->
+    export, each step checked: the upcycled model scores the dense model's loss, the fine-tune keeps it, and
+    transformers loads the export with moecli's loss."""
+    transformers = pytest.importorskip("transformers")
+    src = tmp_path / kind
+    make(kind, src, vocab_size=256, max_position_embeddings=128)  # the byte tokenizer: no tokenizer.json needed
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"the {i % 5} quick brown foxes jump over {i % 3} lazy dogs\n" for i in range(300)))
+
+    def run(*args):
+        r = cli(*args, "--json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    dense = run("eval", src, text)
+    up = run("upcycle", src, "-o", tmp_path / "moe", "-e", "4", "-k", "2")
+    assert up["format"] == expected and up["exact"]
+    assert run("eval", tmp_path / "moe", text)["loss"] == pytest.approx(dense["loss"], rel=1e-5)
+    ft = run("train", "--init", tmp_path / "moe", text, "-o", tmp_path / "run", "--max-steps", "2", "--batch-size", "4",
+             "--seq-len", "64", "-q")
+    assert ft["finetune_defaults"]["lr"] == 2e-5
+    tuned = run("eval", tmp_path / "run", text, "--seq-len", "128")
+    assert tuned["loss"] == pytest.approx(dense["loss"], abs=0.05)  # two steps at lr 2e-5 barely move it
+    routing = run("inspect-routing", tmp_path / "run", text)
+    assert set(routing["layers"]) == {"0", "1"} and routing["seq_len"] == 64  # a moecli run: its training length
+    exp = run("export", tmp_path / "run", "-o", tmp_path / "hf")
+    assert exp["format"] == expected
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor(list(text.read_bytes()))
+    starts = range(0, (ids.numel() - 1) // 128 * 128, 128)
+    with torch.no_grad():
+        losses = [hf(ids[s: s + 129][None], labels=ids[s: s + 129][None]).loss for s in starts]
+    assert float(sum(losses) / len(losses)) == pytest.approx(tuned["loss"], rel=1e-4)
