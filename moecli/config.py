@@ -38,6 +38,20 @@ class ModelConfig:
     context: int = 256  # longest sequence RoPE and generation plan for
     ffn_dim: int = 512  # hidden size of the dense SwiGLU FFN (dense layers only)
     rope_theta: float = 10000.0
+    # RoPE variants (rope.py): default | linear | dynamic | yarn | llama3. The scaling ones extend a model pretrained
+    # at rope_original_context tokens (0 -> context) by rope_factor, as Llama 3.1, YaRN and NTK configs do
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_original_context: int = 0
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original/low are divided by the factor ...
+    rope_high_freq_factor: float = 4.0  # ... below original/high kept, a smooth ramp between
+    rope_beta_fast: float = 32.0  # yarn: frequencies turning more than beta_fast times in the original context keep
+    rope_beta_slow: float = 1.0  # theirs, fewer than beta_slow are divided by the factor, a ramp between
+    rope_truncate: bool = True  # yarn: round the ramp's ends to whole dims
+    rope_attention_factor: float = 0.0  # yarn: scales cos and sin; 0 -> 0.1 ln(factor) + 1, or the mscale ratio
+    rope_mscale: float = 0.0  # yarn (DeepSeek): attention factor mscale(factor, mscale) / mscale(factor, all_dim)
+    rope_mscale_all_dim: float = 0.0
+    rope_partial: float = 1.0  # the fraction of each head's dims that rotate (GLM, partial_rotary_factor)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 puts biases on q/k/v projections
@@ -56,6 +70,9 @@ class ModelConfig:
                    f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) unless head_dim is set")
         _check(self.hd % 2 == 0, "head_dim", f"head dimension must be even for RoPE, got {self.hd}")
         _check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        from . import rope
+
+        rope.validate(self, _check)
         _check(0 < self.norm_eps < 1, "norm_eps", f"must be in (0, 1), got {self.norm_eps}")
         _check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
         _check(not (self.qk_norm and self.qk_norm_full), "qk_norm_full", "qk_norm and qk_norm_full exclude each other")

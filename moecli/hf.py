@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import rope
 from .config import Recipe, recipe_from_dict
 from .errors import UserError
 from .fileio import atomic_write_json, read_json_object
@@ -37,16 +38,6 @@ def read_hf_config(directory: Path) -> dict:
         raise UserError(f"{p}: model_type {mt!r} is not supported (dense: {', '.join(DENSE_TYPES)}; "
                         f"MoE: {', '.join(MOE_TYPES + READ_ONLY_MOE_TYPES)})")
     return cfg
-
-
-def _rope_theta(cfg: dict, source: str) -> float:
-    rp = cfg.get("rope_parameters") or {}
-    rs = cfg.get("rope_scaling") or {}
-    for r in (rp, rs):
-        kind = r.get("rope_type", r.get("type", "default"))
-        if kind not in ("default", None):
-            raise UserError(f"{source}: rope_type {kind!r} is not supported (only plain RoPE)")
-    return float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0)))
 
 
 def recipe_from_hf(cfg: dict, source: str = "config.json") -> Recipe:
@@ -76,8 +67,8 @@ def recipe_from_hf(cfg: dict, source: str = "config.json") -> Recipe:
         "vocab_size": count("vocab_size"), "n_layers": count("num_hidden_layers"), "d_model": hidden,
         "n_heads": n_heads, "n_kv_heads": count("num_key_value_heads") if cfg.get("num_key_value_heads") else n_heads,
         "head_dim": hd if hd * n_heads != hidden else 0,
-        "context": cfg.get("max_position_embeddings", 2048), "ffn_dim": count("intermediate_size"),
-        "rope_theta": _rope_theta(cfg, source), "norm_eps": cfg.get("rms_norm_eps", 1e-6),
+        "ffn_dim": count("intermediate_size"), "norm_eps": cfg.get("rms_norm_eps", 1e-6),
+        **rope.from_hf(cfg, cfg.get("max_position_embeddings", 2048), source),
         "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
         "qkv_bias": mt in QKV_BIAS_TYPES and bool(cfg.get("qkv_bias", True)), "qk_norm": mt in QK_NORM_TYPES,
         "qk_norm_full": mt == "olmoe",
@@ -221,8 +212,7 @@ def hf_config_for(recipe: Recipe, mt: str, base: dict | None) -> dict:
         "architectures": [arch], "model_type": mt, "vocab_size": r.vocab_size, "hidden_size": r.d_model,
         "num_hidden_layers": r.n_layers, "num_attention_heads": r.n_heads, "num_key_value_heads": r.n_kv_heads,
         "head_dim": r.hd, "max_position_embeddings": r.context, "intermediate_size": r.ffn_dim,
-        "rms_norm_eps": r.norm_eps, "rope_theta": r.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": r.rope_theta},
+        "rms_norm_eps": r.norm_eps, **rope.to_hf(r),
         "tie_word_embeddings": r.tie_embeddings, "hidden_act": "silu",
     })
     if mt not in QKV_BIAS_TYPES:

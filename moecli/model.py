@@ -1,6 +1,6 @@
 """A decoder-only transformer whose FFNs are dense or MoE, per the recipe.
 
-RMSNorm -> grouped-query attention with RoPE -> RMSNorm -> FFN, pre-norm
+RMSNorm -> grouped-query attention with RoPE (rope.py) -> RMSNorm -> FFN, pre-norm
 residual blocks; numerics follow Hugging Face's Llama/Qwen so checkpoints
 convert both ways exactly (see hf.py).
 
@@ -21,6 +21,7 @@ from .balance import COEFS
 from .config import ModelConfig, Recipe
 from .experts import SwiGLU
 from .moe import MoELayer
+from .rope import apply_rope, cos_sin
 
 
 class RMSNorm(nn.Module):
@@ -33,19 +34,6 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
-
-
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    freqs_SF = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
-    emb = torch.cat([freqs_SF, freqs_SF], dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x_BHSDh: torch.Tensor, cos_SDh: torch.Tensor, sin_SDh: torch.Tensor) -> torch.Tensor:
-    half = x_BHSDh.shape[-1] // 2
-    rotated = torch.cat([-x_BHSDh[..., half:], x_BHSDh[..., :half]], dim=-1)
-    return (x_BHSDh * cos_SDh + rotated * sin_SDh).to(x_BHSDh.dtype)
 
 
 class Attention(nn.Module):
@@ -239,12 +227,18 @@ class Transformer(nn.Module):
             layer.k_BHCDh, layer.v_BHCDh = (w.new_zeros(batch, cfg.n_kv_heads, capacity, cfg.hd) for _ in range(2))
         return cache
 
-    def rope(self, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (S, str(device))
+    def rope(self, start: int, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions start..start+S-1 (rope.py). They are slices of the context's, except for dynamic
+        NTK scaling, whose frequencies depend on the sequence's length so far (as in transformers)."""
+        cfg = self.recipe.model
+        if cfg.rope_type == "dynamic":
+            cos, sin = cos_sin(cfg, start + S, device)
+            return cos[start:], sin[start:]
+        key = (max(cfg.context, start + S), str(device))
         if key not in self._rope_cache:
-            cfg = self.recipe.model
-            self._rope_cache[key] = rope_cos_sin(S, cfg.hd, cfg.rope_theta, device)
-        return self._rope_cache[key]
+            self._rope_cache[key] = cos_sin(cfg, key[0], device)
+        cos, sin = self._rope_cache[key]
+        return cos[start: start + S], sin[start: start + S]
 
     def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None) -> ModelOutput:
         """Logits for every position. With a cache, tokens_BS continues the tokens it holds (positions
@@ -252,12 +246,12 @@ class Transformer(nn.Module):
         tokens_BS = tokens_BS.to(self.tok_embeddings.weight.device)
         B, S = tokens_BS.shape
         if cache is None:
-            cos, sin = self.rope(S, tokens_BS.device)
+            cos, sin = self.rope(0, S, tokens_BS.device)
         else:
             context = self.recipe.model.context
             if cache.pos + S > context:
                 raise ValueError(f"KV cache: {cache.pos} + {S} tokens exceed the context ({context})")
-            cos, sin = (t[cache.pos: cache.pos + S] for t in self.rope(context, tokens_BS.device))
+            cos, sin = self.rope(cache.pos, S, tokens_BS.device)
         x = self.tok_embeddings(tokens_BS)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, None if cache is None else cache.layers[i])
