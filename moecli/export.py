@@ -18,12 +18,13 @@ from .checkpoint import FORMAT, find_checkpoint_dir, load_checkpoint, model_stat
 from .config import Recipe
 from .errors import UserError
 from .fileio import atomic_dir, atomic_write_json, save_safetensors
+from .families import FAMILIES
 from .st_stream import assign_shards
 from .hf import (TOKENIZER_FILES, _expert_names, check_writable, hf_config_for, plain_name_map,
                  qwen2_empty_shared_expert, shard_file_name, write_shard_index)
 from .upcycle import probe_logits
 
-MOE_FORMATS = ("mixtral", "qwen3_moe", "qwen2_moe")
+MOE_FORMATS = ("mixtral", "qwen3_moe", "qwen2_moe", *FAMILIES)
 DENSE_FORMATS = ("llama", "qwen3", "qwen2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,6 +32,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def pick_format(recipe: Recipe) -> str:
     """The Hugging Face family whose attention layout matches the recipe (qk norm: Qwen3, qkv bias: Qwen2)."""
     r, moe = recipe.model, bool(recipe.moe_layers())
+    if moe and recipe.moe.score_func == "sigmoid":  # DeepSeek-V3-style routing: GLM-4.5 holds it
+        return "glm4_moe"
     if r.qk_norm and not r.qkv_bias:
         return "qwen3_moe" if moe else "qwen3"
     if r.qkv_bias and not r.qk_norm:
@@ -56,7 +59,7 @@ def check_format(recipe: Recipe, fmt: str, model) -> None:
     check_writable(recipe, fmt, "no Hugging Face format moecli writes holds this model (keep the moecli checkpoint: "
                                 "moe eval, generate and inspect-routing read it)")
     for i, layer in model.moe_layers:
-        if layer.router.expert_bias.abs().max() > 0:
+        if fmt not in FAMILIES and layer.router.expert_bias.abs().max() > 0:  # the families hold the bias
             raise UserError(f"--format {fmt}: layer {i} routes with aux-loss-free expert biases, which Hugging Face "
                             f"{fmt} cannot express")
 
@@ -76,6 +79,8 @@ def hf_state(model, recipe: Recipe, fmt: str, dtype: torch.dtype) -> dict[str, t
                 out[n2] = ex.w2_EFD[e].detach().t().to(dtype).contiguous()
             if fmt == "qwen2_moe" and not recipe.moe.num_shared_experts:
                 out |= {name: torch.zeros(shape, dtype=dtype) for name, shape in qwen2_empty_shared_expert(i, D)}
+            if fmt in FAMILIES:
+                out |= {name: torch.zeros(shape, dtype=dtype) for name, shape in FAMILIES[fmt].empty_tensors(recipe, i)}
     return out
 
 

@@ -16,6 +16,7 @@ import torch
 
 from . import rope
 from .config import Recipe, recipe_from_dict
+from .families import FAMILIES
 from .errors import UserError
 from .fileio import atomic_write_json, read_json_object
 from .st_stream import LazyTensors
@@ -34,9 +35,9 @@ def read_hf_config(directory: Path) -> dict:
     p = Path(directory) / "config.json"
     cfg = read_json_object(p, "Hugging Face config")
     mt = cfg.get("model_type")
-    if mt not in DENSE_TYPES + MOE_TYPES + READ_ONLY_MOE_TYPES:
+    if mt not in DENSE_TYPES + MOE_TYPES + READ_ONLY_MOE_TYPES + tuple(FAMILIES):
         raise UserError(f"{p}: model_type {mt!r} is not supported (dense: {', '.join(DENSE_TYPES)}; "
-                        f"MoE: {', '.join(MOE_TYPES + READ_ONLY_MOE_TYPES)})")
+                        f"MoE: {', '.join(MOE_TYPES + tuple(FAMILIES) + READ_ONLY_MOE_TYPES)})")
     return cfg
 
 
@@ -55,7 +56,7 @@ def recipe_from_hf(cfg: dict, source: str = "config.json") -> Recipe:
 
     if cfg.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (SwiGLU/silu only)")
-    if mt not in QKV_BIAS_TYPES and cfg.get("attention_bias"):
+    if mt not in QKV_BIAS_TYPES + tuple(FAMILIES) and cfg.get("attention_bias"):
         raise UserError(f"{source}: attention_bias is not supported")
     if cfg.get("mlp_bias"):
         raise UserError(f"{source}: mlp_bias is not supported")
@@ -75,7 +76,9 @@ def recipe_from_hf(cfg: dict, source: str = "config.json") -> Recipe:
         "init_std": cfg.get("initializer_range", 0.02),
     }
     moe, balance = {}, {}
-    if mt == "mixtral":
+    if mt in FAMILIES:
+        model, moe, balance = FAMILIES[mt].recipe_parts(cfg, model, count, source)
+    elif mt == "mixtral":
         moe = {"num_experts": count("num_local_experts"), "top_k": count("num_experts_per_tok"),
                "expert_ffn": model["ffn_dim"], "renormalize": True}
         balance = {"aux_loss_coef": cfg.get("router_aux_loss_coef", 0.0)}
@@ -161,7 +164,7 @@ def plain_name_map(recipe: Recipe, mt: str) -> dict[str, str]:
         else:
             for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
                 m[f"{L}.feed_forward.{ours}.weight"] = f"{H}.mlp.{theirs}.weight"
-    return m
+    return FAMILIES[mt].name_map(recipe, m) if mt in FAMILIES else m
 
 
 def check_writable(recipe: Recipe, mt: str, instead: str) -> None:
@@ -195,6 +198,8 @@ def check_writable(recipe: Recipe, mt: str, instead: str) -> None:
             problems.append("an ungated shared expert")
         if recipe.model.qk_norm or not recipe.model.qkv_bias:
             problems.append("an attention layout other than Qwen2's")
+    if mt in FAMILIES:
+        problems = FAMILIES[mt].cannot_express(recipe)
     if problems:
         raise UserError(f"--format {mt}: Hugging Face {mt} cannot express {', '.join(problems)}; {instead}")
 
@@ -205,7 +210,7 @@ def hf_config_for(recipe: Recipe, mt: str, base: dict | None) -> dict:
     cfg = {k: v for k, v in (base or {}).items()
            if k in ("bos_token_id", "eos_token_id", "pad_token_id", "sliding_window", "use_sliding_window",
                     "max_window_layers", "attention_dropout", "initializer_range", "torch_dtype", "dtype")}
-    arch = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+    arch = {**{f.MODEL_TYPE: f.ARCHITECTURE for f in FAMILIES.values()}, "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
             "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "mistral": "MistralForCausalLM"}[mt]
     cfg.update({
@@ -217,7 +222,9 @@ def hf_config_for(recipe: Recipe, mt: str, base: dict | None) -> dict:
     })
     if mt not in QKV_BIAS_TYPES:
         cfg["attention_bias"] = False
-    if mt == "mixtral":
+    if mt in FAMILIES:
+        cfg.update(FAMILIES[mt].config(recipe))
+    elif mt == "mixtral":
         cfg.update(num_local_experts=m.num_experts, num_experts_per_tok=m.top_k, intermediate_size=m.expert_ffn,
                    router_aux_loss_coef=recipe.balance.aux_loss_coef, router_jitter_noise=0.0)
     elif mt in ("qwen2_moe", "qwen3_moe"):
@@ -276,7 +283,7 @@ def load_hf_model(directory: Path, dtype=torch.float32, recipe: Recipe | None = 
         for k, v in _expert_stack(src, mt, i, recipe.moe.num_experts, dtype).items():
             sd[f"layers.{i}.moe.experts.{k}"] = v
     for k, v in model.state_dict().items():
-        if k.endswith("expert_bias"):
+        if k.endswith("expert_bias") and k not in sd:  # a family without aux-free router biases
             sd[k] = torch.zeros(v.shape, dtype=dtype)
     load_into(model, sd, directory, assign=True)
     model.eval()

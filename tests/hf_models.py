@@ -24,6 +24,13 @@ def make(kind: str, directory, seed: int = 0, **extra):
         "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM,
                       {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
                        "shared_expert_intermediate_size": 24}),
+        "glm4_moe": (transformers.Glm4MoeConfig, transformers.Glm4MoeForCausalLM,
+                     {"num_hidden_layers": 3, "head_dim": 16, "moe_intermediate_size": 16, "n_routed_experts": 8,
+                      "num_experts_per_tok": 2, "n_shared_experts": 1, "n_group": 2, "topk_group": 1,
+                      "first_k_dense_replace": 1, "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+                      "use_qk_norm": True, "attention_bias": True, "partial_rotary_factor": 0.5,
+                      "num_nextn_predict_layers": 0, "eos_token_id": None, "pad_token_id": None,
+                      "bos_token_id": None}),
     }
     C, M, kw = classes[kind]
     torch.manual_seed(seed)
@@ -31,6 +38,9 @@ def make(kind: str, directory, seed: int = 0, **extra):
     with torch.no_grad():  # larger-than-default weights so that differences would show
         for p in model.parameters():
             p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():  # routers' correction biases (DeepSeek-V3 style): non-zero
+            if name.endswith("e_score_correction_bias"):
+                b.uniform_(-0.05, 0.05)
     save_kw = {"max_shard_size": extra.pop("_shard", None)} if "_shard" in extra else {}
     model.save_pretrained(directory, **save_kw)
     return model
