@@ -297,8 +297,8 @@ def upcycle(
 def export(
     checkpoint: str = typer.Argument(..., help="moecli checkpoint (or training run) directory."),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory (a Hugging Face model directory)."),
-    fmt: str = typer.Option("auto", "--format", help="auto | mixtral | qwen3_moe | qwen2_moe | glm4_moe | llama | qwen3 | "
-                                                   "qwen2"),
+    fmt: str = typer.Option("auto", "--format", help="auto | mixtral | qwen3_moe | qwen2_moe | glm4_moe | deepseek_v3 | "
+                                                   "llama | qwen3 | qwen2"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
     shard_size_mb: float = typer.Option(2000.0, "--shard-size-mb", help="Largest weights file; more: an index."),
     force: bool = FORCE_OPT,

@@ -52,6 +52,14 @@ class ModelConfig:
     rope_mscale: float = 0.0  # yarn (DeepSeek): attention factor mscale(factor, mscale) / mscale(factor, all_dim)
     rope_mscale_all_dim: float = 0.0
     rope_partial: float = 1.0  # the fraction of each head's dims that rotate (GLM, partial_rotary_factor)
+    rope_interleave: bool = False  # rotate dim pairs (2i, 2i+1) instead of halves (DeepSeek's checkpoints)
+    # attention variant (attention.py): gqa | mla (DeepSeek-V2/V3 multi-head latent attention, then:)
+    attention: str = "gqa"
+    q_lora_rank: int = 0  # mla: queries through a bottleneck of this rank with its RMSNorm (0 -> one projection)
+    kv_lora_rank: int = 0  # mla: keys and values from one compressed latent of this width per token
+    qk_nope_head_dim: int = 0  # mla: per-head query/key dims without RoPE ...
+    qk_rope_head_dim: int = 0  # ... and with it (one rope key shared by all heads)
+    v_head_dim: int = 0  # mla: per-head value dims
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 puts biases on q/k/v projections
@@ -68,7 +76,15 @@ class ModelConfig:
         if self.head_dim == 0:
             _check(self.d_model % self.n_heads == 0, "n_heads",
                    f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) unless head_dim is set")
-        _check(self.hd % 2 == 0, "head_dim", f"head dimension must be even for RoPE, got {self.hd}")
+        _check(self.attention in ("gqa", "mla"), "attention", f"must be gqa or mla, got {self.attention!r}")
+        if self.attention == "mla":
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                _check(getattr(self, name) >= 1, name, f"must be >= 1 with attention mla, got {getattr(self, name)}")
+            _check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", f"must be even, got {self.qk_rope_head_dim}")
+            _check(self.q_lora_rank >= 0, "q_lora_rank", f"must be >= 0, got {self.q_lora_rank}")
+            _check(not (self.qk_norm or self.qk_norm_full), "qk_norm", "not with attention mla")
+        else:
+            _check(self.hd % 2 == 0, "head_dim", f"head dimension must be even for RoPE, got {self.hd}")
         _check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
         from . import rope
 

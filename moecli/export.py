@@ -32,7 +32,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def pick_format(recipe: Recipe) -> str:
     """The Hugging Face family whose attention layout matches the recipe (qk norm: Qwen3, qkv bias: Qwen2)."""
     r, moe = recipe.model, bool(recipe.moe_layers())
-    if moe and recipe.moe.score_func == "sigmoid":  # DeepSeek-V3-style routing: GLM-4.5 holds it
+    if r.attention == "mla":  # DeepSeek: V3's sigmoid router, or V2's softmax
+        return "deepseek_v3" if recipe.moe.score_func == "sigmoid" or not moe else "deepseek_v2"
+    if moe and recipe.moe.score_func == "sigmoid":  # DeepSeek-V3-style routing on GQA: GLM-4.5 holds it
         return "glm4_moe"
     if r.qk_norm and not r.qkv_bias:
         return "qwen3_moe" if moe else "qwen3"
@@ -59,7 +61,7 @@ def check_format(recipe: Recipe, fmt: str, model) -> None:
     check_writable(recipe, fmt, "no Hugging Face format moecli writes holds this model (keep the moecli checkpoint: "
                                 "moe eval, generate and inspect-routing read it)")
     for i, layer in model.moe_layers:
-        if fmt not in FAMILIES and layer.router.expert_bias.abs().max() > 0:  # the families hold the bias
+        if not getattr(FAMILIES.get(fmt), "EXPERT_BIAS", False) and layer.router.expert_bias.abs().max() > 0:
             raise UserError(f"--format {fmt}: layer {i} routes with aux-loss-free expert biases, which Hugging Face "
                             f"{fmt} cannot express")
 

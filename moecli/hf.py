@@ -16,7 +16,7 @@ import torch
 
 from . import rope
 from .config import Recipe, recipe_from_dict
-from .families import FAMILIES
+from .families import FAMILIES, READ_AS
 from .errors import UserError
 from .fileio import atomic_write_json, read_json_object
 from .st_stream import LazyTensors
@@ -35,9 +35,12 @@ def read_hf_config(directory: Path) -> dict:
     p = Path(directory) / "config.json"
     cfg = read_json_object(p, "Hugging Face config")
     mt = cfg.get("model_type")
+    if mt in READ_AS:  # e.g. kimi_k2: DeepSeek-V3's layout under another name
+        cfg = {**cfg, "model_type": READ_AS[mt]}
+        mt = cfg["model_type"]
     if mt not in DENSE_TYPES + MOE_TYPES + READ_ONLY_MOE_TYPES + tuple(FAMILIES):
         raise UserError(f"{p}: model_type {mt!r} is not supported (dense: {', '.join(DENSE_TYPES)}; "
-                        f"MoE: {', '.join(MOE_TYPES + tuple(FAMILIES) + READ_ONLY_MOE_TYPES)})")
+                        f"MoE: {', '.join(MOE_TYPES + tuple(FAMILIES) + tuple(READ_AS) + READ_ONLY_MOE_TYPES)})")
     return cfg
 
 

@@ -21,81 +21,8 @@ from .balance import COEFS
 from .config import ModelConfig, Recipe
 from .experts import SwiGLU
 from .moe import MoELayer
-from .rope import apply_rope, cos_sin
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.hd
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.hd, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.hd, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.hd, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(cfg.n_heads * cfg.hd, cfg.d_model, bias=False)
-        self.q_norm = self.k_norm = None
-        self.full_qk_norm = cfg.qk_norm_full
-        if cfg.qk_norm or cfg.qk_norm_full:
-            self.q_norm = RMSNorm(cfg.hd * (cfg.n_heads if cfg.qk_norm_full else 1), cfg.norm_eps)
-            self.k_norm = RMSNorm(cfg.hd * (cfg.n_kv_heads if cfg.qk_norm_full else 1), cfg.norm_eps)
-
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: LayerKV | None = None) -> torch.Tensor:
-        """With kv (the keys and values of the tokens before these), x's tokens attend to those too, and kv
-        is extended with theirs (incremental decoding: KVCache)."""
-        B, S, _ = x_BSD.shape
-        q, k = self.wq(x_BSD), self.wk(x_BSD)
-        if self.full_qk_norm:  # OLMoE: one norm over all heads
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, S, self.n_heads, self.hd)
-        k = k.view(B, S, self.n_kv_heads, self.hd)
-        v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.hd)
-        if self.q_norm is not None and not self.full_qk_norm:  # Qwen3: per head
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        pad_BL = None
-        if kv is not None:
-            k, v = kv.extend(k, v)
-            pad_BL = kv.pad_mask()
-        o_BHSDh = attend(q, k, v, gqa=self.n_heads != self.n_kv_heads, pad_BL=pad_BL)
-        return self.wo(o_BHSDh.transpose(1, 2).reshape(B, S, self.n_heads * self.hd))
-
-
-# Under a CPU bf16 autocast (train.precision bf16-mixed) torch's bf16 attention kernel is slower than its
-# fp32 one for short sequences and small heads (causal fwd+bwd, 2 cores, bf16 speed over fp32: 0.37x at
-# S=128, Dh=32; 0.57-0.98x at S*Dh = 2^13-2^14; 1.2-1.7x from 2^15 up), so below S*Dh = 2^15 it runs in fp32.
-FP32_ATTENTION_BELOW = 2**15
-
-
-def attend(q_BHSDh, k_BHLDh, v_BHLDh, gqa: bool, pad_BL: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention of S queries over L >= S keys, the queries being the last S positions; in fp32 under
-    a CPU autocast when S * Dh < FP32_ATTENTION_BELOW. pad_BL (True: no token there; the queries' own
-    positions never are) leaves those keys out, per row."""
-    S, Dh = q_BHSDh.shape[-2:]
-    L = k_BHLDh.shape[-2]
-    if pad_BL is not None:  # B x 1 x S x L: causal, and no empty slot
-        mask = dict(attn_mask=torch.ones(S, L, dtype=torch.bool, device=q_BHSDh.device).tril(L - S)
-                    & ~pad_BL[:, None, None])
-    else:  # SDPA's is_causal aligns the mask to the top-left corner, right only for S == L; one query needs none
-        mask = dict(is_causal=True) if S == L else dict(is_causal=False) if S == 1 else dict(
-            attn_mask=torch.ones(S, L, dtype=torch.bool, device=q_BHSDh.device).tril(L - S))
-    if q_BHSDh.device.type == "cpu" and torch.is_autocast_enabled("cpu") and S * Dh < FP32_ATTENTION_BELOW:
-        with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q_BHSDh.float(), k_BHLDh.float(), v_BHLDh.float(), enable_gqa=gqa,
-                                                  **mask)
-    return F.scaled_dot_product_attention(q_BHSDh, k_BHLDh, v_BHLDh, enable_gqa=gqa, **mask)
+from .attention import ATTENTION, FP32_ATTENTION_BELOW, RMSNorm, attend  # noqa: F401 (re-exported)
+from .rope import cos_sin
 
 
 class Block(nn.Module):
@@ -103,7 +30,7 @@ class Block(nn.Module):
         super().__init__()
         cfg = recipe.model
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = ATTENTION[cfg.attention](cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = recipe.is_moe_layer(layer_id)
         if self.is_moe:
@@ -132,10 +59,10 @@ class LayerKV:
 
     def extend(self, k_BHSDh: torch.Tensor, v_BHSDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append S tokens' keys and values; returns those of every slot from start to n (views)."""
-        B, H, S, Dh = k_BHSDh.shape
-        if self.k_BHCDh is None:
-            self.k_BHCDh = k_BHSDh.new_empty(B, H, self.capacity, Dh)
-            self.v_BHCDh = v_BHSDh.new_empty(B, H, self.capacity, Dh)
+        B, H, S, _ = k_BHSDh.shape
+        if self.k_BHCDh is None:  # keys and values may differ in width (MLA)
+            self.k_BHCDh = k_BHSDh.new_empty(B, H, self.capacity, k_BHSDh.shape[-1])
+            self.v_BHCDh = v_BHSDh.new_empty(B, H, self.capacity, v_BHSDh.shape[-1])
         if self.n + S > self.capacity:
             raise ValueError(f"KV cache: {self.n} + {S} tokens exceed its capacity ({self.capacity})")
         self.k_BHCDh[:, :, self.n: self.n + S] = k_BHSDh
@@ -220,11 +147,11 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         """An empty KVCache with every layer's buffers allocated (zeros) for `batch` rows, in the weights'
         dtype and device: for prefilling prompts of different lengths row by row (``KVCache.rows``)."""
-        cfg = self.recipe.model
         cache = KVCache.empty(len(self.layers), capacity)
         w = self.output.weight
-        for layer in cache.layers:  # zeros: slots a row leaves empty are masked, but never garbage (NaN)
-            layer.k_BHCDh, layer.v_BHCDh = (w.new_zeros(batch, cfg.n_kv_heads, capacity, cfg.hd) for _ in range(2))
+        for layer, block in zip(cache.layers, self.layers):  # zeros: empty slots are masked, but never NaN
+            H, Dk, Dv = block.attention.kv_shape()
+            layer.k_BHCDh, layer.v_BHCDh = w.new_zeros(batch, H, capacity, Dk), w.new_zeros(batch, H, capacity, Dv)
         return cache
 
     def rope(self, start: int, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:

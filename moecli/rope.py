@@ -25,8 +25,17 @@ ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
 def rotary_dim(cfg) -> int:
-    """How many of a head's dims rotate (all, unless partial rotary)."""
-    return int(cfg.hd * cfg.rope_partial)
+    """How many of a head's dims rotate: all (partial rotary: a fraction), or MLA's qk_rope_head_dim."""
+    return cfg.qk_rope_head_dim if cfg.attention == "mla" else int(cfg.hd * cfg.rope_partial)
+
+
+def attention_scale(cfg, head_dim: int) -> float:
+    """The softmax scale: 1/sqrt(head_dim), times DeepSeek's mscale(factor, mscale_all_dim)^2 under YaRN, which keeps
+    attention's entropy as the context grows (transformers applies it to MLA only)."""
+    scale = head_dim ** -0.5
+    if cfg.rope_type != "default" and cfg.rope_mscale_all_dim:
+        scale *= _yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim) ** 2
+    return scale
 
 
 def original_context(cfg) -> int:
@@ -91,10 +100,15 @@ def cos_sin(cfg, seq_len: int, device=None) -> tuple[torch.Tensor, torch.Tensor]
     return emb_SR.cos() * scale, emb_SR.sin() * scale
 
 
-def apply_rope(x_BHSDh: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
-    """Rotate the first R dims of each head (rotate-half layout); the rest, if any, pass through."""
+def apply_rope(x_BHSDh: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor,
+               interleave: bool = False) -> torch.Tensor:
+    """Rotate the first R dims of each head (rotate-half layout); the rest, if any, pass through. With
+    ``interleave`` (DeepSeek's checkpoints, rope_interleave) the pairs are dims (2i, 2i+1): they are gathered to
+    the halves layout first, as transformers does, so the output comes out in halves."""
     R = cos_SR.shape[-1]
     x_rot, x_pass = (x_BHSDh, None) if R == x_BHSDh.shape[-1] else (x_BHSDh[..., :R], x_BHSDh[..., R:])
+    if interleave:
+        x_rot = x_rot.unflatten(-1, (R // 2, 2)).transpose(-1, -2).flatten(-2)
     half = R // 2
     rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
     out = (x_rot * cos_SR + rotated * sin_SR).to(x_BHSDh.dtype)
@@ -105,8 +119,9 @@ def validate(cfg, check) -> None:
     """The rope_* fields of a ModelConfig; ``check(ok, field, message)`` raises the recipe's field error."""
     check(cfg.rope_type in ROPE_TYPES, "rope_type", f"must be one of {', '.join(ROPE_TYPES)}, got {cfg.rope_type!r}")
     check(0 < cfg.rope_partial <= 1, "rope_partial", f"must be in (0, 1], got {cfg.rope_partial}")
-    check(rotary_dim(cfg) >= 2 and rotary_dim(cfg) % 2 == 0, "rope_partial",
-          f"head_dim x rope_partial must be an even number of dims, got {cfg.hd * cfg.rope_partial:g}")
+    if cfg.attention != "mla":
+        check(rotary_dim(cfg) >= 2 and rotary_dim(cfg) % 2 == 0, "rope_partial",
+              f"head_dim x rope_partial must be an even number of dims, got {cfg.hd * cfg.rope_partial:g}")
     if cfg.rope_type != "default":
         check(cfg.rope_factor >= 1, "rope_factor", f"must be >= 1 for rope_type {cfg.rope_type}, got {cfg.rope_factor}")
     check(cfg.rope_original_context >= 0, "rope_original_context", f"must be >= 0, got {cfg.rope_original_context}")

@@ -72,7 +72,7 @@ def test_export_bf16_and_refusals(tmp_path, cli):
     checkpoint(tmp_path / "biased", moe=MOE, bias=True)
     cases = [
         # the way out it names is one export has (it writes no moecli format: the checkpoint already is one)
-        (["export", tmp_path / "sig", "-o", tmp_path / "o1"], "cannot express sigmoid scores; no Hugging Face "
+        (["export", tmp_path / "sig", "-o", tmp_path / "o1", "--format", "mixtral"], "cannot express sigmoid scores; no Hugging Face "
          "format moecli writes holds this model (keep the moecli checkpoint"),
         (["export", tmp_path / "biased", "-o", tmp_path / "o2"], "aux-loss-free expert biases"),
         (["export", tmp_path / "moe", "-o", tmp_path / "o3", "--format", "llama"], "this model has MoE layers"),
@@ -85,6 +85,8 @@ def test_export_bf16_and_refusals(tmp_path, cli):
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+    r = cli("export", tmp_path / "sig", "-o", tmp_path / "glm", "--json")  # auto: sigmoid routing is GLM-4.5's
+    assert r.returncode == 0 and json.loads(r.stdout)["format"] == "glm4_moe", r.stderr
     assert (tmp_path / "moe" / "model.safetensors").is_file()  # the source is untouched
 
 

@@ -1,0 +1,117 @@
+"""DeepSeek-V3 / Kimi K2 (deepseek_v3) against transformers: tiny random DeepseekV3ForCausalLM checkpoints with
+multi-head latent attention (q LoRA or not, interleaved RoPE or not, attention biases, YaRN past the original
+context with mscale), the sigmoid router with correction bias and groups, a shared expert, a dense first layer."""
+
+import json
+
+import pytest
+import torch
+
+from hf_models import logits, make
+
+from moecli.checkpoint import load_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+YARN = {"max_position_embeddings": 128, "rope_parameters": {
+    "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+    "mscale": 1.0, "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}}
+VARIANTS = {"q-lora": {}, "no-q-lora": {"q_lora_rank": None}, "halves-bias": {"rope_interleave": False,
+                                                                              "attention_bias": True},
+            "yarn": YARN}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_and_router_choices_equal_transformers(tmp_path, variant):
+    hf = make("deepseek_v3", tmp_path, vocab_size=256, **VARIANTS[variant])
+    ours, _ = load_checkpoint(tmp_path)
+    r = ours.recipe
+    assert (r.model.attention, r.moe.score_func, r.moe.n_groups, r.moe.first_k_dense) == ("mla", "sigmoid", 2, 1)
+    theirs = {}
+    for i, layer in enumerate(hf.model.layers):
+        if hasattr(layer.mlp, "gate"):
+            layer.mlp.gate.register_forward_hook(lambda m, a, out, i=i: theirs.__setitem__(i, out))
+    for _, moe in ours.moe_layers:
+        moe.capture = True
+    x = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(3))  # past YaRN's original 32
+    ref = logits(hf, x)
+    with torch.no_grad():
+        got = ours(x).logits_BSV
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    for i, moe in ours.moe_layers:
+        _, weight_TK, idx_TK = theirs[i]
+        assert torch.equal(moe.last_route.idx_TK.sort(-1).values, idx_TK.sort(-1).values)
+        mine = moe.last_route.weight_TK.gather(1, moe.last_route.idx_TK.argsort(-1))
+        torch.testing.assert_close(mine, weight_TK.gather(1, idx_TK.argsort(-1)).float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["q-lora", "yarn"])
+def test_cached_greedy_tokens_equal_transformers(tmp_path, variant):
+    """moecli's MLA cache (expanded keys and values) gives the tokens of transformers' latent cache."""
+    from test_generate import sample
+
+    hf = make("deepseek_v3", tmp_path, vocab_size=256, **VARIANTS[variant])
+    ours, _ = load_checkpoint(tmp_path)
+    prompt = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        theirs = hf.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)[0, 20:]
+    assert sample(ours, prompt[0].tolist(), 40, 0.0, 0, seed=0) == theirs.tolist()
+
+
+def test_init_train_export_round_trip_and_routing(tmp_path, cli):
+    """train --init 2 steps (router biases updated), export as deepseek_v3: transformers loads the same class
+    with moecli's loss; inspect-routing reads the export."""
+    d = tmp_path / "ds"
+    make("deepseek_v3", d, vocab_size=256, **YARN)
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"{i} latent attention compresses keys and values\n" for i in range(200)))
+    r = cli("train", "--init", d, text, "-o", tmp_path / "run", "--max-steps", "2", "--batch-size", "4", "--seq-len",
+            "64", "--set", "balance.bias_update_rate=0.01", "-q")
+    assert r.returncode == 0, r.stderr
+    r = cli("export", tmp_path / "run", "-o", tmp_path / "hf", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["format"] == "deepseek_v3"
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["rope_parameters"]["rope_type"] == "yarn" and cfg["q_lora_rank"] == 24
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(back).__name__ == "DeepseekV3ForCausalLM"
+    assert back.model.layers[1].mlp.gate.e_score_correction_bias.abs().max() > 0
+    ours, _ = load_checkpoint(tmp_path / "run")
+    x = torch.tensor(list(text.read_bytes()[:101]))[None]
+    with torch.no_grad():
+        theirs = back(x, labels=x).loss
+        mine = torch.nn.functional.cross_entropy(ours(x).logits_BSV[0, :-1], x[0, 1:])
+    assert float(theirs) == pytest.approx(float(mine), rel=1e-5)
+    r = cli("inspect-routing", tmp_path / "hf", text, "--json")
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)["layers"]) == {"1", "2"}
+
+
+def test_kimi_k2_config_reads_as_deepseek_v3(tmp_path, cli):
+    """Kimi K2 ships DeepSeek-V3's layout under model_type kimi_k2: read (multi-token-prediction layers past)."""
+    hf = make("deepseek_v3", tmp_path, vocab_size=256)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "kimi_k2", "num_nextn_predict_layers": 1}))
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["model.layers.3.eh_proj.weight"] = torch.zeros(32, 64)  # an MTP layer's tensor: read past
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours, _ = load_checkpoint(tmp_path)
+    x = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours(x).logits_BSV.detach(), logits(hf, x), rtol=0, atol=1e-5)
+    r = cli("info", tmp_path, "--json")
+    assert r.returncode == 0, r.stderr
+
+
+def test_deepseek_recipes_are_mla_and_export(tmp_path, cli):
+    for name in ("deepseek-v3", "kimi-k2"):
+        r = cli("train", name, "-o", tmp_path / name, "--max-steps", "2", "--batch-size", "4", "--seq-len", "64", "-q")
+        assert r.returncode == 0, r.stderr
+        r = cli("export", tmp_path / name, "-o", tmp_path / f"{name}-hf", "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["architecture"] == "DeepseekV3ForCausalLM"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "kimi-k2-hf").eval()
+    ours, _ = load_checkpoint(tmp_path / "kimi-k2")
+    x = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(back(x).logits.detach(), ours(x).logits_BSV.detach(), rtol=0, atol=1e-4)
