@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .balance import COEFS
-from .config import ModelConfig, Recipe
+from .config import Recipe
 from .experts import SwiGLU
 from .moe import MoELayer
 from .attention import ATTENTION, FP32_ATTENTION_BELOW, RMSNorm, attend  # noqa: F401 (re-exported)

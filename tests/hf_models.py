@@ -63,3 +63,24 @@ def make(kind: str, directory, seed: int = 0, **extra):
 def logits(model, x):
     with torch.no_grad():
         return model(x).logits
+
+
+def assert_same_routing(hf, ours, x, rel: float = 1e-5):
+    """Logits to ``rel`` of the largest, and per MoE layer the same experts with the same weights, of a transformers
+    model whose MoE blocks route through ``mlp.gate`` returning (logits, weights, indices) (DeepSeek-V2/V3, GLM)."""
+    theirs = {}
+    for i, layer in enumerate(hf.model.layers):
+        if hasattr(layer.mlp, "gate"):
+            layer.mlp.gate.register_forward_hook(lambda mod, a, out, i=i: theirs.__setitem__(i, out))
+    for _, moe in ours.moe_layers:
+        moe.capture = True
+    ref = logits(hf, x)
+    with torch.no_grad():
+        got = ours(x).logits_BSV
+    assert (got - ref).abs().max() <= rel * ref.abs().max()
+    assert sorted(theirs) == [i for i, _ in ours.moe_layers]
+    for i, moe in ours.moe_layers:
+        _, weight_TK, idx_TK = theirs[i]
+        assert torch.equal(moe.last_route.idx_TK.sort(-1).values, idx_TK.sort(-1).values)
+        mine = moe.last_route.weight_TK.gather(1, moe.last_route.idx_TK.argsort(-1))
+        torch.testing.assert_close(mine, weight_TK.gather(1, idx_TK.argsort(-1)).float(), rtol=1e-5, atol=1e-6)

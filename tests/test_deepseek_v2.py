@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from hf_models import logits, make
+from hf_models import assert_same_routing, make
 
 from moecli.checkpoint import load_checkpoint
 
@@ -25,22 +25,8 @@ def test_logits_and_router_choices_equal_transformers(tmp_path, variant):
     m = ours.recipe.moe
     assert (m.score_func, m.renormalize, m.routed_scaling) == ("softmax", False, 1.5)
     assert (m.n_groups, m.topk_groups) == ((1, 1) if "greedy-no" in variant else (4, 2))
-    theirs = {}
-    for i, layer in enumerate(hf.model.layers):
-        if hasattr(layer.mlp, "gate"):
-            layer.mlp.gate.register_forward_hook(lambda mod, a, out, i=i: theirs.__setitem__(i, out))
-    for _, moe in ours.moe_layers:
-        moe.capture = True
     x = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(3))
-    ref = logits(hf, x)
-    with torch.no_grad():
-        got = ours(x).logits_BSV
-    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
-    for i, moe in ours.moe_layers:
-        _, weight_TK, idx_TK = theirs[i]
-        assert torch.equal(moe.last_route.idx_TK.sort(-1).values, idx_TK.sort(-1).values)
-        mine = moe.last_route.weight_TK.gather(1, moe.last_route.idx_TK.argsort(-1))
-        torch.testing.assert_close(mine, weight_TK.gather(1, idx_TK.argsort(-1)).float(), rtol=1e-5, atol=1e-6)
+    assert_same_routing(hf, ours, x)
 
 
 def test_cached_greedy_tokens_equal_transformers(tmp_path):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from hf_models import logits, make
+from hf_models import assert_same_routing, make
 
 from moecli.checkpoint import load_checkpoint
 
@@ -26,24 +26,8 @@ def test_logits_and_router_choices_equal_transformers(glm):
     assert (r.model.qkv_bias, r.model.qk_norm, r.model.rope_partial, r.moe.score_func, r.moe.n_groups,
             r.moe.topk_groups, r.moe.routed_scaling, r.moe.first_k_dense, r.moe.num_shared_experts) == \
         (True, True, 0.5, "sigmoid", 2, 1, 2.5, 1, 1)
-    theirs = {}
-    for i, layer in enumerate(hf.model.layers):
-        if hasattr(layer.mlp, "gate"):
-            layer.mlp.gate.register_forward_hook(lambda m, a, out, i=i: theirs.__setitem__(i, out))
-    for _, moe in ours.moe_layers:
-        moe.capture = True
     x = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
-    ref = logits(hf, x)
-    with torch.no_grad():
-        got = ours(x).logits_BSV
-    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
-    assert sorted(theirs) == [i for i, _ in ours.moe_layers] == [1, 2]
-    for i, moe in ours.moe_layers:
-        _, weight_TK, idx_TK = theirs[i]
-        order = idx_TK.argsort(-1)
-        assert torch.equal(moe.last_route.idx_TK.sort(-1).values, idx_TK.sort(-1).values)
-        ours_w = moe.last_route.weight_TK.gather(1, moe.last_route.idx_TK.argsort(-1))
-        torch.testing.assert_close(ours_w, weight_TK.gather(1, order).float(), rtol=1e-5, atol=1e-6)
+    assert_same_routing(hf, ours, x)
 
 
 def test_cached_greedy_tokens_equal_transformers(glm):

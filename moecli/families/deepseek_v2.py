@@ -15,7 +15,7 @@ expert, MoE every n-th layer, GQA attention, partial rotary, non-interleaved RoP
 
 from __future__ import annotations
 
-from .deepseek_v3 import empty_tensors, mla_config, mla_names, mla_parts, mla_problems  # noqa: F401 (empty_tensors)
+from .deepseek_v3 import empty_tensors, mla_config, mla_names, mla_parts, mla_problems, moe_names, moe_problems  # noqa: F401
 
 MODEL_TYPE = "deepseek_v2"
 ARCHITECTURE = "DeepseekV2ForCausalLM"
@@ -50,29 +50,13 @@ def config(recipe) -> dict:
 
 
 def name_map(recipe, names: dict[str, str]) -> dict[str, str]:
-    names = mla_names(recipe, names)
-    for i in recipe.moe_layers():
-        for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-            if f"layers.{i}.moe.shared.{ours}.weight" in names:
-                names[f"layers.{i}.moe.shared.{ours}.weight"] = f"model.layers.{i}.mlp.shared_experts.{theirs}.weight"
-    return names
+    return moe_names(recipe, mla_names(recipe, names), expert_bias=False)
 
 
 def cannot_express(recipe) -> list[str]:
-    m = recipe.moe
-    problems = mla_problems(recipe)
-    if m.score_func != "softmax":
-        problems.append("sigmoid scores (deepseek_v2 routes by softmax)")
-    if m.renormalize:
+    problems = moe_problems(recipe, "softmax") + mla_problems(recipe)
+    if recipe.moe.renormalize:
         problems.append("renormalised top-k weights")
     if not recipe.model.rope_interleave:
         problems.append("RoPE on halves (deepseek_v2 rotates pairs)")
-    if m.shared_gate:
-        problems.append("a gated shared expert")
-    if m.num_shared_experts and m.shared_hidden != m.expert_ffn * m.num_shared_experts:
-        problems.append(f"a shared expert of width {m.shared_hidden} (n_shared_experts x expert_ffn)")
-    if m.moe_every_n != 1:
-        problems.append("MoE every n-th layer")
-    if m.capacity_factor > 0:
-        problems.append("a capacity factor")
     return problems

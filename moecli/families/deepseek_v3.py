@@ -54,21 +54,23 @@ def moe_config(recipe) -> dict:
             "first_k_dense_replace": m.first_k_dense, "num_nextn_predict_layers": 0}
 
 
-def moe_names(recipe, names: dict[str, str]) -> dict[str, str]:
+def moe_names(recipe, names: dict[str, str], expert_bias: bool = True) -> dict[str, str]:
+    """hf.py's names with the router bias (unless ``expert_bias`` is False: DeepSeek-V2) and the shared experts."""
     for i in recipe.moe_layers():
         P = f"model.layers.{i}.mlp"
-        names[f"layers.{i}.moe.router.expert_bias"] = f"{P}.gate.e_score_correction_bias"
+        if expert_bias:
+            names[f"layers.{i}.moe.router.expert_bias"] = f"{P}.gate.e_score_correction_bias"
         for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
             if f"layers.{i}.moe.shared.{ours}.weight" in names:
                 names[f"layers.{i}.moe.shared.{ours}.weight"] = f"{P}.shared_experts.{theirs}.weight"
     return names
 
 
-def moe_problems(recipe) -> list[str]:
+def moe_problems(recipe, score_func: str = "sigmoid") -> list[str]:
     m = recipe.moe
     problems = []
-    if m.score_func != "sigmoid":
-        problems.append("softmax scores (this family routes by sigmoid)")
+    if m.score_func != score_func:
+        problems.append(f"{m.score_func} scores (this family routes by {score_func})")
     if m.shared_gate:
         problems.append("a gated shared expert")
     if m.num_shared_experts and m.shared_hidden != m.expert_ffn * m.num_shared_experts:
