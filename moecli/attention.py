@@ -93,13 +93,16 @@ def attend(q_BHSDh, k_BHLDh, v_BHLDh, gqa: bool, pad_BL: torch.Tensor | None = N
     else:  # SDPA's is_causal aligns the mask to the top-left corner, right only for S == L; one query needs none
         mask = dict(is_causal=True) if S == L else dict(is_causal=False) if S == 1 else dict(
             attn_mask=torch.ones(S, L, dtype=torch.bool, device=q_BHSDh.device).tril(L - S))
+    Dv = v_BHLDh.shape[-1]
+    if Dv < Dh and mask.get("is_causal"):  # MLA: values narrower than keys would send SDPA to its math path,
+        v_BHLDh = F.pad(v_BHLDh, (0, Dh - Dv))  # which holds all S x L scores; zero-padded, its flash kernel runs
     if q_BHSDh.device.type == "cpu" and torch.is_autocast_enabled("cpu") and S * Dh < FP32_ATTENTION_BELOW:
         with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q_BHSDh.float(), k_BHLDh.float(), v_BHLDh.float(), enable_gqa=gqa,
-                                                  scale=scale, **mask)
-    return F.scaled_dot_product_attention(q_BHSDh, k_BHLDh, v_BHLDh, enable_gqa=gqa, scale=scale, **mask)
-
-
+            o = F.scaled_dot_product_attention(q_BHSDh.float(), k_BHLDh.float(), v_BHLDh.float(), enable_gqa=gqa,
+                                               scale=scale, **mask)
+    else:
+        o = F.scaled_dot_product_attention(q_BHSDh, k_BHLDh, v_BHLDh, enable_gqa=gqa, scale=scale, **mask)
+    return o[..., :Dv] if o.shape[-1] != Dv else o
 
 
 # DeepSeek's latent RMSNorms (q_a_layernorm, kv_a_layernorm) keep their own epsilon, not the config's rms_norm_eps
