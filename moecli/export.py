@@ -18,14 +18,14 @@ from .checkpoint import FORMAT, find_checkpoint_dir, load_checkpoint, model_stat
 from .config import Recipe
 from .errors import UserError
 from .fileio import atomic_dir, atomic_write_json, save_safetensors
-from .families import FAMILIES
+from .families import DENSE_WRITABLE, FAMILIES, MOE_WRITABLE
 from .st_stream import assign_shards
-from .hf import (TOKENIZER_FILES, _expert_names, check_writable, hf_config_for, plain_name_map,
-                 qwen2_empty_shared_expert, shard_file_name, write_shard_index)
+from .hf import TOKENIZER_FILES, check_writable, expert_names, hf_config_for, plain_name_map, shard_file_name, \
+    write_shard_index
 from .upcycle import probe_logits
 
-MOE_FORMATS = ("mixtral", "qwen3_moe", "qwen2_moe", *FAMILIES)
-DENSE_FORMATS = ("llama", "qwen3", "qwen2")
+MOE_FORMATS = MOE_WRITABLE
+DENSE_FORMATS = DENSE_WRITABLE
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -61,7 +61,7 @@ def check_format(recipe: Recipe, fmt: str, model) -> None:
     check_writable(recipe, fmt, "no Hugging Face format moecli writes holds this model (keep the moecli checkpoint: "
                                 "moe eval, generate and inspect-routing read it)")
     for i, layer in model.moe_layers:
-        if not getattr(FAMILIES.get(fmt), "EXPERT_BIAS", False) and layer.router.expert_bias.abs().max() > 0:
+        if not FAMILIES[fmt].EXPERT_BIAS and layer.router.expert_bias.abs().max() > 0:
             raise UserError(f"--format {fmt}: layer {i} routes with aux-loss-free expert biases, which Hugging Face "
                             f"{fmt} cannot express")
 
@@ -71,18 +71,14 @@ def hf_state(model, recipe: Recipe, fmt: str, dtype: torch.dtype) -> dict[str, t
     sd = model_state(model)
     out = {theirs: sd[ours].to(dtype).contiguous() for ours, theirs in plain_name_map(recipe, fmt).items()}
     if fmt in MOE_FORMATS:
-        D = recipe.model.d_model
         for i, layer in model.moe_layers:
             ex = layer.experts
             for e in range(recipe.moe.num_experts):
-                n1, n3, n2 = _expert_names(fmt, i, e)
+                n1, n3, n2 = expert_names(fmt, i, e)
                 out[n1] = ex.w1_EDF[e].detach().t().to(dtype).contiguous()
                 out[n3] = ex.w3_EDF[e].detach().t().to(dtype).contiguous()
                 out[n2] = ex.w2_EFD[e].detach().t().to(dtype).contiguous()
-            if fmt == "qwen2_moe" and not recipe.moe.num_shared_experts:
-                out |= {name: torch.zeros(shape, dtype=dtype) for name, shape in qwen2_empty_shared_expert(i, D)}
-            if fmt in FAMILIES:
-                out |= {name: torch.zeros(shape, dtype=dtype) for name, shape in FAMILIES[fmt].empty_tensors(recipe, i)}
+            out |= {name: torch.zeros(shape, dtype=dtype) for name, shape in FAMILIES[fmt].empty_tensors(recipe, i)}
     return out
 
 

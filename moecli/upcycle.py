@@ -38,12 +38,14 @@ from .checkpoint import (CONFIG_FILE, FORMAT, MODEL_FILE, find_checkpoint_dir, l
 from .config import Recipe, _FieldError, _section_from_dict, read_yaml, recipe_from_dict
 from .errors import RunFailed, UserError
 from .fileio import atomic_dir, atomic_write_json
-from .hf import (MOE_TYPES, TOKENIZER_FILES, check_writable, hf_config_for, plain_name_map, read_hf_config,
+from .families import FAMILIES
+from .hf import (TOKENIZER_FILES, check_writable, hf_config_for, plain_name_map, read_hf_config,
                  recipe_from_hf, shard_file_name, write_shard_index)
 from .model import meta_model
 from .st_stream import LazyTensors, SafetensorsWriter, assign_shards, nbytes
 
-HF_OUT = {"llama": "mixtral", "mistral": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe"}
+HF_OUT = {t: f.UPCYCLE_TO for t, f in FAMILIES.items() if f.UPCYCLE_TO}  # a dense family -> the MoE it becomes
+MOE_TYPES = tuple(sorted(set(HF_OUT.values())))  # upcycle's Hugging Face output formats
 
 
 @dataclass
@@ -337,7 +339,7 @@ def plan_moecli(recipe: Recipe, dtype: torch.dtype) -> list[tuple[str, torch.dty
 
 def plan_hf(recipe: Recipe, mt: str, dtype: torch.dtype) -> list[tuple[str, str, torch.dtype, tuple, tuple]]:
     """(hf_name, kind, dtype, shape, source) for every output tensor, in file order (layer by layer)."""
-    from .hf import _expert_names, qwen2_empty_shared_expert
+    from .hf import expert_names
 
     shapes = {k: s for k, _, s in plan_moecli(recipe, dtype)}
     E, Fe, D = recipe.moe.num_experts, recipe.moe.expert_ffn, recipe.model.d_model
@@ -350,11 +352,10 @@ def plan_hf(recipe: Recipe, mt: str, dtype: torch.dtype) -> list[tuple[str, str,
             (first if ours == "tok_embeddings.weight" else last).append(row)
     for i in recipe.moe_layers():
         for e in range(E):
-            n1, n3, n2 = _expert_names(mt, i, e)
+            n1, n3, n2 = expert_names(mt, i, e)
             per_layer[i] += [(n1, "expert", dtype, (Fe, D), (i, e, "w1")), (n3, "expert", dtype, (Fe, D), (i, e, "w3")),
                              (n2, "expert", dtype, (D, Fe), (i, e, "w2"))]
-        if mt == "qwen2_moe" and not recipe.moe.num_shared_experts:
-            per_layer[i] += [(name, "zero", dtype, shape, ()) for name, shape in qwen2_empty_shared_expert(i, D)]
+        per_layer[i] += [(name, "zero", dtype, shape, ()) for name, shape in FAMILIES[mt].empty_tensors(recipe, i)]
     return first + [row for i in sorted(per_layer) for row in per_layer[i]] + last
 
 

@@ -1,12 +1,25 @@
 """Hugging Face families, one module each: its config mapped both ways, its tensor names both ways, and what it
-cannot express. hf.py holds what the Llama-style families share and asks the family module for the rest.
+cannot express. hf.py holds the Llama-style body every family shares (sizes, norms, GQA attention names, dense FFN,
+router, the experts' loading) and asks the family module for the rest.
 
-A module defines MODEL_TYPE, ARCHITECTURE, READ_AS (other model_types in its layout), EXPERT_BIAS (whether it
-holds aux-loss-free router biases), recipe_parts(cfg, model, count, source), config(recipe),
-name_map(recipe, names), cannot_express(recipe) and empty_tensors(recipe, layer); see glm4_moe.py.
+A module defines:
+    MODEL_TYPE, ARCHITECTURE   config.json's model_type and architectures
+    READ_AS                    other model_types in its layout, read as this one (kimi_k2, mistral)
+    MOE, WRITABLE, UPCYCLE_TO  MoE or dense; written by export/upcycle; the MoE family a dense one upcycles to
+    ATTENTION_BIAS             whether its config's attention_bias is read (else refused)
+    EXPERT_BIAS                whether it holds aux-loss-free router biases
+    MOE_PREFIX, expert_names   where a layer's MoE lives, and expert e's three weight names
+    recipe_parts(cfg, model, count, source) -> (model, moe, balance) recipe sections
+    config(recipe)             its config.json keys beside the shared ones
+    name_map(recipe, names)    moecli -> Hugging Face names, from hf.py's shared ones
+    cannot_express(recipe)     what of a recipe it cannot hold (export and upcycle refuse it, naming these)
+    empty_tensors(recipe, i)   tensors it always holds that a model may have none of (written as zeros)
 """
 
-from . import deepseek_v2, deepseek_v3, glm4_moe
+from . import deepseek_v2, deepseek_v3, glm4_moe, llama, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe
 
-FAMILIES = {m.MODEL_TYPE: m for m in (deepseek_v2, deepseek_v3, glm4_moe)}
+FAMILIES = {m.MODEL_TYPE: m for m in (llama, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3,
+                                       deepseek_v2)}
 READ_AS = {other: m.MODEL_TYPE for m in FAMILIES.values() for other in m.READ_AS}  # kimi_k2 -> deepseek_v3
+DENSE_WRITABLE = tuple(t for t, m in FAMILIES.items() if m.WRITABLE and not m.MOE)  # export's dense formats
+MOE_WRITABLE = tuple(t for t, m in FAMILIES.items() if m.WRITABLE and m.MOE)  # export's (and upcycle's) MoE formats

@@ -15,11 +15,16 @@ expert, MoE every n-th layer, GQA attention, partial rotary, non-interleaved RoP
 
 from __future__ import annotations
 
-from .deepseek_v3 import empty_tensors, mla_config, mla_names, mla_parts, mla_problems, moe_names, moe_problems  # noqa: F401
+from .deepseek_v3 import empty_tensors, expert_names, mla_config, mla_names, mla_parts, mla_problems, moe_names, moe_problems  # noqa: F401
 
 MODEL_TYPE = "deepseek_v2"
 ARCHITECTURE = "DeepseekV2ForCausalLM"
 READ_AS = ()
+MOE = True
+WRITABLE = True
+UPCYCLE_TO = None
+ATTENTION_BIAS = True  # attention_bias read
+MOE_PREFIX = "mlp"
 EXPERT_BIAS = False  # the router has no correction bias
 
 

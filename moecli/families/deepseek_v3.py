@@ -27,6 +27,11 @@ from __future__ import annotations
 MODEL_TYPE = "deepseek_v3"
 ARCHITECTURE = "DeepseekV3ForCausalLM"
 READ_AS = ("kimi_k2",)  # other model_types in this layout, read (and written back as deepseek_v3)
+MOE = True
+WRITABLE = True
+UPCYCLE_TO = None
+ATTENTION_BIAS = True  # attention_bias read
+MOE_PREFIX = "mlp"
 EXPERT_BIAS = True  # holds aux-loss-free router biases (e_score_correction_bias)
 
 _MLA_NAMES = (("wq", "q_proj"), ("wq_a", "q_a_proj"), ("q_norm", "q_a_layernorm"), ("wq_b", "q_b_proj"),
@@ -61,9 +66,14 @@ def moe_names(recipe, names: dict[str, str], expert_bias: bool = True) -> dict[s
         if expert_bias:
             names[f"layers.{i}.moe.router.expert_bias"] = f"{P}.gate.e_score_correction_bias"
         for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
-            if f"layers.{i}.moe.shared.{ours}.weight" in names:
+            if recipe.moe.num_shared_experts:
                 names[f"layers.{i}.moe.shared.{ours}.weight"] = f"{P}.shared_experts.{theirs}.weight"
     return names
+
+
+def expert_names(i: int, e: int) -> tuple[str, str, str]:
+    p = f"model.layers.{i}.mlp.experts.{e}"
+    return f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight"
 
 
 def moe_problems(recipe, score_func: str = "sigmoid") -> list[str]:

@@ -21,11 +21,16 @@ a shared expert of another width than n_shared_experts x moe_intermediate_size.
 
 from __future__ import annotations
 
-from .deepseek_v3 import empty_tensors, moe_config, moe_names, moe_parts, moe_problems  # noqa: F401 (empty_tensors)
+from .deepseek_v3 import empty_tensors, expert_names, moe_config, moe_names, moe_parts, moe_problems  # noqa: F401 (empty_tensors)
 
 MODEL_TYPE = "glm4_moe"
 ARCHITECTURE = "Glm4MoeForCausalLM"
 READ_AS = ()
+MOE = True
+WRITABLE = True
+UPCYCLE_TO = None
+ATTENTION_BIAS = True  # attention_bias read
+MOE_PREFIX = "mlp"
 EXPERT_BIAS = True  # holds aux-loss-free router biases (e_score_correction_bias)
 
 
