@@ -46,3 +46,37 @@ def tiny_recipe(tmp_path):
         return p
 
     return make
+
+
+# The longest end-to-end runs (measured over 25 s on the 2-core CI machine): left out of the default suite, which
+# the README's test command runs, and run by .ci/run with `-m slow` after it. Each stays a test of its own.
+SLOW = {
+    "tests/test_train.py::test_a_signal_saves_the_step_it_stopped_after[2]",
+    "tests/test_train.py::test_kill_9_mid_run_then_resume",
+    "tests/test_train.py::test_init_takes_fine_tuning_defaults_that_keep_a_pretrained_models_loss",
+    "tests/test_train.py::test_data_weights_mix_sources_with_their_own_validation",
+    "tests/test_train.py::test_val_data_is_the_validation_set_and_resumes_from_its_cache",
+    "tests/test_train.py::test_init_continues_an_upcycled_model",
+    "tests/test_train.py::test_keep_best",
+    "tests/test_train.py::test_eval_defaults_to_the_runs_validation_split_and_scores_short_text",
+    "tests/test_train.py::test_bf16_mixed_precision",
+    "tests/test_train.py::test_epochs_set_max_steps_from_the_training_tokens",
+    "tests/test_distributed.py::test_a_signal_stops_every_rank_after_the_same_step[True]",
+    "tests/test_distributed.py::test_ddp_matches_single_process",
+    "tests/test_generate.py::test_generate_streams_what_json_reports",
+    "tests/test_generate.py::test_generate_many_prompts",
+    "tests/test_generate.py::test_several_samples_in_one_batch",
+    "tests/test_inspect.py::test_saturation_between_different_checkpoints",
+    "tests/test_upcycle.py::test_hugging_face_chain_end_to_end[llama-mixtral]",
+    "tests/test_glm4_moe.py::test_glm_recipe_exports_to_glm4_moe",
+    "tests/test_deepseek_v3.py::test_deepseek_recipes_are_mla_and_export",
+    "tests/test_rope.py::test_export_writes_the_variant_back[yarn]",
+    "tests/test_rope.py::test_upcycled_scaled_rope_keeps_the_dense_logits[qwen2-yarn-qwen2_moe]",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid in SLOW:
+            item.add_marker(pytest.mark.slow)
