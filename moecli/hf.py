@@ -17,13 +17,11 @@ import torch
 
 from . import rope
 from .config import Recipe, recipe_from_dict
-from .families import FAMILIES, MOE_WRITABLE, READ_AS
+from .families import FAMILIES, READ_AS
 from .errors import UserError
 from .fileio import atomic_write_json, read_json_object
 from .st_stream import LazyTensors
 
-DENSE_TYPES = tuple(t for t, f in FAMILIES.items() if not f.MOE)
-MOE_TYPES = MOE_WRITABLE  # read and written (upcycle's and export's MoE formats)
 # copied beside converted weights (upcycle, export) when the source has them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "generation_config.json", "chat_template.jinja", "added_tokens.json")
@@ -86,7 +84,8 @@ def recipe_from_hf(cfg: dict, source: str = "config.json") -> Recipe:
 
 def expert_names(mt: str, i: int, e: int) -> tuple[str, str, str]:
     """Layer i's expert e: its gate (w1), up (w3) and down (w2) weights' Hugging Face names."""
-    return FAMILIES[mt].expert_names(i, e)
+    f = FAMILIES[mt]
+    return tuple(f"model.layers.{i}.{f.MOE_PREFIX}.experts.{e}.{w}.weight" for w in f.EXPERT_WEIGHTS)
 
 
 def shard_file_name(k: int, n: int) -> str:

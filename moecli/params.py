@@ -36,7 +36,7 @@ def _layer_row(block, i: int, r) -> dict:
     return row
 
 
-def _report(r, emb: int, out: int, final_norm: int, layers: list[dict]) -> dict:
+def _report(emb: int, out: int, final_norm: int, layers: list[dict]) -> dict:
     total = emb + out + final_norm + sum(l["total"] for l in layers)
     active = emb + out + final_norm + sum(l["active"] for l in layers)
     return {
@@ -55,7 +55,7 @@ def parameter_report(model: Transformer) -> dict:
     r = model.recipe
     emb = model.tok_embeddings.weight.numel()
     out = 0 if r.model.tie_embeddings else model.output.weight.numel()
-    report = _report(r, emb, out, _n(model.norm), [_layer_row(b, i, r) for i, b in enumerate(model.layers)])
+    report = _report(emb, out, _n(model.norm), [_layer_row(b, i, r) for i, b in enumerate(model.layers)])
     assert report["total"] == _n(model), "parameter accounting missed a module"
     return report
 
@@ -75,4 +75,4 @@ def recipe_parameter_report(recipe) -> dict:
             rows[kind] = _layer_row(meta_block(recipe, i), i, recipe)
         layers.append({**rows[kind], "layer": i})
     emb = m.vocab_size * m.d_model
-    return _report(recipe, emb, 0 if m.tie_embeddings else emb, m.d_model, layers)
+    return _report(emb, 0 if m.tie_embeddings else emb, m.d_model, layers)

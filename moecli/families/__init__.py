@@ -8,7 +8,7 @@ A module defines:
     MOE, WRITABLE, UPCYCLE_TO  MoE or dense; written by export/upcycle; the MoE family a dense one upcycles to
     ATTENTION_BIAS             whether its config's attention_bias is read (else refused)
     EXPERT_BIAS                whether it holds aux-loss-free router biases
-    MOE_PREFIX, expert_names   where a layer's MoE lives, and expert e's three weight names
+    MOE_PREFIX, EXPERT_WEIGHTS where a layer's MoE lives, and an expert's gate, up, down weight names (MoE)
     recipe_parts(cfg, model, count, source) -> (model, moe, balance) recipe sections
     config(recipe)             its config.json keys beside the shared ones
     name_map(recipe, names)    moecli -> Hugging Face names, from hf.py's shared ones

@@ -15,7 +15,8 @@ expert, MoE every n-th layer, GQA attention, partial rotary, non-interleaved RoP
 
 from __future__ import annotations
 
-from .deepseek_v3 import empty_tensors, expert_names, mla_config, mla_names, mla_parts, mla_problems, moe_names, moe_problems  # noqa: F401
+from .deepseek_v3 import (EXPERT_WEIGHTS, empty_tensors, mla_config, mla_names, mla_parts,  # noqa: F401 (re-exported)
+                          mla_problems, moe_names, moe_problems)
 
 MODEL_TYPE = "deepseek_v2"
 ARCHITECTURE = "DeepseekV2ForCausalLM"

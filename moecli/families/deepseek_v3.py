@@ -32,6 +32,7 @@ WRITABLE = True
 UPCYCLE_TO = None
 ATTENTION_BIAS = True  # attention_bias read
 MOE_PREFIX = "mlp"
+EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 EXPERT_BIAS = True  # holds aux-loss-free router biases (e_score_correction_bias)
 
 _MLA_NAMES = (("wq", "q_proj"), ("wq_a", "q_a_proj"), ("q_norm", "q_a_layernorm"), ("wq_b", "q_b_proj"),
@@ -70,10 +71,6 @@ def moe_names(recipe, names: dict[str, str], expert_bias: bool = True) -> dict[s
                 names[f"layers.{i}.moe.shared.{ours}.weight"] = f"{P}.shared_experts.{theirs}.weight"
     return names
 
-
-def expert_names(i: int, e: int) -> tuple[str, str, str]:
-    p = f"model.layers.{i}.mlp.experts.{e}"
-    return f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight"
 
 
 def moe_problems(recipe, score_func: str = "sigmoid") -> list[str]:

@@ -21,7 +21,7 @@ a shared expert of another width than n_shared_experts x moe_intermediate_size.
 
 from __future__ import annotations
 
-from .deepseek_v3 import empty_tensors, expert_names, moe_config, moe_names, moe_parts, moe_problems  # noqa: F401 (empty_tensors)
+from .deepseek_v3 import EXPERT_WEIGHTS, empty_tensors, moe_config, moe_names, moe_parts, moe_problems  # noqa: F401 (re-exported)
 
 MODEL_TYPE = "glm4_moe"
 ARCHITECTURE = "Glm4MoeForCausalLM"

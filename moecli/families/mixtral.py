@@ -16,11 +16,7 @@ UPCYCLE_TO = None
 ATTENTION_BIAS = False
 EXPERT_BIAS = False
 MOE_PREFIX = "block_sparse_moe"
-
-
-def expert_names(i: int, e: int) -> tuple[str, str, str]:
-    p = f"model.layers.{i}.{MOE_PREFIX}.experts.{e}"
-    return f"{p}.w1.weight", f"{p}.w3.weight", f"{p}.w2.weight"
+EXPERT_WEIGHTS = ("w1", "w3", "w2")  # an expert's gate, up and down projections
 
 
 def recipe_parts(cfg: dict, model: dict, count, source: str) -> tuple[dict, dict, dict]:

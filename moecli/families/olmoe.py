@@ -2,7 +2,7 @@
 softmax top-k experts (norm_topk_prob) under mlp, every layer MoE. Not written: export and upcycle have no olmoe
 format."""
 
-from .qwen3_moe import MOE_PREFIX, expert_names  # noqa: F401 (the Qwen-MoE expert names)
+from .qwen3_moe import EXPERT_WEIGHTS, MOE_PREFIX  # noqa: F401 (the Qwen-MoE expert names)
 
 MODEL_TYPE = "olmoe"
 ARCHITECTURE = "OlmoeForCausalLM"

@@ -8,7 +8,7 @@ an attention layout other than Qwen2's.
 """
 
 from .mixtral import softmax_moe_problems
-from .qwen3_moe import MOE_PREFIX, expert_names, qwen_moe_config, qwen_moe_parts  # noqa: F401 (expert_names)
+from .qwen3_moe import EXPERT_WEIGHTS, MOE_PREFIX, qwen_moe_config, qwen_moe_parts  # noqa: F401 (EXPERT_WEIGHTS)
 
 MODEL_TYPE = "qwen2_moe"
 ARCHITECTURE = "Qwen2MoeForCausalLM"

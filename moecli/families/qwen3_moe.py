@@ -19,11 +19,7 @@ UPCYCLE_TO = None
 ATTENTION_BIAS = False
 EXPERT_BIAS = False
 MOE_PREFIX = "mlp"
-
-
-def expert_names(i: int, e: int) -> tuple[str, str, str]:
-    p = f"model.layers.{i}.{MOE_PREFIX}.experts.{e}"
-    return f"{p}.gate_proj.weight", f"{p}.up_proj.weight", f"{p}.down_proj.weight"
+EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
 
 def qwen_moe_parts(cfg: dict, model: dict, count, source: str) -> dict:
