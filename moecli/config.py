@@ -25,6 +25,8 @@ from .errors import UserError
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 PRECISIONS = ("fp32", "bf16-mixed")  # train.precision
 SCHEDULES = ("cosine", "linear", "wsd", "constant")  # train.lr_schedule
+LAYER_TYPES = ("full", "sliding", "chunked", "nope")  # model.layer_types
+EXPERT_ACTS = ("swiglu", "clamped_swiglu")  # moe.expert_act
 
 
 @dataclass
@@ -65,6 +67,19 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2 puts biases on q/k/v projections
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     qk_norm_full: bool = False  # OLMoE: RMSNorm over the whole q and k projections instead
+    o_bias: bool = False  # GPT-OSS: a bias on the output projection too
+    attention_sinks: bool = False  # GPT-OSS: a learned logit per head in each softmax's denominator
+    # per-layer attention (GQA), a pattern repeated over the layers ([] -> all full): full | sliding (the last
+    # sliding_window tokens, GPT-OSS) | chunked (tokens of the query's own attention_chunk, Llama 4) | nope (full,
+    # without RoPE: Llama 4's NoPE layers)
+    layer_types: list[str] = field(default_factory=list)
+    sliding_window: int = 0
+    attention_chunk: int = 0
+    qk_l2_norm: bool = False  # Llama 4: q and k L2-normalised (no weight) after RoPE, on RoPE layers
+    # Llama 4 attention temperature tuning on nope layers: queries times 1 + temperature_scale x
+    # log(1 + floor((position + 1) / temperature_floor)), sharper attention far into a long context; 0 -> off
+    temperature_floor: int = 0
+    temperature_scale: float = 0.1
     init_std: float = 0.02
 
     def validate(self) -> None:
@@ -92,6 +107,22 @@ class ModelConfig:
         _check(0 < self.norm_eps < 1, "norm_eps", f"must be in (0, 1), got {self.norm_eps}")
         _check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
         _check(not (self.qk_norm and self.qk_norm_full), "qk_norm_full", "qk_norm and qk_norm_full exclude each other")
+        bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+        _check(not bad, "layer_types", f"entries must be {', '.join(LAYER_TYPES)}, got {bad[0]!r}" if bad else "")
+        _check(len(self.layer_types) <= self.n_layers, "layer_types",
+               f"{len(self.layer_types)} entries for {self.n_layers} layers (a shorter pattern repeats)")
+        _check(self.attention == "gqa" or not (set(self.layer_types) - {"full"} or self.attention_sinks), "layer_types",
+               "sliding, chunked and nope layers and attention sinks need attention gqa")
+        _check(self.sliding_window >= 0 and self.attention_chunk >= 0 and self.temperature_floor >= 0,
+               "sliding_window", "sliding_window, attention_chunk and temperature_floor must be >= 0")
+        _check("sliding" not in self.layer_types or self.sliding_window >= 1, "sliding_window",
+               "must be >= 1 with sliding layers")
+        _check("chunked" not in self.layer_types or self.attention_chunk >= 1, "attention_chunk",
+               "must be >= 1 with chunked layers")
+
+    def layer_type(self, i: int) -> str:
+        """Layer i's attention: full, sliding, chunked or nope (layer_types repeated over the layers)."""
+        return self.layer_types[i % len(self.layer_types)] if self.layer_types else "full"
 
     @property
     def hd(self) -> int:
@@ -118,6 +149,14 @@ class MoEConfig:
     # the capacity factor when not training (evaluation, generation, inspect-routing): Switch trains at 1-1.25
     # and evaluates at 2.0, dropping fewer tokens; -1 -> capacity_factor, 0 -> dropless
     eval_capacity_factor: float = -1.0
+    router_bias: bool = False  # GPT-OSS: the router's logits have a learned bias
+    expert_ffn_bias: bool = False  # GPT-OSS: biases on every routed expert's gate, up and down projections
+    # swiglu: silu(gate) * up; clamped_swiglu (GPT-OSS): gate clamped above at swiglu_limit, up to +-swiglu_limit,
+    # then (up + 1) * gate * sigmoid(swiglu_alpha * gate)
+    expert_act: str = "swiglu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    weight_input: bool = False  # Llama 4: the combine weight scales the expert's input instead of its output
     first_k_dense: int = 0  # the first k layers keep a dense FFN (DeepSeek-V3: 3)
     moe_every_n: int = 1  # after those, every n-th layer is MoE (GLaM, Llama 4: 2)
 
@@ -149,6 +188,9 @@ class MoEConfig:
         _check(self.eval_capacity_factor >= 0 or self.eval_capacity_factor == -1, "eval_capacity_factor",
                f"must be >= 0 (0 = dropless) or -1 (= capacity_factor), got {self.eval_capacity_factor}")
         _check(not self.random_routing or self.top_k >= 2, "random_routing", "needs top_k >= 2")
+        _check(self.expert_act in EXPERT_ACTS, "expert_act",
+               f"must be one of {', '.join(EXPERT_ACTS)}, got {self.expert_act!r}")
+        _check(self.swiglu_limit > 0, "swiglu_limit", f"must be > 0, got {self.swiglu_limit}")
 
     @property
     def shared_hidden(self) -> int:
@@ -260,7 +302,7 @@ def _check(ok: bool, field_name: str, msg: str) -> None:
 
 
 def _coerce(value, typ, where: str):
-    """Check one YAML value against a dataclass field type (int, float, bool, str)."""
+    """Check one YAML value against a dataclass field type (int, float, bool, str, a list of one of them)."""
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -289,6 +331,10 @@ def _coerce(value, typ, where: str):
         if isinstance(value, str):
             return value
         raise _FieldError(where, f"must be a string, got {value!r}")
+    if typing.get_origin(typ) is list:
+        if not isinstance(value, list):
+            raise _FieldError(where, f"must be a list, got {value!r}")
+        return [_coerce(v, typing.get_args(typ)[0], where) for v in value]
     raise AssertionError(f"unsupported field type {typ}")
 
 

@@ -215,7 +215,7 @@ def shard_experts(model, info: DistInfo) -> None:
                             f"({info.world})")
         El = E // info.world
         ex = moe.experts
-        for name in ("w1_EDF", "w3_EDF", "w2_EFD"):
+        for name in ("w1_EDF", "w3_EDF", "w2_EFD") + (("b1_EF", "b3_EF", "b2_ED") if ex.b1_EF is not None else ()):
             full = getattr(ex, name)
             setattr(ex, name, nn.Parameter(full.detach()[info.rank * El:(info.rank + 1) * El].clone()))
         ex.num_experts = El

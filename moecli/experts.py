@@ -3,6 +3,9 @@
 Shape legend: N routed token-copies (sorted by expert), D model dim, F hidden dim, E experts,
 n one expert's token-copies.
 
+The grouped experts' activation is SwiGLU, silu(gate) * up, or GPT-OSS's clamped form (``clamped_swiglu``), with
+or without biases on the three projections (GPT-OSS has them); both paths below compute either.
+
 The grouped experts have two CPU paths with the same results: a plain loop over experts
 (autograd does the backward), and for big enough layers on more than one intra-op thread
 (16-bit compute, or fp32 training with many experts), experts split over worker threads that
@@ -55,23 +58,44 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def clamped_swiglu(a: torch.Tensor, b: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """GPT-OSS's expert activation of gate a and up b: (clamp(b, +-limit) + 1) * a' * sigmoid(alpha * a'), with
+    a' = min(a, limit)."""
+    a = a.clamp(max=limit)
+    return (b.clamp(-limit, limit) + 1) * (a * torch.sigmoid(a * alpha))
+
+
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts stored as 3D tensors: w1_EDF, w3_EDF (gate, up) and w2_EFD (down).
+    """E SwiGLU experts stored as 3D tensors: w1_EDF, w3_EDF (gate, up) and w2_EFD (down); with ``bias``, also
+    b1_EF, b3_EF, b2_ED. ``act``: "swiglu", or "clamped_swiglu" with ``alpha`` and ``limit`` (GPT-OSS).
 
     ``forward(x_ND, counts_E)`` takes tokens already sorted by expert: the first
     counts_E[0] rows go to expert 0, the next counts_E[1] to expert 1, and so on.
     Each expert multiplies only its own contiguous slice.
     """
 
-    def __init__(self, num_experts: int, d_model: int, hidden: int):
+    def __init__(self, num_experts: int, d_model: int, hidden: int, bias: bool = False, act: str = "swiglu",
+                 alpha: float = 1.702, limit: float = 7.0):
         super().__init__()
         self.num_experts, self.d_model, self.hidden = num_experts, d_model, hidden
+        self.act = None if act == "swiglu" else (alpha, limit)  # None: silu(gate) * up
         self.last_path = ""  # "threaded" or "loop": which path the last forward took (benchmarks, tests)
         self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         self.w2_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD):  # Transformer.init_weights re-initialises with a seed
             nn.init.normal_(w, std=0.02)
+        self.b1_EF = self.b3_EF = self.b2_ED = None
+        if bias:
+            self.b1_EF = nn.Parameter(torch.zeros(num_experts, hidden))
+            self.b3_EF = nn.Parameter(torch.zeros(num_experts, hidden))
+            self.b2_ED = nn.Parameter(torch.zeros(num_experts, d_model))
+
+    def biases(self) -> tuple:
+        return self.b1_EF, self.b3_EF, self.b2_ED
+
+    def _h(self, a_mF: torch.Tensor, b_mF: torch.Tensor) -> torch.Tensor:
+        return F.silu(a_mF) * b_mF if self.act is None else clamped_swiglu(a_mF, b_mF, *self.act)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, w_N: torch.Tensor | None = None) -> torch.Tensor:
         """y_ND for x_ND sorted by expert; with w_N (one combine weight per row), y_ND * w_N."""
@@ -81,12 +105,23 @@ class GroupedExperts(nn.Module):
         self.last_path = "loop" if dtype is None else "threaded"
         if dtype is not None:
             ws = [w.to(dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD)]  # no-ops unless autocast
+            bs = [None if b is None else b.to(dtype) for b in self.biases()]
             w_N1 = None if w_N is None else w_N.to(dtype).unsqueeze(-1)
             with torch.autocast("cpu", enabled=False):
-                return _ThreadedSwiGLU.apply(x_ND, *ws, w_N1, counts, pad)
+                return _ThreadedSwiGLU.apply(x_ND, *ws, w_N1, counts, pad, *bs, self.act)
         # unbind once (not w[e] per expert): its backward stacks the per-expert
         # gradients in one go instead of writing a full zero gradient per expert.
         w1s, w3s, w2s = self.w1_EDF.unbind(0), self.w3_EDF.unbind(0), self.w2_EFD.unbind(0)
+        b1s, b3s, b2s = (None,) * 3 if self.b1_EF is None else (self.b1_EF.unbind(0), self.b3_EF.unbind(0),
+                                                                 self.b2_ED.unbind(0))
+
+        def expert(e: int, x_mD: torch.Tensor) -> torch.Tensor:
+            a_mF, b_mF = x_mD @ w1s[e], x_mD @ w3s[e]
+            if b1s is not None:
+                a_mF, b_mF = a_mF + b1s[e], b_mF + b3s[e]
+            y_mD = self._h(a_mF, b_mF) @ w2s[e]
+            return y_mD if b2s is None else y_mD + b2s[e]
+
         outs = []
         for e, x_nD in enumerate(x_ND.split(counts)):
             n = counts[e]
@@ -94,11 +129,10 @@ class GroupedExperts(nn.Module):
                 continue
             m = padded_rows(n) if pad else n  # m >= n rows: x's extra rows are zeros, y's are dropped
             x_mD = F.pad(x_nD, (0, 0, 0, m - n)) if m > n else x_nD
-            h_mF = F.silu(x_mD @ w1s[e]) * (x_mD @ w3s[e])
-            outs.append((h_mF @ w2s[e])[:n])
+            outs.append(expert(e, x_mD)[:n])
         if not outs:  # no rows at all, as an expert-parallel rank can receive: still an output of x and the
             # weights (zero gradients), so every rank's backward runs the same collectives and optimizer steps
-            outs.append((F.silu(x_ND @ w1s[0]) * (x_ND @ w3s[0])) @ w2s[0])
+            outs.append(expert(0, x_ND))
         y_ND = torch.cat(outs, dim=0)
         # in y's dtype, which is bf16 under autocast (the residual add promotes it back)
         return y_ND if w_N is None else y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
@@ -165,7 +199,8 @@ def use_threads(x_ND: torch.Tensor, w1_EDF: torch.Tensor) -> torch.dtype | None:
 class _ThreadedSwiGLU(torch.autograd.Function):
     """Grouped SwiGLU experts, each expert computed by one worker thread on one core.
 
-    forward(x_ND, w1_EDF, w3_EDF, w2_EFD, w_N1 or None, counts, pad) -> y_ND (times w_N1 when given),
+    forward(x_ND, w1_EDF, w3_EDF, w2_EFD, w_N1 or None, counts, pad, b1_EF, b3_EF, b2_ED (or None), act)
+    -> y_ND (times w_N1 when given); act None is SwiGLU, (alpha, limit) the clamped form (clamped_swiglu),
     rows sorted by expert as in GroupedExperts, computed in the weights' dtype (x_ND is cast
     per expert, and its gradient summed in x's dtype, as autocast's casts in the loop do).
     Experts are split over workers by token count (cpu_threads.split_by_load); every output row
@@ -187,7 +222,8 @@ class _ThreadedSwiGLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_ND, w1_EDF, w3_EDF, w2_EFD, w_N1, counts, pad=False):
+    def forward(ctx, x_ND, w1_EDF, w3_EDF, w2_EFD, w_N1, counts, pad=False, b1_EF=None, b3_EF=None, b2_ED=None,
+                act=None):
         N, D = x_ND.shape
         x_ND = x_ND.contiguous()
         dtype = w1_EDF.dtype
@@ -206,9 +242,18 @@ class _ThreadedSwiGLU(torch.autograd.Function):
                     n = t - s
                     x_mD = _rows(x_ND[s:t], m, dtype)
                     a_mF, b_mF = x_mD @ w1_EDF[e], x_mD @ w3_EDF[e]
-                    h_mF = F.silu(a_mF) * b_mF
+                    if b1_EF is not None:
+                        a_mF, b_mF = a_mF + b1_EF[e], b_mF + b3_EF[e]
+                    h_mF = F.silu(a_mF) * b_mF if act is None else clamped_swiglu(a_mF, b_mF, *act)
                     y_nD = None  # the unweighted output, kept only when the combine weights need it
-                    if w_N1 is None and m == n:
+                    if b2_ED is not None:
+                        y_nD = torch.addmm(b2_ED[e], h_mF[:n], w2_EFD[e])
+                        if w_N1 is None:
+                            y_ND[s:t] = y_nD
+                            y_nD = None
+                        else:
+                            torch.mul(y_nD, w_N1[s:t], out=y_ND[s:t])
+                    elif w_N1 is None and m == n:
                         torch.mm(h_mF, w2_EFD[e], out=y_ND[s:t])
                     elif w_N1 is None:
                         y_ND[s:t] = (h_mF @ w2_EFD[e])[:n]
@@ -226,6 +271,7 @@ class _ThreadedSwiGLU(torch.autograd.Function):
             ctx.save_for_backward(x_ND, w1_EDF, w3_EDF, w2_EFD, w_N1,
                                   *(t for per in saved for t in (per or (None,) * 4)))
         ctx.starts, ctx.rows, ctx.groups, ctx.pool = starts, rows, groups, pool
+        ctx.act, ctx.bias = act, b1_EF is not None
         return y_ND
 
     @staticmethod
@@ -237,14 +283,19 @@ class _ThreadedSwiGLU(torch.autograd.Function):
         dx_ND = torch.empty_like(x_ND)
         g1_EDF, g3_EDF, g2_EFD = (torch.empty_like(w) for w in (w1_EDF, w3_EDF, w2_EFD))
         dw_N1 = None if w_N1 is None else torch.empty_like(w_N1)
+        act, bias = ctx.act, ctx.bias
+        E, D, Fh = w1_EDF.shape
+        gb1_EF, gb3_EF, gb2_ED = (w1_EDF.new_empty(E, Fh), w1_EDF.new_empty(E, Fh), w1_EDF.new_empty(E, D)) \
+            if bias else (None, None, None)
 
         def job(experts):
             def run():
                 for e in experts:
                     s, t, m = starts[e], starts[e + 1], rows[e]
                     if s == t:  # no tokens: zero gradient, as the loop's unbind backward gives
-                        for g in (g1_EDF, g3_EDF, g2_EFD):
-                            g[e].zero_()
+                        for g in (g1_EDF, g3_EDF, g2_EFD, gb1_EF, gb3_EF, gb2_ED):
+                            if g is not None:
+                                g[e].zero_()
                         continue
                     x_mD, a_mF, b_mF, y_nD = per_expert[4 * e: 4 * e + 4]
                     if x_mD is None:
@@ -257,11 +308,24 @@ class _ThreadedSwiGLU(torch.autograd.Function):
                         torch.sum(dy_nD * y_nD, dim=1, keepdim=True, out=dw_N1[s:t])
                         dy_mD = _zero_tail(n, m, dy_nD)
                         torch.mul(dy_nD, w_N1[s:t], out=dy_mD[:n])
-                    sa_mF = F.silu(a_mF)
-                    torch.mm((sa_mF * b_mF).t(), dy_mD, out=g2_EFD[e])
                     dh_mF = dy_mD.mm(w2_EFD[e].t())
-                    da_mF = torch.ops.aten.silu_backward(dh_mF * b_mF, a_mF)
-                    db_mF = dh_mF * sa_mF
+                    if act is None:
+                        sa_mF = F.silu(a_mF)
+                        torch.mm((sa_mF * b_mF).t(), dy_mD, out=g2_EFD[e])
+                        da_mF = torch.ops.aten.silu_backward(dh_mF * b_mF, a_mF)
+                        db_mF = dh_mF * sa_mF
+                    else:  # clamped_swiglu: h = (b' + 1) * a' sigmoid(alpha a'); the clamps pass gradient inside
+                        alpha, limit = act
+                        ac_mF, bc1_mF = a_mF.clamp(max=limit), b_mF.clamp(-limit, limit) + 1
+                        sg_mF = torch.sigmoid(ac_mF * alpha)
+                        glu_mF = ac_mF * sg_mF
+                        torch.mm((bc1_mF * glu_mF).t(), dy_mD, out=g2_EFD[e])
+                        da_mF = dh_mF * bc1_mF * (sg_mF + alpha * glu_mF * (1 - sg_mF)) * (a_mF <= limit)
+                        db_mF = dh_mF * glu_mF * (b_mF.abs() <= limit)
+                    if bias:
+                        torch.sum(da_mF, 0, out=gb1_EF[e])
+                        torch.sum(db_mF, 0, out=gb3_EF[e])
+                        torch.sum(dy_mD, 0, out=gb2_ED[e])
                     # x^T copied contiguous once for both: a transposed-view operand makes these bf16
                     # products about 1.6x slower (in the layer: 2.1 -> 1.3 ms per expert, 8 x 1024 rows)
                     xt_Dm = x_mD.t().contiguous()
@@ -272,7 +336,7 @@ class _ThreadedSwiGLU(torch.autograd.Function):
             return run
 
         ctx.pool.run([job(g) for g in ctx.groups])
-        return dx_ND, g1_EDF, g3_EDF, g2_EFD, dw_N1, None, None
+        return dx_ND, g1_EDF, g3_EDF, g2_EFD, dw_N1, None, None, gb1_EF, gb3_EF, gb2_ED, None
 
 
 def _zero_tail(n: int, m: int, like_nD: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -30,8 +30,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def pick_format(recipe: Recipe) -> str:
-    """The Hugging Face family whose attention layout matches the recipe (qk norm: Qwen3, qkv bias: Qwen2)."""
+    """The Hugging Face family whose layout matches the recipe (sinks, sliding layers: GPT-OSS; NoPE or chunked
+    layers, input-weighted experts: Llama 4; MLA: DeepSeek; qk norm: Qwen3, qkv bias: Qwen2)."""
     r, moe = recipe.model, bool(recipe.moe_layers())
+    if moe and (r.attention_sinks or "sliding" in r.layer_types or recipe.moe.expert_act == "clamped_swiglu"):
+        return "gpt_oss"
+    if moe and (recipe.moe.weight_input or r.qk_l2_norm or {"chunked", "nope"} & set(r.layer_types)):
+        return "llama4_text"
     if r.attention == "mla":  # DeepSeek: V3's sigmoid router, or V2's softmax
         return "deepseek_v3" if recipe.moe.score_func == "sigmoid" or not moe else "deepseek_v2"
     if moe and recipe.moe.score_func == "sigmoid":  # DeepSeek-V3-style routing on GQA: GLM-4.5 holds it
@@ -73,6 +78,9 @@ def hf_state(model, recipe: Recipe, fmt: str, dtype: torch.dtype) -> dict[str, t
     if fmt in MOE_FORMATS:
         for i, layer in model.moe_layers:
             ex = layer.experts
+            if hasattr(FAMILIES[fmt], "write_experts"):
+                out |= FAMILIES[fmt].write_experts(ex, f"model.layers.{i}.{FAMILIES[fmt].MOE_PREFIX}.experts", dtype)
+                continue
             for e in range(recipe.moe.num_experts):
                 n1, n3, n2 = expert_names(fmt, i, e)
                 out[n1] = ex.w1_EDF[e].detach().t().to(dtype).contiguous()

@@ -17,7 +17,8 @@ import torch
 
 from . import rope
 from .config import Recipe, recipe_from_dict
-from .families import FAMILIES, READ_AS
+from .families import CONTAINERS, FAMILIES, READ_AS
+from .families.features import beyond
 from .errors import UserError
 from .fileio import atomic_write_json, read_json_object
 from .st_stream import LazyTensors
@@ -31,6 +32,13 @@ def read_hf_config(directory: Path) -> dict:
     p = Path(directory) / "config.json"
     cfg = read_json_object(p, "Hugging Face config")
     mt = cfg.get("model_type")
+    if mt in CONTAINERS:  # a multimodal checkpoint (llama4): its language model's config, read as that family
+        family, key = CONTAINERS[mt]
+        inner = cfg.get(key)
+        if not isinstance(inner, dict):
+            raise UserError(f"{p}: {key}: missing (a Hugging Face {mt} config holds its language model's there)")
+        cfg = {**inner, "model_type": family, "_container": mt}
+        mt = family
     if mt in READ_AS:  # e.g. kimi_k2: DeepSeek-V3's layout under another name
         cfg = {**cfg, "model_type": READ_AS[mt]}
         mt = cfg["model_type"]
@@ -111,8 +119,10 @@ def plain_name_map(recipe: Recipe, mt: str) -> dict[str, str]:
         m[f"{L}.ffn_norm.weight"] = f"{H}.post_attention_layernorm.weight"
         for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
             m[f"{L}.attention.{ours}.weight"] = f"{H}.self_attn.{theirs}.weight"
-            if recipe.model.qkv_bias and ours != "wo":
+            if recipe.model.o_bias if ours == "wo" else recipe.model.qkv_bias:
                 m[f"{L}.attention.{ours}.bias"] = f"{H}.self_attn.{theirs}.bias"
+        if recipe.model.attention_sinks:
+            m[f"{L}.attention.sinks_H"] = f"{H}.self_attn.sinks"
         if recipe.model.qk_norm or recipe.model.qk_norm_full:
             m[f"{L}.attention.q_norm.weight"] = f"{H}.self_attn.q_norm.weight"
             m[f"{L}.attention.k_norm.weight"] = f"{H}.self_attn.k_norm.weight"
@@ -127,7 +137,8 @@ def plain_name_map(recipe: Recipe, mt: str) -> dict[str, str]:
 def check_writable(recipe: Recipe, mt: str, instead: str) -> None:
     """Refuse MoE settings that the target Hugging Face architecture cannot express; ``instead``: what the
     message suggests (the command's own way out)."""
-    problems = FAMILIES[mt].cannot_express(recipe)
+    family = FAMILIES[mt]
+    problems = family.cannot_express(recipe) + beyond(recipe, getattr(family, "EXPRESSES", ()))
     if problems:
         raise UserError(f"--format {mt}: Hugging Face {mt} cannot express {', '.join(problems)}; {instead}")
 
@@ -154,8 +165,11 @@ def hf_config_for(recipe: Recipe, mt: str, base: dict | None) -> dict:
 
 
 def _expert_stack(src: LazyTensors, mt: str, i: int, E: int, dtype) -> dict[str, torch.Tensor]:
-    """Per-layer expert tensors (per-expert names, or the fused 5.x names) -> w1_EDF, w3_EDF, w2_EFD."""
+    """Per-layer expert tensors (per-expert names, or the fused 5.x names; or the family's own layout, its
+    read_experts) -> w1_EDF, w3_EDF, w2_EFD (and biases)."""
     P = f"model.layers.{i}.{FAMILIES[mt].MOE_PREFIX}.experts"
+    if hasattr(FAMILIES[mt], "read_experts"):
+        return FAMILIES[mt].read_experts(src, P, dtype)
     if f"{P}.gate_up_proj" in src:  # fused layout: gate_up (E, 2F, D), down (E, D, F)
         gu = src.get(f"{P}.gate_up_proj").to(dtype)
         g, u = gu.chunk(2, dim=1)
@@ -180,6 +194,8 @@ def load_hf_model(directory: Path, dtype=torch.float32, recipe: Recipe | None = 
     mt = cfg["model_type"]
     recipe = recipe or recipe_from_hf(cfg, str(directory / "config.json"))
     src = LazyTensors.from_dir(directory)
+    if cfg.get("_container"):  # the language model inside a multimodal checkpoint; the rest is read past
+        src.rename_prefixes(FAMILIES[mt].container_prefixes(src))
     model = model_to_load(recipe, directory, dtype)
     sd = {}
     for ours, theirs in plain_name_map(recipe, mt).items():

@@ -29,7 +29,7 @@ class Block(nn.Module):
         super().__init__()
         cfg = recipe.model
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attention = ATTENTION[cfg.attention](cfg)
+        self.attention = ATTENTION[cfg.attention](cfg, cfg.layer_type(layer_id))
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = recipe.is_moe_layer(layer_id)
         if self.is_moe:
@@ -136,7 +136,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if "norm" in name:
                 nn.init.ones_(p)
-            elif name.endswith(".bias"):
+            elif name.endswith(".bias") or name.rsplit(".", 1)[-1] in ("b1_EF", "b3_EF", "b2_ED"):
                 nn.init.zeros_(p)
             else:
                 s = out_std if (name.endswith("wo.weight") or name.endswith("w2.weight") or "w2_EFD" in name) else std

@@ -77,7 +77,8 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg, self.bal = cfg, bal
         self.router = Router(d_model, cfg)
-        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_ffn)
+        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_ffn, bias=cfg.expert_ffn_bias,
+                                      act=cfg.expert_act, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
         self.shared = SwiGLU(d_model, cfg.shared_hidden) if cfg.num_shared_experts > 0 else None
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if cfg.shared_gate else None
         self.aux: dict[str, torch.Tensor] = {}
@@ -102,9 +103,11 @@ class MoELayer(nn.Module):
 
         x_ND = x_TD.index_select(0, d.token_N)
         w_N = route.weight_TK[d.token_N, d.choice_N]
+        if self.cfg.weight_input:  # Llama 4: the expert computes on w * x, and its output is not weighted
+            x_ND, w_N = x_ND * w_N.to(x_ND.dtype).unsqueeze(-1), None
         if self.ep_world > 1:
             y_ND = expert_parallel_ffn(self.experts, x_ND, d.counts_E, self.ep_world)
-            y_ND = y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
+            y_ND = y_ND if w_N is None else y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
         else:
             y_ND = self.experts(x_ND, d.counts_E, w_N)  # weighted: y * w per row
         # in y's dtype, which is bf16 under autocast (the residual add promotes it back)

@@ -6,7 +6,7 @@ Shape legend (used in names across moecli):
 
 One forward, in order (each step optional per the recipe):
     1. jitter:   x_TD *= U(1-eps, 1+eps)                       (Switch, training only)
-    2. logits:   logits_TE = x_TD @ gate_ED.T                  (fp32)
+    2. logits:   logits_TE = x_TD @ gate_ED.T (+ bias_E)       (fp32; the bias: GPT-OSS)
     3. noise:    logits_TE += N(0, std^2)                      (noisy top-k, training only)
     4. scores:   softmax or sigmoid of logits_TE
     5. select:   top-k of scores + expert_bias_E               (aux-loss-free bias, DeepSeek-V3)
@@ -48,7 +48,7 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_experts = cfg.num_experts
-        self.gate = nn.Linear(d_model, cfg.num_experts, bias=False)
+        self.gate = nn.Linear(d_model, cfg.num_experts, bias=cfg.router_bias)
         # Aux-loss-free balancing bias: shifts selection only, never the weights.
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
 
@@ -57,7 +57,8 @@ class Router(nn.Module):
         if self.training and cfg.router_jitter > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1 - cfg.router_jitter, 1 + cfg.router_jitter)
         with torch.autocast(x_TD.device.type, enabled=False):  # fp32 under bf16-mixed too (Switch: the
-            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())  # router's softmax needs the range)
+            logits_TE = F.linear(x_TD.float(), self.gate.weight.float(),  # router's softmax needs the range)
+                                 None if self.gate.bias is None else self.gate.bias.float())
         noisy_TE = logits_TE
         if self.training and cfg.router_noise > 0:
             noisy_TE = logits_TE + torch.randn_like(logits_TE) * cfg.router_noise

@@ -92,6 +92,7 @@ class LazyTensors:
 
     def __init__(self, files: list[Path]):
         self.where: dict[str, Path] = {}
+        self.stored: dict[str, str] = {}  # a name under rename_prefixes -> the file's own name for it
         self.handles = {}
         for f in files:
             try:
@@ -128,10 +129,24 @@ class LazyTensors:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise UserError(f"tensor {name} not found in the checkpoint")
-        return self.handles[self.where[name]].get_tensor(name)
+        return self.handles[self.where[name]].get_tensor(self.stored.get(name, name))
+
+    def rename_prefixes(self, prefixes: dict[str, str]) -> "LazyTensors":
+        """Read tensors whose names start with a key of ``prefixes`` under that prefix's value instead (a
+        multimodal checkpoint's language model: language_model.model.layers... as model.layers...); the
+        others are left out."""
+        where, stored = {}, {}
+        for name, f in self.where.items():
+            for old, new in prefixes.items():
+                if name.startswith(old):
+                    ours = new + name[len(old):]
+                    where[ours], stored[ours] = f, self.stored.get(name, name)
+                    break
+        self.where, self.stored = where, stored
+        return self
 
     def meta(self, name: str) -> tuple[torch.dtype, tuple]:
-        sl = self.handles[self.where[name]].get_slice(name)
+        sl = self.handles[self.where[name]].get_slice(self.stored.get(name, name))
         inv = {v: k for k, v in DTYPES.items()}
         return inv[sl.get_dtype()], tuple(sl.get_shape())
 

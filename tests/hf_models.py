@@ -45,6 +45,21 @@ def make(kind: str, directory, seed: int = 0, **extra):
                       "use_qk_norm": True, "attention_bias": True, "partial_rotary_factor": 0.5,
                       "num_nextn_predict_layers": 0, "eos_token_id": None, "pad_token_id": None,
                       "bos_token_id": None}),
+        "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM,
+                    {"num_hidden_layers": 4, "head_dim": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+                     "intermediate_size": 16, "sliding_window": 6, "swiglu_limit": 1.0,
+                     "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                         "original_max_position_embeddings": 16, "beta_fast": 32.0,
+                                         "beta_slow": 1.0, "truncate": False},
+                     "eos_token_id": None, "pad_token_id": None, "bos_token_id": None}),
+        "llama4_text": (transformers.Llama4TextConfig, transformers.Llama4ForCausalLM,
+                        {"num_hidden_layers": 4, "head_dim": 8, "num_local_experts": 4, "num_experts_per_tok": 1,
+                         "intermediate_size": 16, "intermediate_size_mlp": 40, "interleave_moe_layer_step": 2,
+                         "no_rope_layer_interval": 2, "attention_chunk_size": 8, "floor_scale": 4,
+                         "attn_scale": 0.5, "rope_parameters": {
+                             "rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                         "eos_token_id": None, "pad_token_id": None, "bos_token_id": None}),
     }
     C, M, kw = classes[kind]
     torch.manual_seed(seed)

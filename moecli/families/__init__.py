@@ -14,12 +14,19 @@ A module defines:
     name_map(recipe, names)    moecli -> Hugging Face names, from hf.py's shared ones
     cannot_express(recipe)     what of a recipe it cannot hold (export and upcycle refuse it, naming these)
     empty_tensors(recipe, i)   tensors it always holds that a model may have none of (written as zeros)
+and may define:
+    EXPRESSES                  the features of features.py it holds (sinks, sliding layers, expert biases, ...)
+    CONTAINERS                 {model_type: key} of multimodal configs holding its config under key (llama4)
+    container_prefixes(src)    {stored prefix: its own prefix} of such a checkpoint's language-model tensors
+    read_experts(src, P, dtype), write_experts(experts, P, dtype)   its own expert layout (P: the experts' prefix)
 """
 
-from . import deepseek_v2, deepseek_v3, glm4_moe, llama, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe
+from . import (deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, llama, llama4, mixtral, olmoe, qwen2, qwen2_moe, qwen3,
+               qwen3_moe)
 
 FAMILIES = {m.MODEL_TYPE: m for m in (llama, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3,
-                                       deepseek_v2)}
+                                       deepseek_v2, gpt_oss, llama4)}
+CONTAINERS = {outer: (m.MODEL_TYPE, key) for m in FAMILIES.values() for outer, key in getattr(m, "CONTAINERS", {}).items()}
 READ_AS = {other: m.MODEL_TYPE for m in FAMILIES.values() for other in m.READ_AS}  # kimi_k2 -> deepseek_v3
 DENSE_WRITABLE = tuple(t for t, m in FAMILIES.items() if m.WRITABLE and not m.MOE)  # export's dense formats
 MOE_WRITABLE = tuple(t for t, m in FAMILIES.items() if m.WRITABLE and m.MOE)  # export's (and upcycle's) MoE formats
