@@ -258,7 +258,10 @@ def upcycle(
     source: str = typer.Argument(..., help="Dense checkpoint: a moecli directory or a Hugging Face model directory."),
     output: Optional[Path] = OUT_OPT,
     config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML file of upcycle options (flags win)."),
-    num_experts: Optional[int] = typer.Option(None, "--num-experts", "-e", help="Routed experts per MoE layer."),
+    expert: Optional[List[str]] = typer.Option(None, "--expert", help="A dense model whose FFNs become the next "
+                                               "routed expert (repeat: one per expert; attention etc. from SOURCE)."),
+    num_experts: Optional[int] = typer.Option(None, "--num-experts", "-e",
+                                              help="Routed experts per MoE layer (default 8; with --expert: one each)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", "-k", help="Experts per token."),
     granularity: Optional[int] = typer.Option(None, "--granularity", help="Split each FFN copy into g experts."),
     shared_experts: Optional[int] = typer.Option(None, "--shared-experts", help="1: keep the dense FFN as shared."),
@@ -285,7 +288,7 @@ def upcycle(
             "num_experts": num_experts, "top_k": top_k, "granularity": granularity, "shared_experts": shared_experts,
             "noise": noise, "drop_ratio": drop_ratio, "router_init": router_init, "prompts": prompts,
             "first_k_dense": first_k_dense, "moe_every_n": moe_every_n, "format": fmt, "seed": seed,
-            "shard_size_mb": shard_size_mb})
+            "shard_size_mb": shard_size_mb, "experts": expert})
         with render.TensorProgress(enabled=not dry_run) as prog:
             return upcycle_fn(source, output, opts, dry_run=dry_run, force=force, allow_inexact=allow_inexact,
                               verify=not no_verify, progress=prog.update)
@@ -298,7 +301,7 @@ def export(
     checkpoint: str = typer.Argument(..., help="moecli checkpoint (or training run) directory."),
     output: Path = typer.Option(..., "-o", "--output", help="Output directory (a Hugging Face model directory)."),
     fmt: str = typer.Option("auto", "--format", help="auto | mixtral | qwen3_moe | qwen2_moe | glm4_moe | deepseek_v3 | "
-                                                   "llama | qwen3 | qwen2"),
+                                                   "deepseek_v2 | gpt_oss | llama4_text | llama | qwen3 | qwen2"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
     shard_size_mb: float = typer.Option(2000.0, "--shard-size-mb", help="Largest weights file; more: an index."),
     force: bool = FORCE_OPT,

@@ -109,8 +109,6 @@ class ModelConfig:
         _check(not (self.qk_norm and self.qk_norm_full), "qk_norm_full", "qk_norm and qk_norm_full exclude each other")
         bad = [t for t in self.layer_types if t not in LAYER_TYPES]
         _check(not bad, "layer_types", f"entries must be {', '.join(LAYER_TYPES)}, got {bad[0]!r}" if bad else "")
-        _check(len(self.layer_types) <= self.n_layers, "layer_types",
-               f"{len(self.layer_types)} entries for {self.n_layers} layers (a shorter pattern repeats)")
         _check(self.attention == "gqa" or not (set(self.layer_types) - {"full"} or self.attention_sinks), "layer_types",
                "sliding, chunked and nope layers and attention sinks need attention gqa")
         _check(self.sliding_window >= 0 and self.attention_chunk >= 0 and self.temperature_floor >= 0,
@@ -334,7 +332,9 @@ def _coerce(value, typ, where: str):
     if typing.get_origin(typ) is list:
         if not isinstance(value, list):
             raise _FieldError(where, f"must be a list, got {value!r}")
-        return [_coerce(v, typing.get_args(typ)[0], where) for v in value]
+        return [_coerce(v, typing.get_args(typ)[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(typ):  # a list of mappings (upcycle's experts)
+        return _section_from_dict(typ, value, where)
     raise AssertionError(f"unsupported field type {typ}")
 
 

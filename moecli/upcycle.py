@@ -10,12 +10,17 @@ Sparse upcycling (Komatsuzaki et al.) with the variants users ask for:
 * a shared expert holding the dense FFN (the routed experts' down-projections
   then start at zero, so the sum is still the dense FFN);
 * Drop-Upcycling: a fraction r of each expert's hidden units re-initialised;
-* weight noise; router init random / zero / from k-means of prompts' hidden states.
+* weight noise; router init random / zero / from k-means of prompts' hidden states;
+* experts from several dense models (``--expert DIR``, repeated; mergekit-moe's use): attention, embeddings,
+  norms and head from BASE, routed expert i's FFN from source i, the routers' rows from each expert's prompts
+  (the mean hidden state of its prompts at that layer, minus its negative prompts', mergekit's "hidden").
 
 Function preservation: with identical experts and renormalised top-k, the MoE
 computes the dense function. ``analyse_exactness`` says which options break
 that; the converter refuses them unless ``allow_inexact`` and, after writing,
-measures the max-abs logit difference on a probe input.
+measures the max-abs logit difference on a probe input, layer by layer (layerwise.compare: one layer of the
+dense model and one of the MoE in memory at a time). Experts from several models compute no single dense
+function: the probe then reports each layer's hidden-state difference against each source's own model.
 
 Conversion streams: tensors are read lazily and written one at a time
 (st_stream.SafetensorsWriter), so peak memory is about the largest output
@@ -41,6 +46,7 @@ from .fileio import atomic_dir, atomic_write_json
 from .families import FAMILIES
 from .hf import (TOKENIZER_FILES, check_writable, hf_config_for, plain_name_map, read_hf_config,
                  recipe_from_hf, shard_file_name, write_shard_index)
+from .layerwise import compare
 from .model import meta_model
 from .st_stream import LazyTensors, SafetensorsWriter, assign_shards, nbytes
 
@@ -49,14 +55,28 @@ MOE_TYPES = tuple(sorted(set(HF_OUT.values())))  # upcycle's Hugging Face output
 
 
 @dataclass
+class ExpertSource:
+    source: str = ""  # a dense checkpoint of BASE's architecture: routed expert i's FFN comes from it
+    prompts: str = ""  # text file: its router rows start at its prompts' mean hidden state (router_init prompts)
+    negative_prompts: str = ""  # text file: ... minus these prompts' mean
+
+    def validate(self) -> None:
+        if not self.source:
+            raise _FieldError("source", "required (a dense checkpoint directory)")
+
+
+@dataclass
 class UpcycleOptions:
-    num_experts: int = 8  # routed experts in each converted layer (copies x granularity)
+    # routed experts in each converted layer (copies x granularity); 0 -> len(experts) x granularity, else 8
+    num_experts: int = 0
     top_k: int = 2  # experts per token (a multiple of granularity keeps the function)
     granularity: int = 1  # split each dense FFN copy into this many finer experts
     shared_experts: int = 0  # 1: keep the dense FFN as an always-on shared expert
     noise: float = 0.0  # std of Gaussian noise added to expert weights, relative to each weight's std
     drop_ratio: float = 0.0  # Drop-Upcycling: fraction of each expert's hidden units re-initialised
-    router_init: str = "random"  # random | zero | prompts (k-means of the dense model's hidden states)
+    # random | zero | prompts: k-means of the base's hidden states over `prompts`, or with experts each expert's
+    # own prompts' mean; "" (default) -> prompts when every expert names its prompts, else random
+    router_init: str = ""
     router_std: float = 0.02  # std of a random router init
     prompts: str = ""  # text file for router_init: prompts (default: a built-in sample)
     first_k_dense: int = 0  # leave the first k layers dense ...
@@ -65,13 +85,21 @@ class UpcycleOptions:
     format: str = "auto"  # auto | moecli | mixtral | qwen3_moe | qwen2_moe
     shard_size_mb: float = 2000.0  # Hugging Face output: largest shard
     seed: int = 0
+    experts: list[ExpertSource] = dataclasses.field(default_factory=list)  # routed experts' sources (--expert)
 
     def validate(self) -> None:
         def check(ok, field, msg):
             if not ok:
                 raise _FieldError(field, msg)
 
-        check(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
+        check(self.num_experts >= 0, "num_experts", f"must be >= 1 (0: the default), got {self.num_experts}")
+        check(self.granularity >= 1, "granularity", f"must be >= 1, got {self.granularity}")
+        if self.experts:
+            n = len(self.experts) * self.granularity
+            check(self.num_experts in (0, n), "num_experts",
+                  f"must be the number of expert sources x granularity ({n}), got {self.num_experts}")
+            self.num_experts = n
+        self.num_experts = self.num_experts or 8
         check(self.granularity >= 1, "granularity", f"must be >= 1, got {self.granularity}")
         check(self.num_experts % self.granularity == 0, "num_experts",
               f"must be a multiple of granularity ({self.granularity}), got {self.num_experts}")
@@ -80,8 +108,14 @@ class UpcycleOptions:
         check(self.shared_experts in (0, 1), "shared_experts", f"must be 0 or 1, got {self.shared_experts}")
         check(self.noise >= 0, "noise", f"must be >= 0, got {self.noise}")
         check(0 <= self.drop_ratio <= 1, "drop_ratio", f"must be in [0, 1], got {self.drop_ratio}")
-        check(self.router_init in ("random", "zero", "prompts"), "router_init",
+        check(self.router_init in ("", "random", "zero", "prompts"), "router_init",
               f"must be random, zero or prompts, got {self.router_init!r}")
+        if not self.router_init:
+            self.router_init = "prompts" if self.experts and all(x.prompts for x in self.experts) else "random"
+        for j, x in enumerate(self.experts):
+            check(bool(x.prompts) or self.router_init != "prompts" or not self.experts, f"experts[{j}].prompts",
+                  "required with router_init prompts and expert sources (each expert's router rows come from "
+                  "its prompts)")
         check(self.router_std > 0, "router_std", f"must be > 0, got {self.router_std}")
         check(self.first_k_dense >= 0, "first_k_dense", f"must be >= 0, got {self.first_k_dense}")
         check(self.moe_every_n >= 1, "moe_every_n", f"must be >= 1, got {self.moe_every_n}")
@@ -98,7 +132,9 @@ def load_options(yaml_path: str | None, overrides: dict) -> UpcycleOptions:
         data = data or {}
         if not isinstance(data, dict):
             raise UserError(f"{source}: expected a YAML mapping of upcycle options")
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    data.update({k: v for k, v in overrides.items() if v is not None and k != "experts"})
+    if overrides.get("experts"):  # --expert DIR (repeated) replaces the YAML's list
+        data["experts"] = [{"source": d} for d in overrides["experts"]]
     try:
         return _section_from_dict(UpcycleOptions, data, "upcycle")
     except _FieldError as e:
@@ -156,6 +192,21 @@ class DenseSource:
     def dtype(self) -> torch.dtype:
         return self.meta("tok_embeddings.weight")[0]
 
+    def check_ffn_like(self, base: "DenseSource", layers: list[int]) -> None:
+        """Every converted layer's FFN here has the base's shapes (an expert source): else bad input naming this
+        source and the tensor."""
+        if self.recipe.model.n_layers < max(layers, default=-1) + 1 or self.recipe.model.d_model != base.recipe.model.d_model:
+            raise UserError(f"--expert {self.dir}: {self.recipe.model.n_layers} layers of width "
+                            f"{self.recipe.model.d_model}; the base {base.dir} has {base.recipe.model.n_layers} of "
+                            f"{base.recipe.model.d_model}")
+        for i in layers:
+            for k in ("w1", "w3", "w2"):
+                ours = f"layers.{i}.feed_forward.{k}.weight"
+                mine, theirs = tuple(self.meta(ours)[1]), tuple(base.meta(ours)[1])
+                if mine != theirs:
+                    raise UserError(f"--expert {self.dir}: tensor {self.name(ours)} has shape {mine}, the base's "
+                                    f"{base.name(ours)} {theirs}")
+
 
 def moe_recipe(dense: Recipe, o: UpcycleOptions) -> Recipe:
     g = o.granularity
@@ -202,23 +253,28 @@ def analyse_exactness(o: UpcycleOptions, out_format: str) -> list[str]:
 class Producer:
     """Computes each output tensor (moecli names) from the dense source, one at a time."""
 
-    def __init__(self, src: DenseSource, recipe: Recipe, o: UpcycleOptions, router_rows: dict[int, torch.Tensor]):
+    def __init__(self, src: DenseSource, recipe: Recipe, o: UpcycleOptions, router_rows: dict[int, torch.Tensor],
+                 experts: list[DenseSource] | None = None):
         self.src, self.r, self.o = src, recipe, o
         self.router_rows = router_rows
+        self.experts = experts or []  # expert sources: copy c's FFN is experts[c]'s (none: all the base's)
         self.dtype = src.dtype
-        self._cache: tuple[int, dict] | None = None
+        self._cache: tuple[tuple[int, int], dict] | None = None
 
-    def _layer_ffn(self, i: int) -> dict[str, torch.Tensor]:
-        """The dense FFN of layer i as (F, D) gate/up and (D, F) down, cached for the layer's experts."""
-        if self._cache is None or self._cache[0] != i:
-            self._cache = (i, {k: self.src.get(f"layers.{i}.feed_forward.{k}.weight") for k in ("w1", "w3", "w2")})
+    def _layer_ffn(self, i: int, copy: int = -1) -> dict[str, torch.Tensor]:
+        """The dense FFN of layer i (of expert source ``copy``; -1: the base) as (F, D) gate/up and (D, F) down,
+        cached for the layer's experts."""
+        if self._cache is None or self._cache[0] != (i, copy):
+            src = self.experts[copy] if copy >= 0 else self.src
+            self._cache = ((i, copy), {k: src.get(f"layers.{i}.feed_forward.{k}.weight").to(self.dtype)
+                                       for k in ("w1", "w3", "w2")})
         return self._cache[1]
 
     def expert_weight(self, i: int, e: int, key: str) -> torch.Tensor:
         """Expert e of layer i, Hugging Face orientation: w1/w3 (F/g, D), w2 (D, F/g); seeded per (layer, expert)."""
         o = self.o
-        full = self._layer_ffn(i)[key]
         g = o.granularity
+        full = self._layer_ffn(i, e // g if self.experts else -1)[key]
         hidden_dim = 1 if key == "w2" else 0
         Fg = full.shape[hidden_dim] // g
         w = full.narrow(hidden_dim, (e % g) * Fg, Fg).clone()
@@ -232,7 +288,7 @@ class Producer:
         if o.noise > 0:
             gen = torch.Generator().manual_seed(seed * 7 + {"w1": 0, "w3": 1, "w2": 2}[key])
             w.add_((torch.randn(w.shape, generator=gen) * o.noise * w.float().std()).to(w.dtype))
-        if o.shared_experts and key == "w2":
+        if o.shared_experts and key == "w2" and not self.experts:
             w.zero_()  # the shared expert carries the dense FFN; routed experts start as a zero residual
         return w
 
@@ -260,7 +316,7 @@ def make_router_rows(src: DenseSource, recipe: Recipe, o: UpcycleOptions) -> dic
     layers = recipe.moe_layers()
     rows = {}
     if o.router_init == "prompts":
-        centroids = prompt_centroids(src, layers, copies, o)
+        centroids = expert_prompt_rows(src, layers, o) if o.experts else prompt_centroids(src, layers, copies, o)
     gen = torch.Generator().manual_seed(o.seed)
     for i in layers:
         if o.router_init == "zero":
@@ -283,6 +339,53 @@ DEFAULT_PROMPTS = (
     "Die Würde des Menschen ist unantastbar. La vie est belle. 東京は日本の首都です。\n"
     "import numpy as np\nx = np.linspace(0, 1, 100)\nprint(x.mean())\n"
 )
+
+
+def _read_prompts(path: str, what: str) -> list[str]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {path}: cannot read prompts: {getattr(e, 'strerror', None) or e}") from None
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"{what} {path}: no prompts (one per line)")
+    return prompts
+
+
+@torch.no_grad()
+def expert_prompt_rows(src: DenseSource, layers: list[int], o: UpcycleOptions) -> dict[int, torch.Tensor]:
+    """Per layer, one router row per expert source: the base model's mean FFN input (the normed hidden state the
+    router sees) over that expert's prompts (one per line, each run from position 0), minus the mean over its
+    negative prompts when given, normalised and scaled to router_std * sqrt(D)."""
+    model, _, _, tok = load_with_tokenizer(src.dir)
+    ctx, D = model.recipe.model.context, model.recipe.model.d_model
+    sums: dict[int, torch.Tensor] = {}
+    hooks = [model.layers[i].ffn_norm.register_forward_hook(
+        lambda mod, inp, out, i=i: sums.__setitem__(i, sums[i] + out.reshape(-1, D).float().sum(0))) for i in layers]
+
+    def mean_states(path: str, what: str) -> tuple[dict[int, torch.Tensor], int]:
+        n = 0
+        for i in layers:
+            sums[i] = torch.zeros(D)
+        for prompt in _read_prompts(path, what):
+            ids = tok.encode(prompt)[:ctx]
+            if ids:
+                model(torch.tensor([ids]))
+                n += len(ids)
+        if not n:
+            raise UserError(f"{what} {path}: its prompts encode to no tokens")
+        return {i: sums[i] / n for i in layers}
+
+    rows: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    for j, x in enumerate(o.experts):
+        pos = mean_states(x.prompts, f"experts[{j}].prompts:")
+        neg = mean_states(x.negative_prompts, f"experts[{j}].negative_prompts:") if x.negative_prompts else None
+        for i in layers:
+            v = pos[i] - (neg[i] if neg else 0)
+            rows[i].append(torch.nn.functional.normalize(v, dim=0) * o.router_std * math.sqrt(D))
+    for h in hooks:
+        h.remove()
+    return {i: torch.stack(r) for i, r in rows.items()}
 
 
 @torch.no_grad()
@@ -361,11 +464,19 @@ def plan_hf(recipe: Recipe, mt: str, dtype: torch.dtype) -> list[tuple[str, str,
 
 def upcycle(source: str, output: Path | None, o: UpcycleOptions, dry_run: bool = False, force: bool = False,
             allow_inexact: bool = False, verify: bool = True, progress=None) -> dict:
+    try:  # idempotent: resolves the defaults that depend on other options (num_experts, router_init)
+        o.validate()
+    except _FieldError as e:
+        raise UserError(f"upcycle options: {e.field_name}: {e.msg}") from None
     src = DenseSource(source)
     fmt = output_format(src, o)
     recipe = moe_recipe(src.recipe, o)
     if fmt != "moecli":
         check_writable(recipe, fmt, "write the moecli format instead (--format moecli)")
+    experts = [DenseSource(x.source) for x in o.experts]
+    for x in experts:
+        x.check_ffn_like(src, recipe.moe_layers())
+    several = any(x.dir.resolve() != src.dir.resolve() for x in experts)  # experts not all the base's FFN
     inexact = analyse_exactness(o, fmt)
     dtype = src.dtype
     if fmt == "moecli":
@@ -385,7 +496,8 @@ def upcycle(source: str, output: Path | None, o: UpcycleOptions, dry_run: bool =
         "top_k": o.top_k, "granularity": o.granularity, "shared_experts": o.shared_experts,
         "router_init": o.router_init, "tensors": len(plan), "shards": len(shards), "input_bytes": in_bytes,
         "output_bytes": out_bytes, "memory_estimate_bytes": ffn_bytes + 2 * largest,
-        "exact": not inexact, "inexact_reasons": inexact, "dry_run": dry_run,
+        "exact": not inexact and not several, "inexact_reasons": inexact, "dry_run": dry_run,
+        "expert_sources": [str(x.dir) for x in experts],
     }
     if dry_run:
         result["plan"] = [{"name": n, "shape": list(s), "dtype": str(dt).replace("torch.", "")}
@@ -400,7 +512,7 @@ def upcycle(source: str, output: Path | None, o: UpcycleOptions, dry_run: bool =
     if output.resolve() == src.dir.resolve() or src.dir.resolve() in output.resolve().parents:
         raise UserError(f"{output}: must not be the input checkpoint or inside it")
     router_rows = make_router_rows(src, recipe, o)
-    prod = Producer(src, recipe, o, router_rows)
+    prod = Producer(src, recipe, o, router_rows, experts)
     t0 = time.perf_counter()
     with atomic_dir(output, overwrite=force) as tmp:
         if fmt == "moecli":
@@ -408,9 +520,19 @@ def upcycle(source: str, output: Path | None, o: UpcycleOptions, dry_run: bool =
         else:
             _write_hf(tmp, shards, prod, recipe, fmt, src, progress)
         result["seconds"] = time.perf_counter() - t0
-        if verify:
-            diff, scale = probe_difference(src.dir, tmp)
+        if verify and several:  # no single dense function: each layer against each source's own model
+            unique = list(dict.fromkeys(x.dir for x in experts))
+            rep = compare(tmp, unique, probe_tokens(recipe))
+            result["verified"] = ("several sources: no single dense function to preserve; per_source_layer_diff "
+                                  "is each layer's max |hidden-state difference| / max |source's| on the probe, "
+                                  "each model on its own hidden states")
+            result["per_source_layer_diff"] = {str(d): [row[j] for row in rep["per_layer"]]
+                                               for j, d in enumerate(unique)}
+        elif verify:
+            rep = compare(tmp, [src.dir], probe_tokens(recipe))
+            diff, scale = rep["max_abs_logit_diff"], rep["max_abs_logit"]
             result["max_abs_logit_diff"] = diff
+            result["verified"] = "max |logit difference| against the dense model on the probe, layer by layer"
             if not inexact and not diff <= 1e-4 * max(1.0, scale):
                 raise RunFailed(f"upcycled model differs from the dense model by {diff:.3g} (max |logit| "
                                 f"difference) although the options should preserve it; nothing was written")
@@ -476,22 +598,14 @@ def _copy_tokenizer(src_dir: Path, dst: Path) -> None:
 PROBE_LEN = 32
 
 
+def probe_tokens(recipe: Recipe) -> torch.Tensor:
+    """The seeded random probe input: 2 x min(PROBE_LEN, context) tokens."""
+    r = recipe.model
+    return torch.randint(0, r.vocab_size, (2, min(PROBE_LEN, r.context)), generator=torch.Generator().manual_seed(1234))
+
+
 @torch.no_grad()
 def probe_logits(model) -> torch.Tensor:
     """Logits of a model (in float32, eval mode) on a seeded random probe input."""
     model.float().eval()
-    r = model.recipe.model
-    gen = torch.Generator().manual_seed(1234)
-    x = torch.randint(0, r.vocab_size, (2, min(PROBE_LEN, r.context)), generator=gen)
-    return model(x).logits_BSV
-
-
-def _probe_logits(directory: Path) -> torch.Tensor:
-    return probe_logits(load_checkpoint(directory)[0])
-
-
-def probe_difference(dense_dir: Path, moe_dir: Path) -> tuple[float, float]:
-    """(max |logit difference|, max |dense logit|) on a seeded probe input."""
-    a = _probe_logits(dense_dir)
-    b = _probe_logits(moe_dir)
-    return float((a - b).abs().max()), float(a.abs().max())
+    return model(probe_tokens(model.recipe)).logits_BSV
