@@ -164,9 +164,11 @@ def hf_config_for(recipe: Recipe, mt: str, base: dict | None) -> dict:
 # ---------------------------------------------------------------- loading into moecli
 
 
-def _expert_stack(src: LazyTensors, mt: str, i: int, E: int, dtype) -> dict[str, torch.Tensor]:
+def _expert_stack(src: LazyTensors, mt: str, i: int, E: int, dtype, contiguous: bool = True) -> dict[str, torch.Tensor]:
     """Per-layer expert tensors (per-expert names, or the fused 5.x names; or the family's own layout, its
-    read_experts) -> w1_EDF, w3_EDF, w2_EFD (and biases)."""
+    read_experts) -> w1_EDF, w3_EDF, w2_EFD (and biases). ``contiguous`` False: per-expert tensors are stacked
+    as stored, (E, out, in), and the EDF / EFD tensors are transposed views of that (a plain copy instead of a
+    transposing one: for a read that is used once, as layerwise.compare's)."""
     P = f"model.layers.{i}.{FAMILIES[mt].MOE_PREFIX}.experts"
     if hasattr(FAMILIES[mt], "read_experts"):
         return FAMILIES[mt].read_experts(src, P, dtype)
@@ -175,13 +177,24 @@ def _expert_stack(src: LazyTensors, mt: str, i: int, E: int, dtype) -> dict[str,
         g, u = gu.chunk(2, dim=1)
         return {"w1_EDF": g.transpose(1, 2).contiguous(), "w3_EDF": u.transpose(1, 2).contiguous(),
                 "w2_EFD": src.get(f"{P}.down_proj").to(dtype).transpose(1, 2).contiguous()}
-    w1, w3, w2 = [], [], []
-    for e in range(E):
-        n1, n3, n2 = expert_names(mt, i, e)
-        w1.append(src.get(n1).to(dtype).t())
-        w3.append(src.get(n3).to(dtype).t())
-        w2.append(src.get(n2).to(dtype).t())
-    return {"w1_EDF": torch.stack(w1), "w3_EDF": torch.stack(w3), "w2_EFD": torch.stack(w2)}
+    names = [expert_names(mt, i, e) for e in range(E)]
+    if not contiguous:
+        return {k: src.stack([n[j] for n in names], dtype).transpose(1, 2)
+                for j, k in enumerate(("w1_EDF", "w3_EDF", "w2_EFD"))}
+    return {k: torch.stack([src.get(n[j]).to(dtype).t() for n in names]) for j, k in enumerate(("w1_EDF", "w3_EDF",
+                                                                                              "w2_EFD"))}
+
+
+def open_tensors(directory: Path, cfg: dict) -> LazyTensors:
+    """A Hugging Face directory's tensors under the names plain_name_map gives: a multimodal checkpoint's language
+    model under its own prefixes (the rest read past), a family's other layouts under its names (family.alias)."""
+    family = FAMILIES[cfg["model_type"]]
+    src = LazyTensors.from_dir(Path(directory))
+    if cfg.get("_container"):
+        src.rename_prefixes(family.container_prefixes(src))
+    if hasattr(family, "alias"):
+        src.add_aliases(family.alias)
+    return src
 
 
 def load_hf_model(directory: Path, dtype=torch.float32, recipe: Recipe | None = None):
@@ -193,9 +206,7 @@ def load_hf_model(directory: Path, dtype=torch.float32, recipe: Recipe | None = 
     cfg = read_hf_config(directory)
     mt = cfg["model_type"]
     recipe = recipe or recipe_from_hf(cfg, str(directory / "config.json"))
-    src = LazyTensors.from_dir(directory)
-    if cfg.get("_container"):  # the language model inside a multimodal checkpoint; the rest is read past
-        src.rename_prefixes(FAMILIES[mt].container_prefixes(src))
+    src = open_tensors(directory, cfg)
     model = model_to_load(recipe, directory, dtype)
     sd = {}
     for ours, theirs in plain_name_map(recipe, mt).items():

@@ -37,14 +37,11 @@ class LayerReader:
             self.names = plain_name_map(self.recipe, self.mt)
 
     def _open(self) -> LazyTensors:
-        from .families import FAMILIES
+        from .hf import open_tensors
 
         if self.mt is None:
             return LazyTensors([self.dir / MODEL_FILE])
-        src = LazyTensors.from_dir(self.dir)
-        if self.container:
-            src.rename_prefixes(FAMILIES[self.mt].container_prefixes(src))
-        return src
+        return open_tensors(self.dir, {"model_type": self.mt, "_container": self.container})
 
     def tensors(self, ours: list[str]) -> dict[str, torch.Tensor]:
         """moecli-named tensors (a block's experts stacked as moecli holds them), through a handle of their own."""
@@ -52,13 +49,16 @@ class LayerReader:
 
         src, out = self._open(), {}
         for name in ours:
+            if name in out:
+                continue
             if ".moe.experts." in name and self.mt is not None:
                 i = int(name.split(".")[1])
                 out |= {f"layers.{i}.moe.experts.{k}": v
-                        for k, v in _expert_stack(src, self.mt, i, self.recipe.moe.num_experts, self.dtype).items()}
+                        for k, v in _expert_stack(src, self.mt, i, self.recipe.moe.num_experts, self.dtype,
+                                          contiguous=False).items()}
             elif name.endswith("router.expert_bias") and self.mt is not None and self.names.get(name) is None:
                 out[name] = torch.zeros(self.recipe.moe.num_experts)  # a family without aux-free biases
-            elif name not in out:
+            else:
                 out[name] = src.get(self.names[name] if self.names else name).to(self.dtype)
         return out
 

@@ -18,7 +18,8 @@ def _n(module) -> int:
 def _layer_row(block, i: int, r) -> dict:
     """One block's row of the report: its attention (with the block's norms) and FFN, total and active."""
     attn = _n(block.attention) + _n(block.attention_norm) + _n(block.ffn_norm)
-    row = {"layer": i, "kind": "moe" if block.is_moe else "dense", "attention": attn}
+    row = {"layer": i, "kind": "moe" if block.is_moe else "dense", "attention": attn,
+           "attention_type": _attention_type(r, i)}
     if block.is_moe:
         moe = block.moe
         routed = _n(moe.experts)
@@ -34,6 +35,11 @@ def _layer_row(block, i: int, r) -> dict:
     row["total"] = attn + row["ffn_total"]
     row["active"] = attn + row["ffn_active"]
     return row
+
+
+def _attention_type(r, i: int) -> str:
+    """Layer i's attention: mla, or GQA's full | sliding | chunked | nope (model.layer_types)."""
+    return "mla" if r.model.attention == "mla" else r.model.layer_type(i)
 
 
 def _report(emb: int, out: int, final_norm: int, layers: list[dict]) -> dict:
@@ -73,6 +79,6 @@ def recipe_parameter_report(recipe) -> dict:
         kind = recipe.is_moe_layer(i)
         if kind not in rows:
             rows[kind] = _layer_row(meta_block(recipe, i), i, recipe)
-        layers.append({**rows[kind], "layer": i})
+        layers.append({**rows[kind], "layer": i, "attention_type": _attention_type(recipe, i)})
     emb = m.vocab_size * m.d_model
     return _report(emb, 0 if m.tie_embeddings else emb, m.d_model, layers)

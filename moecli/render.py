@@ -69,6 +69,10 @@ def human(n: float) -> str:
 def params_table(report: dict, title: str) -> Table:
     t = Table(title=title, title_justify="left")
     t.add_column("layer", justify="right")
+    kinds = {row.get("attention_type", "full") for row in report["layers"]}
+    attention = kinds != {"full"}  # a column only where layers differ (or are not plain full attention)
+    if attention:
+        t.add_column("attention")
     t.add_column("FFN")
     t.add_column("experts", justify="right")
     t.add_column("top-k", justify="right")
@@ -85,12 +89,13 @@ def params_table(report: dict, title: str) -> Table:
         row = run[0]
         moe = row["kind"] == "moe"
         t.add_row(
-            str(row["layer"]) + (f"-{run[-1]['layer']}" if len(run) > 1 else ""), "[cyan]MoE[/]" if moe else "dense",
+            str(row["layer"]) + (f"-{run[-1]['layer']}" if len(run) > 1 else ""),
+            *([row.get("attention_type", "full")] if attention else []), "[cyan]MoE[/]" if moe else "dense",
             str(row["experts"]) if moe else "-", str(row["top_k"]) if moe else "-",
             str(row["shared"]) if moe else "-", human(row["total"]), human(row["active"]),
         )
     t.add_section()
-    t.add_row("all", "", "", "", "", f"[bold]{human(report['total'])}[/]", f"[bold]{human(report['active'])}[/]")
+    t.add_row("all", *[""] * (5 if attention else 4), f"[bold]{human(report['total'])}[/]", f"[bold]{human(report['active'])}[/]")
     return t
 
 

@@ -277,7 +277,9 @@ class Producer:
         full = self._layer_ffn(i, e // g if self.experts else -1)[key]
         hidden_dim = 1 if key == "w2" else 0
         Fg = full.shape[hidden_dim] // g
-        w = full.narrow(hidden_dim, (e % g) * Fg, Fg).clone()
+        w = full.narrow(hidden_dim, (e % g) * Fg, Fg)
+        if o.drop_ratio > 0 or o.noise > 0 or (o.shared_experts and key == "w2" and not self.experts):
+            w = w.clone()  # changed below; else written as the source's own tensor (a view of it)
         seed = o.seed * 1_000_003 + i * 4099 + e
         if o.drop_ratio > 0:  # Drop-Upcycling: re-draw a random r of the hidden units from the weight's stats
             idx = torch.randperm(Fg, generator=torch.Generator().manual_seed(seed))[: int(round(o.drop_ratio * Fg))]

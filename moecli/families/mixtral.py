@@ -2,7 +2,8 @@
 ``block_sparse_moe``, softmax top-k renormalised (always), no shared expert.
 
 Tensor names (moecli <- Hugging Face model.layers.i.block_sparse_moe.): moe.router.gate <- gate;
-experts (3D) <- experts.E.w1|w3|w2 (or the fused gate_up_proj / down_proj of transformers 5).
+experts (3D) <- experts.E.w1|w3|w2 (or the fused gate_up_proj / down_proj of transformers 5); the MoE under mlp.
+instead of block_sparse_moe. (transformers 5's names, mergekit-moe's output) is read too.
 Cannot express: sigmoid scores, routed scaling, group-limited routing, a capacity factor, aux-loss-free biases,
 un-renormalised top-k, shared experts, dense layers, q/k/v biases or q/k norm.
 """
@@ -17,6 +18,11 @@ ATTENTION_BIAS = False
 EXPERT_BIAS = False
 MOE_PREFIX = "block_sparse_moe"
 EXPERT_WEIGHTS = ("w1", "w3", "w2")  # an expert's gate, up and down projections
+
+
+def alias(name: str) -> str:
+    """transformers 5's layout (and mergekit-moe's output) holds the MoE under mlp: read it as block_sparse_moe."""
+    return name.replace(".mlp.gate.", ".block_sparse_moe.gate.").replace(".mlp.experts.", ".block_sparse_moe.experts.")
 
 
 def recipe_parts(cfg: dict, model: dict, count, source: str) -> tuple[dict, dict, dict]:
