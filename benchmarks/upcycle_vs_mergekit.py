@@ -2,7 +2,7 @@
 30 layers, FFN 1536, 9 heads / 3 KV heads, vocab 49152, tied, fp32) -> 8 experts top-2 Mixtral.
 
     python benchmarks/upcycle_vs_mergekit.py --install-mergekit   # once: mergekit into its own venv (asks pip)
-    python benchmarks/upcycle_vs_mergekit.py [--runs 3] [--out benchmarks/results_upcycle_vs_mergekit.json]
+    python benchmarks/upcycle_vs_mergekit.py [--runs 5] [--out benchmarks/results_upcycle_vs_mergekit.json]
 
 mergekit is not a moecli dependency: --install-mergekit makes a venv (benchmarks/.venv-mergekit, no system site
 packages) with torch==2.13.0 and mergekit, and the benchmark runs its mergekit-moe from there. The two tools run
@@ -46,6 +46,9 @@ def run_measured(cmd: list[str], cwd=None) -> tuple[float, int]:
     if pid == 0:
         if cwd:
             os.chdir(cwd)
+        devnull = os.open(os.devnull, os.O_WRONLY)  # the tools' own output (and progress) stays off the report
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
         os.execvp(cmd[0], cmd)
     _, status, usage = os.wait4(pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
@@ -120,7 +123,7 @@ def same_experts(ours: Path, theirs: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--install-mergekit", action="store_true", help=f"install mergekit into {VENV} and exit")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.install_mergekit:
@@ -136,16 +139,16 @@ def main() -> None:
         times: dict[str, list] = {"moecli": [], "mergekit": []}
         rss: dict[str, list] = {"moecli": [], "mergekit": []}
         cmds = {"moecli": [sys.executable, "-m", "moecli.cli", "upcycle", str(dense), "-o", str(tmp / "moecli"),
-                           "-e", str(EXPERTS), "-k", str(TOP_K), "--format", "mixtral", "--force", "--json"],
+                           "-e", str(EXPERTS), "-k", str(TOP_K), "--format", "mixtral", "--json"],
                 "mergekit": [str(mk), str(tmp / "mk.yaml"), str(tmp / "mergekit")]}
         for r in range(a.runs):
             for who in ("moecli", "mergekit") if r % 2 == 0 else ("mergekit", "moecli"):
-                if who == "mergekit" and (tmp / "mergekit").exists():
-                    subprocess.run(["rm", "-rf", str(tmp / "mergekit")], check=True)
+                subprocess.run(["rm", "-rf", str(tmp / who)], check=True)  # each writes a new directory, untimed
                 t, m = run_measured(cmds[who], cwd=ROOT)
                 times[who].append(t)
                 rss[who].append(m)
         check = same_experts(tmp / "moecli", tmp / "mergekit")
+        subprocess.run(["rm", "-rf", str(tmp / "moecli")], check=True)
         verified = json.loads(subprocess.run(cmds["moecli"], capture_output=True, text=True, cwd=ROOT).stdout)
     med = {k: {"seconds": statistics.median(times[k]), "peak_rss_gb": statistics.median(rss[k]) / 1e9}
            for k in times}

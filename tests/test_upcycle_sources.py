@@ -170,3 +170,29 @@ def test_a_mixtral_in_transformers_5_names_is_read(tmp_path, cli):
     x = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits_BSV, hf(x).logits, rtol=0, atol=1e-5)
+
+
+def test_qwen2_sources_with_tied_embeddings_and_wide_heads_compose_with_noise_and_drop(tmp_path, cli):
+    """Qwen2 bases (q/k/v biases), tied embeddings, head_dim 16 != 32 / 4, as three sources with noise and
+    Drop-Upcycling: Qwen2-MoE that transformers loads with moecli's logits; each expert near its own source's FFN."""
+    shape = dict(vocab_size=256, tie_word_embeddings=True, head_dim=16)
+    dirs = []
+    for seed in range(3):
+        make("qwen2", tmp_path / f"q{seed}", seed=seed, **shape)
+        dirs.append(tmp_path / f"q{seed}")
+    r = cli("upcycle", dirs[0], "-o", tmp_path / "moe", "--expert", dirs[1], "--expert", dirs[2], "--expert", dirs[0],
+            "-k", "2", "--noise", "0.01", "--drop-ratio", "0.25", "--allow-inexact", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["format"] == "qwen2_moe"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    ours, _ = load_checkpoint(tmp_path / "moe")
+    x = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits_BSV, back(x).logits, rtol=0, atol=1e-4)
+    moe = load_file(tmp_path / "moe" / "model.safetensors")
+    for e, src in enumerate((dirs[1], dirs[2], dirs[0])):
+        theirs = load_file(src / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+        mine = moe[f"model.layers.0.mlp.experts.{e}.up_proj.weight"]
+        kept = (mine == theirs).all(dim=1).float().mean()  # drop 25% of hidden units, noise on all
+        close = torch.corrcoef(torch.stack([mine.flatten(), theirs.flatten()]))[0, 1]
+        assert kept == 0 and close > 0.7
