@@ -62,6 +62,9 @@ def recipe_from_hf(cfg: dict, source: str = "config.json") -> Recipe:
             raise UserError(f"{source}: {key}: must be a whole number >= 1, got {v!r}")
         return v
 
+    from . import quant
+
+    quant.method(cfg, source)  # a quantization moecli cannot read is refused here, before any weight
     if cfg.get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: hidden_act {cfg.get('hidden_act')!r} is not supported (SwiGLU/silu only)")
     family = FAMILIES[mt]
@@ -188,8 +191,12 @@ def _expert_stack(src: LazyTensors, mt: str, i: int, E: int, dtype, contiguous: 
 def open_tensors(directory: Path, cfg: dict) -> LazyTensors:
     """A Hugging Face directory's tensors under the names plain_name_map gives: a multimodal checkpoint's language
     model under its own prefixes (the rest read past), a family's other layouts under its names (family.alias)."""
+    from . import quant
+
     family = FAMILIES[cfg["model_type"]]
     src = LazyTensors.from_dir(Path(directory))
+    if quant.method(cfg, str(Path(directory) / "config.json")) == "fp8":
+        src.fp8_block = tuple(cfg["quantization_config"].get("weight_block_size") or (128, 128))
     if cfg.get("_container"):
         src.rename_prefixes(family.container_prefixes(src))
     if hasattr(family, "alias"):

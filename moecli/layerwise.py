@@ -32,7 +32,7 @@ class LayerReader:
             self.names = None
         else:
             hc = read_hf_config(self.dir)
-            self.mt, self.container = hc["model_type"], hc.get("_container")
+            self.mt, self.container, self.hf_config = hc["model_type"], hc.get("_container"), hc
             self.recipe = recipe_from_hf(hc, str(self.dir / CONFIG_FILE))
             self.names = plain_name_map(self.recipe, self.mt)
 
@@ -41,7 +41,7 @@ class LayerReader:
 
         if self.mt is None:
             return LazyTensors([self.dir / MODEL_FILE])
-        return open_tensors(self.dir, {"model_type": self.mt, "_container": self.container})
+        return open_tensors(self.dir, self.hf_config)
 
     def tensors(self, ours: list[str]) -> dict[str, torch.Tensor]:
         """moecli-named tensors (a block's experts stacked as moecli holds them), through a handle of their own."""

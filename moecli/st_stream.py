@@ -24,7 +24,7 @@ from .fileio import read_json_object
 DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 
 
@@ -93,6 +93,7 @@ class LazyTensors:
     def __init__(self, files: list[Path]):
         self.where: dict[str, Path] = {}
         self.stored: dict[str, str] = {}  # a name under rename_prefixes -> the file's own name for it
+        self.fp8_block: tuple[int, int] | None = None  # fp8 checkpoints: get() dequantizes (quant.py)
         self.handles = {}
         for f in files:
             try:
@@ -129,7 +130,21 @@ class LazyTensors:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise UserError(f"tensor {name} not found in the checkpoint")
-        return self.handles[self.where[name]].get_tensor(self.stored.get(name, name))
+        t = self.handles[self.where[name]].get_tensor(self.stored.get(name, name))
+        if self.fp8_block and t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            from .quant import fp8_dequant
+
+            if f"{name}_scale_inv" not in self.where:
+                raise UserError(f"tensor {name}: float8 without {name}_scale_inv")
+            scale = self.handles[self.where[f"{name}_scale_inv"]].get_tensor(self.stored.get(f"{name}_scale_inv",
+                                                                                             f"{name}_scale_inv"))
+            R, C = t.shape
+            br, bc = self.fp8_block
+            if tuple(scale.shape) != (-(-R // br), -(-C // bc)):
+                raise UserError(f"tensor {name}_scale_inv: shape {tuple(scale.shape)}, expected "
+                                f"{(-(-R // br), -(-C // bc))} for {(R, C)} in blocks of {self.fp8_block}")
+            return fp8_dequant(t, scale, self.fp8_block, torch.float32)
+        return t
 
     def rename_prefixes(self, prefixes: dict[str, str]) -> "LazyTensors":
         """Read tensors whose names start with a key of ``prefixes`` under that prefix's value instead (a
@@ -158,6 +173,8 @@ class LazyTensors:
         """The tensors ``names`` (one shape) stacked on a new first dim, in ``dtype``: each read with one pread
         straight into its slot (no mmap: a page fault per 4 KB of a large stack costs more than the read)."""
         first = self.meta(names[0])
+        if self.fp8_block and first[0] not in (torch.float32, torch.float16, torch.bfloat16):
+            return torch.stack([self.get(n) for n in names]).to(dtype)  # dequantized one by one
         out = torch.empty((len(names), *first[1]), dtype=first[0])
         for k, name in enumerate(names):
             f, stored = self.where[name], self.stored.get(name, name)

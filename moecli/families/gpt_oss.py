@@ -14,7 +14,8 @@ Tensor names (moecli <- Hugging Face model.layers.i.):
     moe.experts.b1_EF, b3_EF                    mlp.experts.gate_up_proj_bias[:, 0::2], [:, 1::2]
     moe.experts.w2_EFD, b2_ED                   mlp.experts.down_proj (E, F, D), down_proj_bias
 
-This reads the bf16/fp32 layout; the MXFP4 one (gate_up_proj_blocks / _scales) is refused in one line.
+Both layouts are read: bf16/fp32, and the released checkpoints' MXFP4 experts (gate_up_proj_blocks / _scales,
+(E, 2F, D) packed; quant.py), dequantized as they are read.
 Cannot express: MLA, q/k norm, chunked or NoPE layers, sigmoid scores, un-renormalised top-k, shared experts,
 dense layers, routed scaling, groups, a capacity factor, partial rotary; a model without sinks, attention or
 expert biases, or the clamped SwiGLU.
@@ -44,9 +45,6 @@ _DEFAULT_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_s
 
 
 def recipe_parts(cfg: dict, model: dict, count, source: str) -> tuple[dict, dict, dict]:
-    if (cfg.get("quantization_config") or {}).get("quant_method"):
-        raise UserError(f"{source}: quantization_config: {cfg['quantization_config']['quant_method']} weights are not "
-                        f"read yet (a bf16 or fp32 GPT-OSS checkpoint is)")
     if not cfg.get("rope_parameters") and not cfg.get("rope_scaling"):
         from .. import rope
 
@@ -87,14 +85,25 @@ def name_map(recipe, names: dict[str, str]) -> dict[str, str]:
     return names
 
 
+def _weight(src, name: str, dtype) -> torch.Tensor:
+    """An expert weight as transformers' module holds it, (E, in, out): stored so, or as MXFP4 ``name_blocks`` /
+    ``name_scales`` of (E, out, in) (the released checkpoints), dequantized and transposed."""
+    if f"{name}_blocks" in src:
+        from ..quant import mxfp4_dequant
+
+        try:
+            return mxfp4_dequant(src.get(f"{name}_blocks"), src.get(f"{name}_scales"), dtype).transpose(1, 2)
+        except ValueError as e:
+            raise UserError(f"tensor {name}_blocks: {e}") from None
+    return src.get(name).to(dtype)
+
+
 def read_experts(src, P: str, dtype) -> dict[str, torch.Tensor]:
-    if f"{P}.gate_up_proj_blocks" in src:
-        raise UserError(f"tensor {P}.gate_up_proj_blocks: MXFP4 expert weights are not read yet (a bf16 or fp32 "
-                        f"GPT-OSS checkpoint is)")
-    gu, gub = src.get(f"{P}.gate_up_proj").to(dtype), src.get(f"{P}.gate_up_proj_bias").to(dtype)
+    gu, gub = _weight(src, f"{P}.gate_up_proj", dtype), src.get(f"{P}.gate_up_proj_bias").to(dtype)
     return {"w1_EDF": gu[..., 0::2].contiguous(), "w3_EDF": gu[..., 1::2].contiguous(),
             "b1_EF": gub[..., 0::2].contiguous(), "b3_EF": gub[..., 1::2].contiguous(),
-            "w2_EFD": src.get(f"{P}.down_proj").to(dtype), "b2_ED": src.get(f"{P}.down_proj_bias").to(dtype)}
+            "w2_EFD": _weight(src, f"{P}.down_proj", dtype).contiguous(),
+            "b2_ED": src.get(f"{P}.down_proj_bias").to(dtype)}
 
 
 def write_experts(ex, P: str, dtype) -> dict[str, torch.Tensor]:
