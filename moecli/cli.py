@@ -29,6 +29,8 @@ JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable result o
 OUT_OPT = typer.Option(None, "-o", "--output", help="Output directory.")
 FORCE_OPT = typer.Option(False, "--force", help="Replace a non-empty output directory.")
 SET_OPT = typer.Option(None, "--set", help="Override a recipe field, e.g. --set moe.top_k=1 (repeatable).")
+STREAM_OPT = typer.Option(False, "--stream", help="Read one layer at a time (chosen by itself when the weights "
+                          "do not fit in memory).")
 JSONL_OPT = typer.Option("text", "--jsonl-field", help="The text field of each line of .jsonl inputs.")
 DEVICE_OPT = typer.Option("cpu", "--device", help="Where the model computes: cpu | cuda | cuda:N | auto (cuda where "
                           "torch sees a GPU, else cpu).")
@@ -182,6 +184,7 @@ def eval_(
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Score at most this many windows."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute; loss in fp32)."),
     per_file: bool = typer.Option(False, "--per-file", help="Also score each file (and -) on its own."),
+    stream: bool = STREAM_OPT,
     jsonl_field: str = JSONL_OPT,
     device: str = DEVICE_OPT,
     as_json: bool = JSON_OPT,
@@ -190,7 +193,7 @@ def eval_(
     from .evaluate import evaluate
 
     _run(lambda: evaluate(checkpoint, data or [], seq_len, batch_size, max_windows, dtype, per_file, jsonl_field,
-                          device), as_json, render.render_eval)
+                          device, stream), as_json, render.render_eval)
 
 
 @app.command()
@@ -330,6 +333,7 @@ def inspect_routing(
     layer: Optional[int] = typer.Option(None, "--layer", help="Layer for the per-expert table (default: worst)."),
     svg: Optional[Path] = typer.Option(None, "--svg", help="Also save the report as an SVG picture."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute; router in fp32)."),
+    stream: bool = STREAM_OPT,
     jsonl_field: str = JSONL_OPT,
     device: str = DEVICE_OPT,
     as_json: bool = JSON_OPT,
@@ -342,7 +346,7 @@ def inspect_routing(
         if svg is not None:  # before the routing is measured, not after
             check_output(svg, directory=False)
         res = inspect_fn(checkpoint, data, max_tokens, seq_len, batch_size, capacity_factor, top_tokens, near_dead,
-                         domain, compare, dtype, jsonl_field, device)
+                         domain, compare, dtype, jsonl_field, device, stream)
         if layer is not None and str(layer) not in res["layers"]:
             raise UserError(f"--layer {layer}: not an MoE layer (MoE layers: {', '.join(res['layers'])})")
         if svg is not None:

@@ -48,9 +48,24 @@ def evaluate_loss(model, tokens: torch.Tensor, seq_len: int, starts: list[int], 
     return (total / count if count else float("nan")), count
 
 
+@torch.no_grad()
+def evaluate_loss_streamed(reader, tokens: torch.Tensor, seq_len: int, starts: list[int], batch_size: int,
+                           tmp: Path) -> tuple[float, int]:
+    """evaluate_loss for a model read one layer at a time (layerwise.stream_forward)."""
+    from .layerwise import stream_forward
+
+    xys = [torch.stack([tokens[s: s + seq_len + 1].long() for s in starts[i: i + batch_size]])
+           for i in range(0, len(starts), batch_size)]
+    total, count = 0.0, 0
+    for b, logits in stream_forward(reader, [xy[:, :-1] for xy in xys], tmp):
+        total += float(F.cross_entropy(logits.flatten(0, 1).float(), xys[b][:, 1:].flatten(), reduction="sum"))
+        count += xys[b][:, 1:].numel()
+    return (total / count if count else float("nan")), count
+
+
 def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: int | None, max_windows: int | None,
              dtype: str = "float32", per_file: bool = False, jsonl_field: str = JSONL_FIELD,
-             device: str = "cpu") -> dict:
+             device: str = "cpu", stream: bool = False) -> dict:
     """Loss on DATA; with no DATA, on the validation split of the training run the checkpoint belongs to.
     Without --seq-len the windows are the recipe's training length, or for a Hugging Face model its own context
     (up to PRETRAINED_WINDOW), and a text shorter than one window is scored as one window; without --batch-size a
@@ -60,10 +75,17 @@ def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: 
         check_at_least("--batch-size", batch_size, 1)
     if max_windows is not None:
         check_at_least("--max-windows", max_windows, 1)
+    from .checkpoint import read_recipe
+    from .layerwise import open_streamed, stream_plan, why_stream
+
     torch_dtype, dev = load_dtype(dtype), resolve_device(device)
-    model, cfg, directory, tok = load_with_tokenizer(checkpoint, torch_dtype)
+    streamed = why_stream(read_recipe(checkpoint)[0], torch_dtype, stream)
+    if streamed:
+        model, cfg, directory, tok = open_streamed(checkpoint, torch_dtype, dev)
+    else:
+        model, cfg, directory, tok = load_with_tokenizer(checkpoint, torch_dtype)
+        model.to(dev)
     pretrained = is_hf_config(cfg)
-    model.to(dev)
     context = model.recipe.model.context
     if seq_len is not None and not 1 <= seq_len <= context:
         raise UserError(f"--seq-len: must be between 1 and the model's context ({context}), got {seq_len}")
@@ -80,7 +102,10 @@ def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: 
                             f"of --seq-len {window}")
         starts = eval_windows(tokens, window, max_windows)
         batch = batch_size or default_batch(window, 16)
-        loss, count = evaluate_loss(model, tokens, window, starts, batch)
+        if streamed:
+            loss, count = evaluate_loss_streamed(model, tokens, window, starts, batch, Path(tmp))
+        else:
+            loss, count = evaluate_loss(model, tokens, window, starts, batch)
         return {"data": where, "loss": loss, "perplexity": math.exp(min(loss, 700)),
                 "bits_per_token": loss / math.log(2), "tokens": count, "windows": len(starts), "seq_len": window,
                 "seq_len_from": why, "batch_size": batch}
@@ -98,6 +123,9 @@ def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: 
                 raise UserError("--per-file: needs DATA (the validation split is one text, unless the run "
                                 "mixed sources with --data-weights)")
         result = {"checkpoint": str(directory), **score(tokens, where), "dtype": dtype, "device": str(dev)}
+        if streamed:
+            result["streamed"] = {"why": streamed, **stream_plan(model.recipe, torch_dtype,
+                                                                  result["batch_size"] * result["seq_len"])}
         if per_file:
             result["files"] = [score(toks, name) for name, toks in parts]
     return result

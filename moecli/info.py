@@ -40,7 +40,11 @@ def info(target: str | None) -> dict:
         recipe, cfg, directory = read_recipe(p)
         model = meta_model(recipe)  # shapes only: a checkpoint of any size is described without its weights
         extra = {k: cfg[k] for k in ("step", "tokens_seen", "source") if k in cfg}
-        extra["weights"] = weights_summary(model, cfg, directory)
+        has_weights = cfg.get("format") == FORMAT or any(directory.glob("*.safetensors")) or \
+            (directory / "model.safetensors.index.json").is_file()
+        # a Hugging Face config alone (no weights downloaded) is described too: layout, parameters, memory
+        extra["weights"] = weights_summary(model, cfg, directory) if has_weights else None
+        extra["memory"] = memory_plan(recipe, cfg)
         extra.update(last_metrics(directory, cfg.get("step")))
         if mix := data_mix(directory):
             extra["data_mix"] = mix
@@ -59,6 +63,24 @@ def info(target: str | None) -> dict:
         "kind": kind, "target": target, "recipe": recipe.name, "description": recipe.description,
         "moe_layers": recipe.moe_layers(), "params": report, "config": recipe.to_dict(), **extra,
     }
+
+
+def memory_plan(recipe, cfg: dict) -> dict:
+    """What running the model needs: its weights in bfloat16 and float32 against the memory available now, and
+    what layer streaming (eval, inspect-routing) would need instead, at windows of 2048 tokens in bfloat16."""
+    from .device import available_memory
+    from .layerwise import stream_plan
+    from .model import param_counts
+
+    total = param_counts(recipe)[0]
+    avail = available_memory()
+    q = (cfg.get("quantization_config") or {}).get("quant_method") if isinstance(cfg.get("quantization_config"),
+                                                                                dict) else None
+    plan = stream_plan(recipe, torch.bfloat16, 2048)
+    return {"bfloat16_bytes": 2 * total, "float32_bytes": 4 * total, "available_bytes": avail,
+            "fits_bfloat16": None if avail is None else 2 * total <= avail,
+            "quantized": q, "stream_bfloat16": plan,
+            "streams_by_itself": None if avail is None else 2 * total > avail}
 
 
 def weights_summary(model: Transformer, cfg: dict, directory: Path) -> dict:

@@ -4,11 +4,15 @@ read from its safetensors files when asked for and freed when dropped.
 safetensors serves a tensor from the file's mmap'd pages, which stay resident (and counted in the process's
 RSS) while the file is open; a piece is read through a handle opened for it alone, so when the piece is dropped
 its pages go too and memory holds about one block, not the model. ``upcycle`` verifies a conversion this way
-(``compare``): the dense and the MoE model side by side, one layer of each at a time.
+(``compare``): the dense and the MoE model side by side, one layer of each at a time. ``moe eval`` and ``moe
+inspect-routing`` run a model that does not fit in memory (or with ``--stream``) the same way (``stream_forward``):
+each block is read once and every batch's hidden states, kept in a file, pass through it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 from pathlib import Path
 
 import torch
@@ -75,15 +79,20 @@ class LayerReader:
     def embed(self, tokens_BS: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.embedding(tokens_BS, self.tensors(["tok_embeddings.weight"])["tok_embeddings.weight"])
 
-    def head(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        """Logits: the final norm and the output projection (the embedding, when tied)."""
-        from .attention import RMSNorm
-
+    def head_weights(self) -> dict[str, torch.Tensor]:
+        """The final norm's weight and the output projection (the embedding, when tied), for ``head``."""
         out = "tok_embeddings.weight" if self.recipe.model.tie_embeddings else "output.weight"
         t = self.tensors(["norm.weight", out])
+        return {"norm": t["norm.weight"], "output": t[out]}
+
+    def head(self, x_BSD: torch.Tensor, weights: dict | None = None) -> torch.Tensor:
+        """Logits: the final norm and the output projection (``weights``: head_weights(), read once for many)."""
+        from .attention import RMSNorm
+
+        w = weights or self.head_weights()
         norm = RMSNorm(x_BSD.shape[-1], self.recipe.model.norm_eps)
-        norm.weight = torch.nn.Parameter(t["norm.weight"], requires_grad=False)
-        return norm(x_BSD) @ t[out].t()
+        norm.weight = torch.nn.Parameter(w["norm"], requires_grad=False)
+        return norm(x_BSD) @ w["output"].t()
 
     def rope(self, S: int):
         from .rope import cos_sin
@@ -119,3 +128,126 @@ def compare(moe_path: str | Path, references: list[str | Path], tokens_BS: torch
     logits, ref_logits = moe.head(h), refs[0].head(hs[0])
     return {"per_layer": per_layer, "max_abs_logit_diff": float((logits - ref_logits).abs().max()),
             "max_abs_logit": float(ref_logits.abs().max())}
+
+
+# ---------------------------------------------------------------- layer streaming (eval, inspect-routing)
+
+
+class HiddenStore:
+    """Hidden states of many batches in a temporary file, each batch read and written whole with pread / pwrite:
+    not mmap'd, so they stay out of the process's memory (the page cache holds what it can; the kernel may drop
+    it)."""
+
+    def __init__(self, path: Path, shapes: list[tuple], dtype: torch.dtype = torch.float32):
+        import math
+
+        self.shapes, self.dtype = shapes, dtype
+        size = torch.empty((), dtype=dtype).element_size()
+        self.offsets = [0]
+        for s in shapes:
+            self.offsets.append(self.offsets[-1] + math.prod(s) * size)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def put(self, b: int, t: torch.Tensor) -> None:
+        t = t.detach().to(self.dtype).contiguous()
+        n = self.offsets[b + 1] - self.offsets[b]
+        view = memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+        done = 0
+        while done < n:
+            done += os.pwrite(self.fd, view[done:], self.offsets[b] + done)
+
+    def get(self, b: int) -> torch.Tensor:
+        t = torch.empty(self.shapes[b], dtype=self.dtype)
+        n = self.offsets[b + 1] - self.offsets[b]
+        view = memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
+        done = 0
+        while done < n:
+            got = os.preadv(self.fd, [view[done:]], self.offsets[b] + done)
+            if not got:
+                raise OSError("hidden-state file shorter than written")
+            done += got
+        return t
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def stream_plan(recipe, dtype: torch.dtype, batch_tokens: int) -> dict:
+    """What layer streaming needs: the largest piece's weights (a block, or the embedding / head) and an estimate of
+    the peak: that piece, one batch's activations (its hidden states a few times over, an MoE's token copies,
+    the logits) and the process itself."""
+    from .params import recipe_parameter_report
+
+    rep = recipe_parameter_report(recipe)
+    item = torch.empty((), dtype=dtype).element_size()
+    m = recipe.model
+    largest = max([row["total"] for row in rep["layers"]] + [m.vocab_size * m.d_model]) * item
+    k = max(1, recipe.moe.top_k) if recipe.moe.num_experts else 1
+    hidden = max(m.d_model, m.ffn_dim, recipe.moe.expert_ffn * k if recipe.moe.num_experts else 0, m.n_heads * m.hd)
+    activations = batch_tokens * (8 * m.d_model + 4 * hidden * k + 2 * m.vocab_size) * 4
+    return {"largest_piece_bytes": largest, "activation_bytes": activations,
+            "expected_peak_bytes": largest + activations + PROCESS_BYTES}
+
+
+PROCESS_BYTES = 400 * 2**20  # python, torch and moecli themselves, measured at about 0.35-0.4 GB
+
+
+@torch.no_grad()
+def stream_forward(reader: LayerReader, batches: list[torch.Tensor], tmp: Path, on_moe=None):
+    """Logits of each batch (B x S token ids, one S for all), computed layer by layer: each decoder block is read
+    once, every batch's hidden states (kept in a file under ``tmp``) pass through it, and it is freed before the
+    next. ``on_moe(layer, b, route)`` sees each MoE layer's routing of batch b. Yields (b, logits_BSV)."""
+    S = batches[0].shape[1]
+    D = reader.recipe.model.d_model
+    store = HiddenStore(Path(tmp) / "hidden.bin", [(x.shape[0], S, D) for x in batches])
+    try:
+        cos, sin = reader.rope(S)
+        emb = reader.tensors(["tok_embeddings.weight"])["tok_embeddings.weight"]
+        for b, x in enumerate(batches):
+            store.put(b, torch.nn.functional.embedding(x, emb))
+        del emb
+        for i in range(reader.recipe.model.n_layers):
+            blk = reader.block(i)
+            if blk.is_moe:
+                blk.moe.capture = True
+            for b in range(len(batches)):
+                h = blk(store.get(b).to(reader.dtype), cos, sin)
+                if blk.is_moe and on_moe is not None:
+                    on_moe(i, b, blk.moe.last_route)
+                store.put(b, h)
+            del blk
+        head = reader.head_weights()
+        for b in range(len(batches)):
+            yield b, reader.head(store.get(b).to(reader.dtype), head)
+    finally:
+        store.close()
+
+
+def why_stream(recipe, dtype: torch.dtype, stream: bool) -> str | None:
+    """Why a run reads its layers one at a time: --stream, or weights larger than the memory available (said in
+    the output); None: load the model whole."""
+    from .device import available_memory
+    from .model import param_counts
+
+    if stream:
+        return "--stream"
+    need = param_counts(recipe)[0] * torch.empty((), dtype=dtype).element_size()
+    avail = available_memory()
+    if avail is not None and need > avail:
+        return f"its {need / 2**30:,.1f} GiB of weights exceed the {avail / 2**30:,.1f} GiB of memory available"
+    return None
+
+
+def open_streamed(checkpoint: str, dtype: torch.dtype, device) -> tuple[LayerReader, dict, Path, object]:
+    """(reader, config, directory, tokenizer) for a streamed run (CPU only)."""
+    from .checkpoint import read_recipe
+    from .data import check_vocab, tokenizer_from_checkpoint
+    from .errors import UserError
+
+    if str(device) != "cpu":
+        raise UserError(f"--device {device}: layer streaming runs on the CPU")
+    _, cfg, directory = read_recipe(checkpoint)
+    reader = LayerReader(directory, dtype)
+    tok = tokenizer_from_checkpoint(directory, cfg)
+    check_vocab(tok, reader, directory)
+    return reader, cfg, directory, tok

@@ -138,7 +138,19 @@ def render_info(res: dict) -> None:
                   + routing_verdict(res["routing"]["value"].get("flagged", {})))
     if "early_stop" in res:
         out.print(f"stopped early at step {res['early_stop']['step']}: {early_stop_text(res['early_stop']['value'])}")
-    if "weights" in res:
+    if res.get("memory"):
+        m = res["memory"]
+        gib = lambda b: f"{b / 2**30:,.1f} GiB"  # noqa: E731
+        avail = "" if m["available_bytes"] is None else f", {gib(m['available_bytes'])} available"
+        out.print(f"memory: weights {gib(m['bfloat16_bytes'])} in bfloat16, {gib(m['float32_bytes'])} in float32{avail}"
+                  + (f" (stored {m['quantized']}, dequantized as read)" if m["quantized"] else ""))
+        st = m["stream_bfloat16"]
+        out.print(f"layer by layer (eval, inspect-routing{'; chosen by itself here' if m['streams_by_itself'] else ''}"
+                  f"): about {gib(st['expected_peak_bytes'])} peak in bfloat16 at 2048-token batches, largest piece "
+                  f"{gib(st['largest_piece_bytes'])}")
+    if res.get("weights") is None and "weights" in res:
+        out.print("weights: none here (a config.json alone)")
+    elif "weights" in res:
         w = res["weights"]
         dtypes = ", ".join(f"{n} {human(c)} values" for n, c in w["dtypes"].items())
         out.print(f"weights: {w['tensors']} tensors in {w['files']} file(s), {_mb(w['bytes'])} ({dtypes})")
@@ -253,7 +265,15 @@ def render_train(res: dict) -> None:
     out.print(kv_table(f"trained {res['recipe']}", rows))
 
 
+def render_streamed(res: dict) -> None:
+    st = res.get("streamed")
+    if st:
+        err.print(f"read one layer at a time ({st['why']}): expected peak memory {st['expected_peak_bytes'] / 2**30:.2f} "
+                  f"GiB (largest piece {st['largest_piece_bytes'] / 2**30:.2f} GiB)", highlight=False)
+
+
 def render_eval(res: dict) -> None:
+    render_streamed(res)
     out.print(f"loss {res['loss']:.4f}  perplexity {res['perplexity']:.3f}  "
               f"({res['tokens']:,} tokens in {res['windows']} window{'s' * (res['windows'] != 1)} of {res['seq_len']}: "
               f"{res['seq_len_from']}; {res['dtype']}; {escape(res['data'])})")
@@ -459,6 +479,7 @@ def routing_tables(res: dict, detail_layer: str | None = None) -> list:
 
 
 def render_routing(res: dict, detail_layer: str | None = None) -> None:
+    render_streamed(res)
     for item in routing_tables(res, detail_layer):
         out.print(item)
     if res.get("flagged"):

@@ -185,20 +185,55 @@ def run_routing(model, stream: Stream, batch_size: int, capacity_factor: float, 
     return accs, kept
 
 
+@torch.no_grad()
+def run_routing_streamed(reader, stream: Stream, batch_size: int, capacity_factor: float):
+    """run_routing for a model read one layer at a time (layerwise.stream_forward): the same statistics."""
+    import tempfile
+    from pathlib import Path
+
+    from .layerwise import stream_forward
+
+    V = reader.recipe.model.vocab_size
+    m = reader.recipe.moe
+    accs = {i: LayerAcc(m.num_experts, m.top_k, V, m.score_func == "softmax") for i in reader.recipe.moe_layers()}
+    batches = list(stream.batches(batch_size))
+
+    def on_moe(i, b, route):
+        accs[i].add(route.detached_cpu(), batches[b].reshape(-1), capacity_factor)
+
+    with tempfile.TemporaryDirectory(prefix="moe-routing-") as tmp:
+        for _ in stream_forward(reader, batches, Path(tmp), on_moe):
+            pass
+    return accs, {}
+
+
 def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, seq_len: int | None = None,
                     batch_size: int | None = None, capacity_factor: float = 1.25, top_tokens: int = 5, near_dead: float = 0.1,
                     domains: list[str] | None = None, compare: str | None = None, dtype: str = "float32",
-                    jsonl_field: str = JSONL_FIELD, device: str = "cpu") -> dict:
+                    jsonl_field: str = JSONL_FIELD, device: str = "cpu", stream: bool = False) -> dict:
     if batch_size is not None:
         check_at_least("--batch-size", batch_size, 1)
     check_at_least("--capacity-factor", capacity_factor, 0)
     check_at_least("--top-tokens", top_tokens, 0)
     check_at_least("--near-dead", near_dead, 0)
     named = parse_domains(domains or [])  # before any work: a bad --domain should not wait for the routing
+    from .checkpoint import read_recipe
+    from .layerwise import open_streamed, stream_plan, why_stream
+
     torch_dtype, dev = load_dtype(dtype), resolve_device(device)
-    model, cfg, directory, tok = load_with_tokenizer(checkpoint, torch_dtype)
-    model.to(dev)
-    if not model.moe_layers:
+    recipe = read_recipe(checkpoint)[0]
+    streamed = why_stream(recipe, torch_dtype, stream)
+    if streamed and (named or compare):
+        raise UserError(f"{'--domain' if named else '--compare'}: not with a model read one layer at a time "
+                        f"({streamed})")
+    if not recipe.moe_layers():
+        raise UserError(f"{checkpoint}: has no MoE layers (a dense model); nothing to inspect")
+    if streamed:
+        model, cfg, directory, tok = open_streamed(checkpoint, torch_dtype, dev)
+    else:
+        model, cfg, directory, tok = load_with_tokenizer(checkpoint, torch_dtype)
+        model.to(dev)
+    if not model.recipe.moe_layers():
         raise UserError(f"{checkpoint}: has no MoE layers (a dense model); nothing to inspect")
     ctx = model.recipe.model.context
     check_at_least("--max-tokens", max_tokens, 1)
@@ -219,7 +254,10 @@ def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, s
         raise UserError(f"{where}: only {ids.numel()} tokens; need at least --seq-len {seq_len}")
     batch_size = batch_size or default_batch(seq_len, 8)
     stream = Stream(ids, seq_len)
-    accs, kept = run_routing(model, stream, batch_size, capacity_factor, keep_idx=compare is not None)
+    if streamed:
+        accs, kept = run_routing_streamed(model, stream, batch_size, capacity_factor)
+    else:
+        accs, kept = run_routing(model, stream, batch_size, capacity_factor, keep_idx=compare is not None)
     layers = {str(i): layer_report(a, tok, top_tokens, near_dead, capacity_factor) for i, a in accs.items()}
     result = {
         "checkpoint": str(directory), "recipe": model.recipe.name, "data": where,
@@ -229,6 +267,8 @@ def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, s
         "layers": layers,
         "flagged": {k: v["status"] for k, v in layers.items() if v["status"] != "ok"},
     }
+    if streamed:
+        result["streamed"] = {"why": streamed, **stream_plan(model.recipe, torch_dtype, batch_size * seq_len)}
     if named:
         result["domains"] = domain_report(model, tok, named, seq_len, batch_size, max_tokens, jsonl_field)
     if compare:
