@@ -23,14 +23,19 @@ from .rope import apply_rope, attention_scale
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) times weight; ``zero_centered`` (Qwen3-Next): times (1 + weight), in fp32, the weight starting
+    at 0."""
+
+    def __init__(self, dim: int, eps: float, zero_centered: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.zero_centered = eps, zero_centered
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centered else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.zero_centered:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)
 
 
@@ -42,15 +47,17 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_type: str = "full"):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.hd
-        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.hd, bias=cfg.qkv_bias)
+        self.gated = cfg.attention_gate  # Qwen3-Next: wq gives each head's query and output gate side by side
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.hd * (2 if self.gated else 1), bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.hd, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.hd, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.hd, cfg.d_model, bias=cfg.o_bias)
         self.q_norm = self.k_norm = None
         self.full_qk_norm = cfg.qk_norm_full
         if cfg.qk_norm or cfg.qk_norm_full:
-            self.q_norm = RMSNorm(cfg.hd * (cfg.n_heads if cfg.qk_norm_full else 1), cfg.norm_eps)
-            self.k_norm = RMSNorm(cfg.hd * (cfg.n_kv_heads if cfg.qk_norm_full else 1), cfg.norm_eps)
+            self.q_norm = RMSNorm(cfg.hd * (cfg.n_heads if cfg.qk_norm_full else 1), cfg.norm_eps, cfg.norm_zero_centered)
+            self.k_norm = RMSNorm(cfg.hd * (cfg.n_kv_heads if cfg.qk_norm_full else 1), cfg.norm_eps,
+                                  cfg.norm_zero_centered)
         self.layer_type = layer_type
         self.interleave = cfg.rope_interleave
         self.use_rope = layer_type != "nope"
@@ -72,7 +79,11 @@ class Attention(nn.Module):
         q, k = self.wq(x_BSD), self.wk(x_BSD)
         if self.full_qk_norm:  # OLMoE: one norm over all heads
             q, k = self.q_norm(q), self.k_norm(k)
-        q = q.view(B, S, self.n_heads, self.hd)
+        gate_BSX = None
+        if self.gated:
+            q, gate_BSX = q.view(B, S, self.n_heads, 2 * self.hd).chunk(2, dim=-1)
+            gate_BSX = gate_BSX.reshape(B, S, self.n_heads * self.hd)
+        q = q.reshape(B, S, self.n_heads, self.hd)
         k = k.view(B, S, self.n_kv_heads, self.hd)
         v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.hd)
         if self.q_norm is not None and not self.full_qk_norm:  # Qwen3: per head
@@ -94,7 +105,8 @@ class Attention(nn.Module):
             pad_BL = kv.pad_mask()
         o_BHSDh = attend(q, k, v, gqa=self.n_heads != self.n_kv_heads, pad_BL=pad_BL, window=self.window,
                          chunk=self.chunk, sinks_H=self.sinks_H, k_pos0=k_pos0)
-        return self.wo(o_BHSDh.transpose(1, 2).reshape(B, S, self.n_heads * self.hd))
+        o_BSX = o_BHSDh.transpose(1, 2).reshape(B, S, self.n_heads * self.hd)
+        return self.wo(o_BSX if gate_BSX is None else o_BSX * torch.sigmoid(gate_BSX))
 
 
 def l2_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -250,3 +262,12 @@ class MLAttention(nn.Module):
 
 
 ATTENTION = {"gqa": Attention, "mla": MLAttention}
+
+
+def make_attention(cfg: ModelConfig, layer_type: str) -> nn.Module:
+    """Layer's token mixer: Gated DeltaNet for a linear layer (deltanet.py), else the recipe's attention."""
+    if layer_type == "linear":
+        from .deltanet import GatedDeltaNet
+
+        return GatedDeltaNet(cfg)
+    return ATTENTION[cfg.attention](cfg, layer_type)

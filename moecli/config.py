@@ -25,7 +25,7 @@ from .errors import UserError
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 PRECISIONS = ("fp32", "bf16-mixed")  # train.precision
 SCHEDULES = ("cosine", "linear", "wsd", "constant")  # train.lr_schedule
-LAYER_TYPES = ("full", "sliding", "chunked", "nope")  # model.layer_types
+LAYER_TYPES = ("full", "sliding", "chunked", "nope", "linear")  # model.layer_types
 EXPERT_ACTS = ("swiglu", "clamped_swiglu")  # moe.expert_act
 
 
@@ -71,7 +71,7 @@ class ModelConfig:
     attention_sinks: bool = False  # GPT-OSS: a learned logit per head in each softmax's denominator
     # per-layer attention (GQA), a pattern repeated over the layers ([] -> all full): full | sliding (the last
     # sliding_window tokens, GPT-OSS) | chunked (tokens of the query's own attention_chunk, Llama 4) | nope (full,
-    # without RoPE: Llama 4's NoPE layers)
+    # without RoPE: Llama 4's NoPE layers) | linear (Gated DeltaNet, Qwen3-Next: a recurrent state, no KV cache)
     layer_types: list[str] = field(default_factory=list)
     sliding_window: int = 0
     attention_chunk: int = 0
@@ -80,6 +80,16 @@ class ModelConfig:
     # log(1 + floor((position + 1) / temperature_floor)), sharper attention far into a long context; 0 -> off
     temperature_floor: int = 0
     temperature_scale: float = 0.1
+    attention_gate: bool = False  # Qwen3-Next: q_proj also gives a per-head gate; the output times sigmoid(gate)
+    norm_zero_centered: bool = False  # Qwen3-Next: every RMSNorm scales by (1 + weight), its weight starting at 0
+    # Gated DeltaNet (linear layers): key / value heads and their dims, the causal conv's width, the chunk of the
+    # parallel form (training and prefill; decoding is recurrent)
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_dim: int = 0
+    linear_value_dim: int = 0
+    linear_conv: int = 4
+    linear_chunk: int = 64
     init_std: float = 0.02
 
     def validate(self) -> None:
@@ -117,6 +127,12 @@ class ModelConfig:
                "must be >= 1 with sliding layers")
         _check("chunked" not in self.layer_types or self.attention_chunk >= 1, "attention_chunk",
                "must be >= 1 with chunked layers")
+        if "linear" in self.layer_types:
+            for name in ("linear_key_heads", "linear_value_heads", "linear_key_dim", "linear_value_dim", "linear_conv",
+                         "linear_chunk"):
+                _check(getattr(self, name) >= 1, name, f"must be >= 1 with linear layers, got {getattr(self, name)}")
+            _check(self.linear_value_heads % self.linear_key_heads == 0, "linear_value_heads",
+                   f"must be a multiple of linear_key_heads ({self.linear_key_heads}), got {self.linear_value_heads}")
 
     def layer_type(self, i: int) -> str:
         """Layer i's attention: full, sliding, chunked or nope (layer_types repeated over the layers)."""

@@ -31,7 +31,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def pick_format(recipe: Recipe) -> str:
     """The Hugging Face family whose layout matches the recipe (sinks, sliding layers: GPT-OSS; NoPE or chunked
-    layers, input-weighted experts: Llama 4; MLA: DeepSeek; qk norm: Qwen3, qkv bias: Qwen2)."""
+    layers, input-weighted experts: Llama 4; MLA: DeepSeek; qk norm: Qwen3, qkv bias: Qwen2); for an MoE model
+    whose first guess cannot hold it, the first MoE family that can (else the guess, which export then refuses,
+    naming what it cannot express)."""
+    from .families.features import beyond
+
+    guess = _guess_format(recipe)
+    if not recipe.moe_layers():
+        return guess
+    for fmt in (guess, *MOE_FORMATS):
+        family = FAMILIES[fmt]
+        if not family.cannot_express(recipe) + beyond(recipe, getattr(family, "EXPRESSES", ())):
+            return fmt
+    return guess
+
+
+def _guess_format(recipe: Recipe) -> str:
     r, moe = recipe.model, bool(recipe.moe_layers())
     if moe and (r.attention_sinks or "sliding" in r.layer_types or recipe.moe.expert_act == "clamped_swiglu"):
         return "gpt_oss"

@@ -106,12 +106,16 @@ def _prefill(model, prompts: list[list[int]], n: int, capacity: int) -> tuple[KV
         logits.append(model(torch.tensor([ids]), cache.rows(first, first + 1, start)).logits_BSV[:, -1].float()
                       .expand(n, -1))
         for layer in cache.layers:
+            if layer.state is not None:  # a linear layer: its states after the prompt, copied to the other rows
+                for t in layer.state:
+                    t[first + 1: first + n] = t[first]
+                continue
             for buf in (layer.k_BHCDh, layer.v_BHCDh):
                 buf[first + 1: first + n, :, start:longest] = buf[first, :, start:longest]
         if start:
             if pad_BC is None:
                 pad_BC = torch.zeros(len(prompts) * n, capacity, dtype=torch.bool,
-                                     device=cache.layers[0].k_BHCDh.device)
+                                     device=model.output.weight.device)
             pad_BC[first: first + n, :start] = True
     cache.filled(longest, pad_BC)
     return cache, torch.cat(logits)

@@ -90,7 +90,7 @@ class LayerReader:
         from .attention import RMSNorm
 
         w = weights or self.head_weights()
-        norm = RMSNorm(x_BSD.shape[-1], self.recipe.model.norm_eps)
+        norm = RMSNorm(x_BSD.shape[-1], self.recipe.model.norm_eps, self.recipe.model.norm_zero_centered)
         norm.weight = torch.nn.Parameter(w["norm"], requires_grad=False)
         return norm(x_BSD) @ w["output"].t()
 

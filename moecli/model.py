@@ -20,7 +20,7 @@ from .balance import COEFS
 from .config import Recipe
 from .experts import SwiGLU
 from .moe import MoELayer
-from .attention import ATTENTION, FP32_ATTENTION_BELOW, RMSNorm, attend  # noqa: F401 (re-exported)
+from .attention import ATTENTION, FP32_ATTENTION_BELOW, RMSNorm, attend, make_attention  # noqa: F401 (re-exported)
 from .rope import cos_sin
 
 
@@ -28,9 +28,9 @@ class Block(nn.Module):
     def __init__(self, recipe: Recipe, layer_id: int):
         super().__init__()
         cfg = recipe.model
-        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attention = ATTENTION[cfg.attention](cfg, cfg.layer_type(layer_id))
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_zero_centered)
+        self.attention = make_attention(cfg, cfg.layer_type(layer_id))
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_zero_centered)
         self.is_moe = recipe.is_moe_layer(layer_id)
         if self.is_moe:
             self.moe = MoELayer(cfg.d_model, recipe.moe, recipe.balance)
@@ -55,6 +55,7 @@ class LayerKV:
         self.capacity, self.start, self.n = capacity, start, start
         self.k_BHCDh = self.v_BHCDh = None  # allocated at the first forward, in its batch, dtype and device
         self.pad_BC: torch.Tensor | None = None
+        self.state: tuple | None = None  # a linear (Gated DeltaNet) layer's conv and recurrent states instead
 
     def extend(self, k_BHSDh: torch.Tensor, v_BHSDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append S tokens' keys and values; returns those of every slot from start to n (views)."""
@@ -92,7 +93,10 @@ class KVCache:
         views = []
         for layer in self.layers:
             view = LayerKV(layer.capacity, start)
-            view.k_BHCDh, view.v_BHCDh = layer.k_BHCDh[first:end], layer.v_BHCDh[first:end]
+            if layer.state is not None:  # a linear layer: its rows of the states, updated in place
+                view.state = tuple(t[first:end] for t in layer.state)
+            else:
+                view.k_BHCDh, view.v_BHCDh = layer.k_BHCDh[first:end], layer.v_BHCDh[first:end]
             views.append(view)
         return KVCache(views, pos=start)
 
@@ -118,7 +122,7 @@ class Transformer(nn.Module):
         cfg = recipe.model
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(recipe, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_zero_centered)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -133,8 +137,16 @@ class Transformer(nn.Module):
         g = torch.Generator().manual_seed(seed)
         std = self.recipe.model.init_std
         out_std = std / math.sqrt(2 * self.recipe.model.n_layers)
+        zero_centered = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm) and m.zero_centered}
         for name, p in self.named_parameters():
-            if "norm" in name:
+            if id(p) in zero_centered:
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith("A_log_H"):  # Gated DeltaNet's decay rates: log U(0.01, 16) per head, as Qwen3-Next's
+                with torch.no_grad():
+                    p.copy_(torch.empty(p.shape).uniform_(0.01, 16, generator=g).log())
+            elif name.endswith("dt_bias_H"):
                 nn.init.ones_(p)
             elif name.endswith(".bias") or name.rsplit(".", 1)[-1] in ("b1_EF", "b3_EF", "b2_ED"):
                 nn.init.zeros_(p)
@@ -149,6 +161,9 @@ class Transformer(nn.Module):
         cache = KVCache.empty(len(self.layers), capacity)
         w = self.output.weight
         for layer, block in zip(cache.layers, self.layers):  # zeros: empty slots are masked, but never NaN
+            if hasattr(block.attention, "new_state"):  # a linear layer: states, not keys and values
+                layer.state = block.attention.new_state(batch, w)
+                continue
             H, Dk, Dv = block.attention.kv_shape()
             layer.k_BHCDh, layer.v_BHCDh = w.new_zeros(batch, H, capacity, Dk), w.new_zeros(batch, H, capacity, Dv)
         return cache

@@ -60,6 +60,12 @@ def make(kind: str, directory, seed: int = 0, **extra):
                              "rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
                          "eos_token_id": None, "pad_token_id": None, "bos_token_id": None}),
+        "qwen3_next": (transformers.Qwen3NextConfig, transformers.Qwen3NextForCausalLM,
+                       {"num_hidden_layers": 4, "head_dim": 16, "num_experts": 8, "num_experts_per_tok": 2,
+                        "moe_intermediate_size": 16, "shared_expert_intermediate_size": 24, "norm_topk_prob": True,
+                        "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 8,
+                        "linear_value_head_dim": 8, "linear_conv_kernel_dim": 4, "partial_rotary_factor": 0.5,
+                        "eos_token_id": None, "pad_token_id": None, "bos_token_id": None}),
     }
     C, M, kw = classes[kind]
     torch.manual_seed(seed)
@@ -67,6 +73,10 @@ def make(kind: str, directory, seed: int = 0, **extra):
     with torch.no_grad():  # larger-than-default weights so that differences would show
         for p in model.parameters():
             p.normal_(0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.5)
+        if kind == "qwen3_next":  # zero-centred norms scale by 1 + w: w around 0 keeps the same range of scales
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight") and "linear_attn" not in name:
+                    p.uniform_(-0.5, 0.5)
         for name, b in model.named_buffers():  # routers' correction biases (DeepSeek-V3 style): non-zero
             if name.endswith("e_score_correction_bias"):
                 b.uniform_(-0.05, 0.05)

@@ -22,10 +22,10 @@ and may define:
 """
 
 from . import (deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, llama, llama4, mixtral, olmoe, qwen2, qwen2_moe, qwen3,
-               qwen3_moe)
+               qwen3_moe, qwen3_next)
 
 FAMILIES = {m.MODEL_TYPE: m for m in (llama, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3,
-                                       deepseek_v2, gpt_oss, llama4)}
+                                       deepseek_v2, gpt_oss, llama4, qwen3_next)}
 CONTAINERS = {outer: (m.MODEL_TYPE, key) for m in FAMILIES.values() for outer, key in getattr(m, "CONTAINERS", {}).items()}
 READ_AS = {other: m.MODEL_TYPE for m in FAMILIES.values() for other in m.READ_AS}  # kimi_k2 -> deepseek_v3
 DENSE_WRITABLE = tuple(t for t, m in FAMILIES.items() if m.WRITABLE and not m.MOE)  # export's dense formats
