@@ -74,6 +74,7 @@ def check_format(recipe: Recipe, fmt: str, model) -> None:
         if (bool(r.qk_norm or r.qk_norm_full), bool(r.qkv_bias)) != layout or r.qk_norm_full:
             raise UserError(f"--format {fmt}: the model's attention (qk_norm={r.qk_norm or r.qk_norm_full}, "
                             f"qkv_bias={r.qkv_bias}) is not {fmt}'s; try --format {pick_format(recipe)}")
+        check_writable(recipe, fmt, "keep the moecli checkpoint")
         return
     if not moe:
         raise UserError(f"--format {fmt}: an MoE architecture; this model is dense (use one of "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 FEATURES = {  # name -> (does the recipe use it, what the refusal calls it)
     "sinks": (lambda r: r.model.attention_sinks, "attention sinks"),
+    "interleave": (lambda r: r.model.attention == "gqa" and r.model.rope_interleave, "RoPE on interleaved pairs"),
     "o_bias": (lambda r: r.model.o_bias, "an output-projection bias"),
     "sliding": (lambda r: "sliding" in r.model.layer_types, "sliding-window layers"),
     "chunked": (lambda r: "chunked" in r.model.layer_types, "chunked attention layers"),

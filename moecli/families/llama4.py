@@ -41,7 +41,7 @@ UPCYCLE_TO = None
 ATTENTION_BIAS = True
 EXPERT_BIAS = False
 MOE_PREFIX = "feed_forward"
-EXPRESSES = frozenset({"o_bias", "chunked", "nope", "l2_norm", "temperature", "weight_input"})
+EXPRESSES = frozenset({"o_bias", "chunked", "nope", "l2_norm", "temperature", "weight_input", "interleave"})
 
 
 def recipe_parts(cfg: dict, model: dict, count, source: str) -> tuple[dict, dict, dict]:
