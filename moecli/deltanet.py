@@ -44,34 +44,44 @@ def recurrent(q_BHSK, k_BHSK, v_BHSV, g_BHS, beta_BHS, state_BHKV=None):
     return torch.stack(outs, dim=2), state
 
 
-def chunked(q_BHSK, k_BHSK, v_BHSV, g_BHS, beta_BHS, state_BHKV=None, L: int = 64):
+def chunked(q_BHSK, k_BHSK, v_BHSV, g_BHS, beta_BHS, state_BHKV=None, L: int = 64, r: int = 1):
     """The gated delta rule over chunks of L tokens (the same results as ``recurrent`` to rounding).
 
     Inside a chunk, with G the running sum of g (log decay since the chunk's start) and D_ij = exp(G_i - G_j) for
     j <= i: the values each token writes, corrected for what the chunk's earlier tokens wrote, solve
     (I + strictly_lower(beta_i k_i.k_j D_ij)) U = beta v, and the part owed to the incoming state W = the same system
     on beta k exp(G). A chunk's outputs are then the incoming state read by q exp(G) plus the in-chunk attention
-    (q_i.k_j D_ij, j <= i) on U - W S; the state leaves decayed by the chunk's whole G and plus the chunk's writes."""
-    B, H, S, Dk = k_BHSK.shape
-    Dv = v_BHSV.shape[-1]
+    (q_i.k_j D_ij, j <= i) on U - W S; the state leaves decayed by the chunk's whole G and plus the chunk's writes.
+
+    ``r`` > 1: q and k are given per key head (H / r of them; value head h reads key head h // r), so the chunk's
+    k.k and q.k products are computed once per key head, not once per value head."""
+    B, H, S, Dv = v_BHSV.shape
+    Dk = k_BHSK.shape[-1]
     pad = -S % L
     if pad:
         q_BHSK, k_BHSK, v_BHSV = (F.pad(x, (0, 0, 0, pad)) for x in (q_BHSK, k_BHSK, v_BHSV))
         g_BHS, beta_BHS = F.pad(g_BHS, (0, pad)), F.pad(beta_BHS, (0, pad))
     N = (S + pad) // L
-    q, k, v = (x.reshape(B, H, N, L, x.shape[-1]) for x in (q_BHSK, k_BHSK, v_BHSV))
+    q, k = (x.reshape(B, H // r, N, L, Dk) for x in (q_BHSK, k_BHSK))
+    v = v_BHSV.reshape(B, H, N, L, Dv)
     beta, G = beta_BHS.reshape(B, H, N, L), g_BHS.reshape(B, H, N, L).cumsum(-1)
-    causal_LL = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    causal_LL = torch.ones(L, L, dtype=torch.bool, device=v.device).tril()
     D = (G[..., :, None] - G[..., None, :]).masked_fill(~causal_LL, float("-inf")).exp()  # B H N L L
+
+    def per_value_head(x):  # B x H/r x ... -> B x H x ... (value head h reads key head h // r)
+        return x if r == 1 else x.repeat_interleave(r, dim=1)
+
+    kk = per_value_head(k @ k.transpose(-1, -2))
+    q, k = per_value_head(q), per_value_head(k)
     kb = k * beta[..., None]
-    system = (kb @ k.transpose(-1, -2)) * D  # its diagonal is ignored: unit lower-triangular
+    system = kk * beta[..., :, None] * D  # its diagonal is ignored: unit lower-triangular
     U = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
     W = torch.linalg.solve_triangular(system, kb * G.exp()[..., None], upper=False, unitriangular=True)
     attn = (q @ k.transpose(-1, -2)) * D
     q_in = q * G.exp()[..., None]  # reads the incoming state
     k_out = k * (G[..., -1:] - G).exp()[..., None]  # writes, decayed to the chunk's end
     decay_N = G[..., -1].exp()
-    state = q.new_zeros(B, H, Dk, Dv) if state_BHKV is None else state_BHKV
+    state = v.new_zeros(B, H, Dk, Dv) if state_BHKV is None else state_BHKV
     out = []
     for n in range(N):
         u = U[:, :, n] - W[:, :, n] @ state
@@ -142,15 +152,16 @@ class GatedDeltaNet(nn.Module):
         if kv is not None:
             kv.state[0].copy_(padded[..., -(self.K - 1):])
         q, k, v = mixed_BCS.transpose(1, 2).split([Hk * Dk, Hk * Dk, Hv * Dv], dim=-1)
-        q, k = (t.reshape(B, S, Hk, Dk).repeat_interleave(r, dim=2) for t in (q, k))
+        q, k = (t.reshape(B, S, Hk, Dk) for t in (q, k))
         q, k, v = (t.transpose(1, 2).float() for t in (q, k, v.reshape(B, S, Hv, Dv)))
-        q, k = _l2(q) * Dk ** -0.5, _l2(k)
+        q, k = _l2(q) * Dk ** -0.5, _l2(k)  # per key head: repeated to the value heads only where needed
         beta_BHS = torch.sigmoid(b.reshape(B, S, Hv).float()).transpose(1, 2)
         g_BHS = (-self.A_log_H.float().exp() * F.softplus(a.reshape(B, S, Hv).float() + self.dt_bias_H)).transpose(1, 2)
         if S == 1 and state is not None:
+            q, k = q.repeat_interleave(r, dim=1), k.repeat_interleave(r, dim=1)
             o, new_state = recurrent(q, k, v, g_BHS, beta_BHS, state)
         else:
-            o, new_state = chunked(q, k, v, g_BHS, beta_BHS, state, self.L)
+            o, new_state = chunked(q, k, v, g_BHS, beta_BHS, state, self.L, r)
         if kv is not None:
             kv.state[1].copy_(new_state)
             kv.n += S

@@ -51,17 +51,18 @@ def test_batched_prompts_of_different_lengths_decode_as_each_alone(tmp_path):
     assert [[step[g] for step in steps] for g in range(3)] == alone
 
 
-@pytest.mark.parametrize("S,L", [(1, 64), (37, 8), (130, 64)])
-def test_the_chunked_and_recurrent_forms_agree(S, L):
+@pytest.mark.parametrize("S,L,r", [(1, 64, 1), (37, 8, 1), (130, 64, 1), (70, 16, 2)])
+def test_the_chunked_and_recurrent_forms_agree(S, L, r):
+    """Over several chunks, from a non-zero state; r = 2: two value heads per key head (q, k given per key head)."""
     g = torch.Generator().manual_seed(0)
-    B, H, Dk, Dv = 2, 3, 8, 6
-    q, k = (torch.nn.functional.normalize(torch.randn(B, H, S, Dk, generator=g), dim=-1) for _ in range(2))
+    B, H, Dk, Dv = 2, 6, 8, 6
+    q, k = (torch.nn.functional.normalize(torch.randn(B, H // r, S, Dk, generator=g), dim=-1) for _ in range(2))
     v = torch.randn(B, H, S, Dv, generator=g)
     decay = -torch.rand(B, H, S, generator=g) * 2
     beta = torch.rand(B, H, S, generator=g)
     s0 = torch.randn(B, H, Dk, Dv, generator=g)
-    o1, s1 = recurrent(q, k, v, decay, beta, s0)
-    o2, s2 = chunked(q, k, v, decay, beta, s0, L)
+    o1, s1 = recurrent(q.repeat_interleave(r, dim=1), k.repeat_interleave(r, dim=1), v, decay, beta, s0)
+    o2, s2 = chunked(q, k, v, decay, beta, s0, L, r)
     torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-5)
 
