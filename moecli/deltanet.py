@@ -83,10 +83,13 @@ def chunked(q_BHSK, k_BHSK, v_BHSV, g_BHS, beta_BHS, state_BHKV=None, L: int = 6
     decay_N = G[..., -1].exp()
     state = v.new_zeros(B, H, Dk, Dv) if state_BHKV is None else state_BHKV
     out = []
-    for n in range(N):
-        u = U[:, :, n] - W[:, :, n] @ state
-        out.append(q_in[:, :, n] @ state + attn[:, :, n] @ u)
-        state = state * decay_N[:, :, n, None, None] + k_out[:, :, n].transpose(-1, -2) @ u
+    # unbound once (not indexed per chunk): the backward then stacks the chunks' gradients in one go instead of
+    # writing a whole zero tensor per chunk and slice (measured: 54 of 570 ms of a layer's fwd+bwd went there)
+    chunks = zip(*(t.unbind(2) for t in (U, W, q_in, attn, k_out, decay_N[..., None, None])))
+    for u_n, w_n, q_n, a_n, k_n, d_n in chunks:
+        u = u_n - w_n @ state
+        out.append(q_n @ state + a_n @ u)
+        state = state * d_n + k_n.transpose(-1, -2) @ u
     o = torch.cat(out, dim=2)[:, :, :S]
     return o, state
 
