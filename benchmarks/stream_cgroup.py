@@ -96,7 +96,7 @@ def main() -> None:
             res = json.loads(o)
             report["runs"]["cgroup"] = {"seconds": t, "peak_rss_bytes": rss, "shares": shares(res),
                                         "cgroup_peak_bytes": int(peak_file.read_text()) if peak_file else None,
-                                        "streamed": res.get("streamed"), "stderr_line": e.strip().splitlines()[0]}
+                                        "streamed": res.get("streamed")}
         finally:
             cg.rmdir()
     ref = report["runs"]["in_memory"]["shares"]
