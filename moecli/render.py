@@ -369,7 +369,11 @@ def render_upcycle(res: dict) -> None:
             ("tensors / shards", f"{res['tensors']} / {res['shards']}"),
             ("input size", _mb(res["input_bytes"])), ("output size", _mb(res["output_bytes"])),
             ("memory estimate", _mb(res["memory_estimate_bytes"])),
-            ("function-preserving", "yes" if res["exact"] else "no: " + "; ".join(res["inexact_reasons"]))]
+            ("function-preserving", "yes" if res["exact"] else "no: " + "; ".join(
+                res["inexact_reasons"] or ["experts from several models (no single dense function)"]))]
+    for src, diffs in res.get("per_source_layer_diff", {}).items():
+        rows.append((f"vs {src}", f"per-layer hidden-state difference {min(diffs):.3g} to {max(diffs):.3g} "
+                                  f"(relative, on the probe)"))
     if "max_abs_logit_diff" in res:
         rows.append(("max |logit diff| on probe", f"{res['max_abs_logit_diff']:.3g}"))
     if "seconds" in res:

@@ -69,7 +69,7 @@ class ExpertSource:
 class UpcycleOptions:
     # routed experts in each converted layer (copies x granularity); 0 -> len(experts) x granularity, else 8
     num_experts: int = 0
-    top_k: int = 2  # experts per token (a multiple of granularity keeps the function)
+    top_k: int = 0  # experts per token (a multiple of granularity keeps the function); 0 -> min(2, num_experts)
     granularity: int = 1  # split each dense FFN copy into this many finer experts
     shared_experts: int = 0  # 1: keep the dense FFN as an always-on shared expert
     noise: float = 0.0  # std of Gaussian noise added to expert weights, relative to each weight's std
@@ -100,6 +100,7 @@ class UpcycleOptions:
                   f"must be the number of expert sources x granularity ({n}), got {self.num_experts}")
             self.num_experts = n
         self.num_experts = self.num_experts or 8
+        self.top_k = self.top_k or min(2, self.num_experts)
         check(self.granularity >= 1, "granularity", f"must be >= 1, got {self.granularity}")
         check(self.num_experts % self.granularity == 0, "num_experts",
               f"must be a multiple of granularity ({self.granularity}), got {self.num_experts}")
