@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (CONFIG_FILE, FORMAT, MODEL_FILE, find_checkpoint_dir, load_checkpoint, load_with_tokenizer,
+from .checkpoint import (CONFIG_FILE, FORMAT, MODEL_FILE, find_checkpoint_dir, load_with_tokenizer,
                          model_state, read_config)
 from .config import Recipe, _FieldError, _section_from_dict, read_yaml, recipe_from_dict
 from .errors import RunFailed, UserError

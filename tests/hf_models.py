@@ -91,21 +91,97 @@ def logits(model, x):
 
 
 def assert_same_routing(hf, ours, x, rel: float = 1e-5):
-    """Logits to ``rel`` of the largest, and per MoE layer the same experts with the same weights, of a transformers
-    model whose MoE blocks route through ``mlp.gate`` returning (logits, weights, indices) (DeepSeek-V2/V3, GLM)."""
+    """routes_equal for transformers models whose MoE blocks route through ``mlp.gate`` returning (logits, weights,
+    indices) (DeepSeek-V2/V3, GLM, Qwen3-Next)."""
+    routers = [(i, layer.mlp.gate) for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "gate")]
+    routes_equal(hf, ours, x, routers, lambda out, k: (out[1], out[2]), rel)
+
+
+def routes_equal(hf, ours, x, routers, unpack, rel: float = 1e-5):
+    """Logits to ``rel`` of the largest, and per MoE layer the same experts with the same weights: ``routers``
+    gives (layer index, the transformers module to hook) pairs, ``unpack`` turns its output into (weight_TK,
+    idx_TK)."""
     theirs = {}
-    for i, layer in enumerate(hf.model.layers):
-        if hasattr(layer.mlp, "gate"):
-            layer.mlp.gate.register_forward_hook(lambda mod, a, out, i=i: theirs.__setitem__(i, out))
+    for i, module in routers:
+        module.register_forward_hook(lambda mod, a, out, i=i: theirs.__setitem__(i, out))
     for _, moe in ours.moe_layers:
         moe.capture = True
-    ref = logits(hf, x)
     with torch.no_grad():
-        got = ours(x).logits_BSV
+        ref, got = hf(x).logits, ours(x).logits_BSV
     assert (got - ref).abs().max() <= rel * ref.abs().max()
     assert sorted(theirs) == [i for i, _ in ours.moe_layers]
     for i, moe in ours.moe_layers:
-        _, weight_TK, idx_TK = theirs[i]
-        assert torch.equal(moe.last_route.idx_TK.sort(-1).values, idx_TK.sort(-1).values)
-        mine = moe.last_route.weight_TK.gather(1, moe.last_route.idx_TK.argsort(-1))
-        torch.testing.assert_close(mine, weight_TK.gather(1, idx_TK.argsort(-1)).float(), rtol=1e-5, atol=1e-6)
+        route = moe.last_route
+        weight_TK, idx_TK = unpack(theirs[i], route.idx_TK.shape[1])
+        assert torch.equal(route.idx_TK.sort(-1).values, idx_TK.sort(-1).values)
+        torch.testing.assert_close(route.weight_TK.gather(1, route.idx_TK.argsort(-1)),
+                                   weight_TK.gather(1, idx_TK.argsort(-1)).float(), rtol=1e-5, atol=1e-6)
+
+
+def init_export_round_trip(tmp_path, cli, kind: str, line: str, seq_len: int = 64, train=(), **make_kw):
+    """A tiny transformers ``kind`` checkpoint, ``train --init`` 2 steps on lines of ``line``, ``export``: the
+    export loads in transformers with moecli's loss (rel 1e-5) and eval / inspect-routing read it. Returns
+    (export's --json, the export's config.json, the transformers model, the checkpoint made) for more checks."""
+    import json
+
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    from moecli.checkpoint import load_checkpoint
+
+    d = tmp_path / kind
+    make(kind, d, vocab_size=256, **make_kw)
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"{i} {line}\n" for i in range(200)))
+    r = cli("train", "--init", d, text, "-o", tmp_path / "run", "--max-steps", "2", "--batch-size", "4", "--seq-len",
+            str(seq_len), *train, "-q")
+    assert r.returncode == 0, r.stderr
+    r = cli("export", tmp_path / "run", "-o", tmp_path / "hf", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["max_abs_logit_diff"] < 1e-4
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours, _ = load_checkpoint(tmp_path / "run")
+    x = torch.tensor(list(text.read_bytes()[:101]))[None]
+    with torch.no_grad():
+        theirs = back(x, labels=x).loss
+        mine = torch.nn.functional.cross_entropy(ours(x).logits_BSV[0, :-1], x[0, 1:])
+    assert float(theirs) == pytest.approx(float(mine), rel=1e-5)
+    for cmd in (("eval", tmp_path / "hf", text), ("inspect-routing", tmp_path / "hf", text)):
+        r = cli(*cmd, "--json")
+        assert r.returncode == 0, (cmd, r.stderr)
+    return out, json.loads((tmp_path / "hf" / "config.json").read_text()), back, d
+
+
+def recipe_trains_and_exports(tmp_path, cli, recipe: str, architecture: str, seq_len: int, probe: int):
+    """The bundled recipe trains 3 steps and exports as ``architecture``, whose logits transformers gives back on
+    ``probe`` tokens (atol 1e-4)."""
+    import json
+
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    from moecli.checkpoint import load_checkpoint
+
+    r = cli("train", recipe, "-o", tmp_path / "run", "--max-steps", "3", "--batch-size", "4", "--seq-len",
+            str(seq_len), "-q")
+    assert r.returncode == 0, r.stderr
+    r = cli("export", tmp_path / "run", "-o", tmp_path / "hf", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["architecture"] == architecture
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours, _ = load_checkpoint(tmp_path / "run")
+    x = torch.randint(0, 256, (1, probe), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, ours(x).logits_BSV, rtol=0, atol=1e-4)
+
+
+def cached_tokens_equal(hf, ours, prompt_len: int = 20, new: int = 40):
+    """Greedy tokens from moecli's KV cache (and without it) equal transformers' generate's."""
+    from moecli.generate import sample
+
+    prompt = torch.randint(0, 256, (1, prompt_len), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        theirs = hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)[0, prompt_len:]
+    assert sample(ours, prompt[0].tolist(), new, 0.0, 0, seed=0) == theirs.tolist()
+    assert sample(ours, prompt[0].tolist(), new, 0.0, 0, seed=0, kv_cache=False) == theirs.tolist()

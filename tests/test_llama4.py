@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from hf_models import make
+from hf_models import cached_tokens_equal, init_export_round_trip, make, recipe_trains_and_exports, routes_equal
 
 from moecli.checkpoint import load_checkpoint
 
@@ -19,25 +19,10 @@ VARIANTS = {"top-1": {}, "top-2-all-moe": {"num_experts_per_tok": 2, "interleave
             "no-chunk-no-qk-norm": {"attention_chunk_size": None, "use_qk_norm": False, "attention_bias": True}}
 
 
-def assert_same_routing(hf, ours, x, rel=1e-5):
-    """Logits to ``rel`` of the largest; per MoE layer the same experts with the same sigmoid weights
-    (feed_forward.router returns (scores over all experts, zero where not chosen; logits))."""
-    theirs = {}
-    for i, layer in enumerate(hf.model.layers):
-        if layer.is_moe_layer:
-            layer.feed_forward.router.register_forward_hook(lambda mod, a, out, i=i: theirs.__setitem__(i, out[0]))
-    for _, moe in ours.moe_layers:
-        moe.capture = True
-    with torch.no_grad():
-        ref, got = hf(x).logits, ours(x).logits_BSV
-    assert (got - ref).abs().max() <= rel * ref.abs().max()
-    assert sorted(theirs) == [i for i, _ in ours.moe_layers]
-    for i, moe in ours.moe_layers:
-        route, scores_TE = moe.last_route, theirs[i]
-        weight_TK, idx_TK = scores_TE.topk(route.idx_TK.shape[1], dim=-1)
-        assert torch.equal(route.idx_TK.sort(-1).values, idx_TK.sort(-1).values)
-        torch.testing.assert_close(route.weight_TK.gather(1, route.idx_TK.argsort(-1)),
-                                   weight_TK.gather(1, idx_TK.argsort(-1)).float(), rtol=1e-5, atol=1e-6)
+def assert_same_routing(hf, ours, x):
+    """feed_forward.router returns (scores over all experts, zero where not chosen; logits)."""
+    routers = [(i, layer.feed_forward.router) for i, layer in enumerate(hf.model.layers) if layer.is_moe_layer]
+    routes_equal(hf, ours, x, routers, lambda out, k: out[0].topk(k, dim=-1))
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -55,15 +40,8 @@ def test_logits_and_router_choices_equal_transformers(tmp_path, variant):
 
 def test_cached_greedy_tokens_equal_transformers(tmp_path):
     """The cache keeps chunked layers to the query's chunk and NoPE layers' temperature at each token's position."""
-    from moecli.generate import sample
-
     hf = make("llama4_text", tmp_path, vocab_size=256, **LONG)
-    ours, _ = load_checkpoint(tmp_path)
-    prompt = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        theirs = hf.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)[0, 20:]
-    assert sample(ours, prompt[0].tolist(), 40, 0.0, 0, seed=0) == theirs.tolist()
-    assert sample(ours, prompt[0].tolist(), 40, 0.0, 0, seed=0, kv_cache=False) == theirs.tolist()
+    cached_tokens_equal(hf, load_checkpoint(tmp_path)[0])
 
 
 @pytest.mark.parametrize("layout", ["hub", "transformers-5"])
@@ -93,40 +71,11 @@ def test_the_language_model_of_a_multimodal_checkpoint_is_read(tmp_path, cli, la
 
 def test_init_train_export_round_trip(tmp_path, cli):
     """train --init 2 steps, export as llama4_text: transformers loads Llama4ForCausalLM with moecli's loss."""
-    d = tmp_path / "l4"
-    make("llama4_text", d, vocab_size=256, **LONG)
-    text = tmp_path / "t.txt"
-    text.write_text("".join(f"{i} no position at all every other layer\n" for i in range(200)))
-    r = cli("train", "--init", d, text, "-o", tmp_path / "run", "--max-steps", "2", "--batch-size", "4", "--seq-len",
-            "64", "-q")
-    assert r.returncode == 0, r.stderr
-    r = cli("export", tmp_path / "run", "-o", tmp_path / "hf", "--json")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert out["format"] == "llama4_text" and out["max_abs_logit_diff"] < 1e-4
-    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    out, cfg, back, _ = init_export_round_trip(tmp_path, cli, "llama4_text", "no position at all every other layer",
+                                               **LONG)
+    assert out["format"] == "llama4_text" and type(back).__name__ == "Llama4ForCausalLM"
     assert cfg["no_rope_layers"] == [1, 0, 1, 0] and cfg["attention_chunk_size"] == 8 and cfg["moe_layers"] == [1, 3]
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert type(back).__name__ == "Llama4ForCausalLM"
-    ours, _ = load_checkpoint(tmp_path / "run")
-    x = torch.tensor(list(text.read_bytes()[:101]))[None]
-    with torch.no_grad():
-        theirs = back(x, labels=x).loss
-        mine = torch.nn.functional.cross_entropy(ours(x).logits_BSV[0, :-1], x[0, 1:])
-    assert float(theirs) == pytest.approx(float(mine), rel=1e-5)
-    for cmd in (("eval", tmp_path / "hf", text), ("inspect-routing", tmp_path / "hf", text)):
-        r = cli(*cmd, "--json")
-        assert r.returncode == 0, (cmd, r.stderr)
 
 
 def test_llama4_recipe_trains_and_exports(tmp_path, cli):
-    r = cli("train", "llama4", "-o", tmp_path / "run", "--max-steps", "3", "--batch-size", "4", "--seq-len", "128",
-            "-q")
-    assert r.returncode == 0, r.stderr
-    r = cli("export", tmp_path / "run", "-o", tmp_path / "hf", "--json")
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["architecture"] == "Llama4ForCausalLM"
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ours, _ = load_checkpoint(tmp_path / "run")
-    x = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(back(x).logits.detach(), ours(x).logits_BSV.detach(), rtol=0, atol=1e-4)
+    recipe_trains_and_exports(tmp_path, cli, "llama4", "Llama4ForCausalLM", seq_len=128, probe=200)

@@ -4,7 +4,6 @@ the dequantized weights in float32: moecli's loss and routing on the quantized d
 model's."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -60,6 +59,17 @@ def assert_same(q, deq, x):
     torch.testing.assert_close(gq, gd, rtol=0, atol=1e-5)
 
 
+def write_pair(tmp_path, quantized: dict, dequantized: dict, quantization: dict) -> None:
+    """tmp_path/q (the quantized tensors, config with ``quantization``) and tmp_path/deq (the dequantized ones) beside
+    tmp_path/src: moecli reads both to the same loss, routing and logits."""
+    cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    for name, tensors, extra in (("q", quantized, {"quantization_config": quantization}), ("deq", dequantized, {})):
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        (tmp_path / name / "config.json").write_text(json.dumps({**cfg, **extra}))
+    assert_same(tmp_path / "q", tmp_path / "deq", torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(2)))
+
+
 def test_fp8_block_scaled_deepseek_v3_reads_as_its_dequantized_weights(tmp_path, cli):
     make("deepseek_v3", tmp_path / "src", vocab_size=256)
     sd = load_file(tmp_path / "src" / "model.safetensors")
@@ -72,15 +82,8 @@ def test_fp8_block_scaled_deepseek_v3_reads_as_its_dequantized_weights(tmp_path,
         else:
             quantized[k] = dequantized[k] = v
     assert sum(v.dtype == torch.float8_e4m3fn for v in quantized.values()) > 20
-    cfg = json.loads((tmp_path / "src" / "config.json").read_text())
-    for name, tensors, extra in (("q", quantized, {"quantization_config": {
-            "quant_method": "fp8", "weight_block_size": list(block), "activation_scheme": "dynamic"}}),
-            ("deq", dequantized, {})):
-        (tmp_path / name).mkdir()
-        save_file(tensors, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
-        (tmp_path / name / "config.json").write_text(json.dumps({**cfg, **extra}))
-    x = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(2))
-    assert_same(tmp_path / "q", tmp_path / "deq", x)
+    write_pair(tmp_path, quantized, dequantized, {"quant_method": "fp8", "weight_block_size": list(block),
+                                                  "activation_scheme": "dynamic"})
     r = cli("info", tmp_path / "q", "--json")
     assert r.returncode == 0, r.stderr
     assert "float8_e4m3fn" in json.loads(r.stdout)["weights"]["dtypes"]
@@ -97,14 +100,7 @@ def test_mxfp4_gpt_oss_experts_read_as_their_dequantized_weights(tmp_path, cli):
             dequantized[k] = deq.transpose(1, 2).contiguous()
         else:
             quantized[k] = dequantized[k] = v
-    cfg = json.loads((tmp_path / "src" / "config.json").read_text())
-    for name, tensors, extra in (("q", quantized, {"quantization_config": {"quant_method": "mxfp4"}}),
-                                 ("deq", dequantized, {})):
-        (tmp_path / name).mkdir()
-        save_file(tensors, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
-        (tmp_path / name / "config.json").write_text(json.dumps({**cfg, **extra}))
-    x = torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(2))
-    assert_same(tmp_path / "q", tmp_path / "deq", x)
+    write_pair(tmp_path, quantized, dequantized, {"quant_method": "mxfp4"})
     text = tmp_path / "t.txt"
     text.write_text("packed four-bit experts, scaled by powers of two\n" * 20)
     r = cli("inspect-routing", tmp_path / "q", text, "--json")

@@ -2,12 +2,11 @@
 layers and 1 gated full-attention layer (partial rotary), zero-centred norms, Qwen-MoE layers with a sigmoid-gated
 shared expert; sequences longer than one chunk of the parallel form."""
 
-import json
 
 import pytest
 import torch
 
-from hf_models import assert_same_routing, make
+from hf_models import assert_same_routing, cached_tokens_equal, init_export_round_trip, make, recipe_trains_and_exports
 
 from moecli.checkpoint import load_checkpoint
 from moecli.deltanet import chunked, recurrent
@@ -28,15 +27,8 @@ def test_logits_and_router_choices_equal_transformers(tmp_path):
 
 def test_cached_greedy_tokens_equal_transformers(tmp_path):
     """The cache holds the conv and recurrent states of linear layers, keys and values of full ones."""
-    from moecli.generate import sample
-
     hf = make("qwen3_next", tmp_path, vocab_size=256, **LONG)
-    ours, _ = load_checkpoint(tmp_path)
-    prompt = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        theirs = hf.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False, pad_token_id=0)[0, 20:]
-    assert sample(ours, prompt[0].tolist(), 40, 0.0, 0, seed=0) == theirs.tolist()
-    assert sample(ours, prompt[0].tolist(), 40, 0.0, 0, seed=0, kv_cache=False) == theirs.tolist()
+    cached_tokens_equal(hf, load_checkpoint(tmp_path)[0])
 
 
 def test_batched_prompts_of_different_lengths_decode_as_each_alone(tmp_path):
@@ -67,44 +59,25 @@ def test_the_chunked_and_recurrent_forms_agree(S, L, r):
     torch.testing.assert_close(s1, s2, rtol=1e-5, atol=1e-5)
 
 
-def test_init_train_export_round_trip_reading_past_mtp_weights(tmp_path, cli):
+def test_init_train_export_round_trip(tmp_path, cli):
+    out, _, back, d = init_export_round_trip(tmp_path, cli, "qwen3_next", "a state in place of a cache", seq_len=96,
+                                             **LONG)
+    assert out["format"] == "qwen3_next" and type(back).__name__ == "Qwen3NextForCausalLM"
+
+
+def test_multi_token_prediction_weights_are_read_past(tmp_path, cli):
     from safetensors.torch import load_file, save_file
 
-    d = tmp_path / "qn"
-    make("qwen3_next", d, vocab_size=256, **LONG)
-    sd = load_file(d / "model.safetensors")
-    sd["mtp.fc.weight"] = torch.zeros(32, 64)  # a multi-token-prediction weight: read past
-    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
-    text = tmp_path / "t.txt"
-    text.write_text("".join(f"{i} a state in place of a cache\n" for i in range(200)))
-    r = cli("train", "--init", d, text, "-o", tmp_path / "run", "--max-steps", "2", "--batch-size", "4", "--seq-len",
-            "96", "-q")
-    assert r.returncode == 0, r.stderr
-    r = cli("export", tmp_path / "run", "-o", tmp_path / "hf", "--json")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert out["format"] == "qwen3_next" and out["max_abs_logit_diff"] < 1e-4
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert type(back).__name__ == "Qwen3NextForCausalLM"
-    ours, _ = load_checkpoint(tmp_path / "run")
-    x = torch.tensor(list(text.read_bytes()[:101]))[None]
+    hf = make("qwen3_next", tmp_path, vocab_size=256, **LONG)
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["mtp.fc.weight"] = torch.zeros(32, 64)
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    x = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        theirs = back(x, labels=x).loss
-        mine = torch.nn.functional.cross_entropy(ours(x).logits_BSV[0, :-1], x[0, 1:])
-    assert float(theirs) == pytest.approx(float(mine), rel=1e-5)
-    for cmd in (("eval", tmp_path / "hf", text), ("inspect-routing", tmp_path / "hf", text), ("info", d)):
-        r = cli(*cmd, "--json")
-        assert r.returncode == 0, (cmd, r.stderr)
+        torch.testing.assert_close(load_checkpoint(tmp_path)[0](x).logits_BSV, hf(x).logits, rtol=0, atol=1e-5)
+    r = cli("info", tmp_path, "--json")
+    assert r.returncode == 0, r.stderr
 
 
 def test_qwen3_next_recipe_is_the_hybrid_and_exports(tmp_path, cli):
-    r = cli("train", "qwen3-next", "-o", tmp_path / "run", "--max-steps", "3", "--batch-size", "4", "--seq-len", "128",
-            "-q")
-    assert r.returncode == 0, r.stderr
-    r = cli("export", tmp_path / "run", "-o", tmp_path / "hf", "--json")
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["architecture"] == "Qwen3NextForCausalLM"
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ours, _ = load_checkpoint(tmp_path / "run")
-    x = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(back(x).logits.detach(), ours(x).logits_BSV.detach(), rtol=0, atol=1e-4)
+    recipe_trains_and_exports(tmp_path, cli, "qwen3-next", "Qwen3NextForCausalLM", seq_len=128, probe=150)

@@ -4,7 +4,6 @@ each expert's prompts, and the layer-by-layer verification's memory bound."""
 import json
 import os
 import sys
-import time
 
 import pytest
 import torch
