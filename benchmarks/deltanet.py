@@ -12,9 +12,6 @@ Target: >= 1.0x. Needs transformers (the `test` extra).
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,6 +20,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench_common import alternate, emit, layer_args  # noqa: E402
 
 from moecli.config import ModelConfig  # noqa: E402
 from moecli.deltanet import GatedDeltaNet  # noqa: E402
@@ -70,18 +69,7 @@ def train_step(repeats: int, tokens: int) -> dict:
     with torch.no_grad():
         a, b = ours(x), theirs(x)
         diff = float((a - b).abs().max() / b.abs().max())
-    run_ours(), run_theirs()
-    t_ours, t_theirs = [], []
-    for r in range(repeats):
-        order = ((run_ours, t_ours), (run_theirs, t_theirs))
-        for fn, times in order if r % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return {"batch": B, "seq": S, "max_rel_diff": diff, "moecli_ms_median": 1e3 * statistics.median(t_ours),
-            "transformers_ms_median": 1e3 * statistics.median(t_theirs),
-            "speedup_paired": statistics.median(t / o for t, o in zip(t_theirs, t_ours)),
-            "speedup_of_medians": statistics.median(t_theirs) / statistics.median(t_ours)}
+    return {"batch": B, "seq": S, "max_rel_diff": diff, **alternate(run_ours, run_theirs, repeats)}
 
 
 @torch.no_grad()
@@ -105,19 +93,12 @@ def decode(prefix: int = 512, steps: int = 32) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--out", type=Path)
-    a = ap.parse_args()
+    a = layer_args(__doc__)
     import transformers
 
     res = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
            "shape": SHAPE, "train_step": train_step(a.repeats, a.tokens), "decode": decode()}
-    text = json.dumps(res, indent=2)
-    print(text)
-    if a.out:
-        a.out.write_text(text + "\n")
+    emit(res, a.out)
 
 
 if __name__ == "__main__":

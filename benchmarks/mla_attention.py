@@ -15,8 +15,6 @@ Needs transformers (the `test` extra); without it only the decoding part runs.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,6 +24,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench_common import alternate, emit, layer_args  # noqa: E402
 
 from moecli.attention import Attention, MLAttention  # noqa: E402
 from moecli.config import ModelConfig  # noqa: E402
@@ -86,16 +86,7 @@ def train_step_ratio(repeats: int, tokens: int) -> dict:
         a = ours(x, cos, sin)
         b = theirs(x, (hf_cos, hf_sin), mask)[0]
         diff = float((a - b).abs().max() / b.abs().max())
-    run_ours(), run_theirs()  # warm-up
-    t_ours, t_theirs = [], []
-    for r in range(repeats):
-        for who in ((run_ours, t_ours), (run_theirs, t_theirs)) if r % 2 == 0 else ((run_theirs, t_theirs),
-                                                                                   (run_ours, t_ours)):
-            who[1].extend(timed(who[0], 1))
-    paired = statistics.median(t / o for t, o in zip(t_theirs, t_ours))
-    return {"shape": {"batch": B, "seq": S, **MLA}, "max_rel_diff": diff,
-            "moecli_ms_median": 1e3 * statistics.median(t_ours), "transformers_ms_median": 1e3 * statistics.median(t_theirs),
-            "speedup_paired": paired, "speedup_of_medians": statistics.median(t_theirs) / statistics.median(t_ours)}
+    return {"shape": {"batch": B, "seq": S, **MLA}, "max_rel_diff": diff, **alternate(run_ours, run_theirs, repeats)}
 
 
 @torch.no_grad()
@@ -122,11 +113,7 @@ def decode_per_token(repeats: int, prefix: int = 512, steps: int = 64) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--out", type=Path)
-    a = ap.parse_args()
+    a = layer_args(__doc__)
     res = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     try:
         import transformers
@@ -136,10 +123,7 @@ def main() -> None:
     except ImportError:
         res["train_step"] = "skipped: transformers is not installed (pip install -e '.[test]')"
     res["decode"] = decode_per_token(a.repeats)
-    text = json.dumps(res, indent=2)
-    print(text)
-    if a.out:
-        a.out.write_text(text + "\n")
+    emit(res, a.out)
 
 
 if __name__ == "__main__":

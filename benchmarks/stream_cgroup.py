@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_common import emit  # noqa: E402
 NAME = "moecli-stream-bench"
 SHAPE = ["--set", "model.d_model=1024", "--set", "model.n_heads=8", "--set", "model.n_kv_heads=2",
          "--set", "model.n_layers=8", "--set", "moe.num_experts=16", "--set", "moe.expert_ffn=2048",
@@ -106,10 +109,7 @@ def main() -> None:
     for r in report["runs"].values():
         r.pop("shares")
     report["stream_over_in_memory_time"] = report["runs"]["stream"]["seconds"] / report["runs"]["in_memory"]["seconds"]
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.out:
-        a.out.write_text(text + "\n")
+    emit(report, a.out)
 
 
 if __name__ == "__main__":

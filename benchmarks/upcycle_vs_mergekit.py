@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_common import emit  # noqa: E402
 VENV = ROOT / "benchmarks" / ".venv-mergekit"
 SHAPE = {"model.d_model": 576, "model.n_layers": 30, "model.ffn_dim": 1536, "model.n_heads": 9,
          "model.n_kv_heads": 3, "model.vocab_size": 49152, "model.tie_embeddings": True, "model.context": 2048}
@@ -161,10 +164,7 @@ def main() -> None:
         "moecli_verified_max_abs_logit_diff": verified.get("max_abs_logit_diff"),
         "same_expert_tensors": check,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if a.out:
-        a.out.write_text(text + "\n")
+    emit(report, a.out)
 
 
 if __name__ == "__main__":
