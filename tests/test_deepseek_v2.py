@@ -1,12 +1,11 @@
 """DeepSeek-V2 (deepseek_v2) against transformers: MLA with RoPE on complex pairs, the softmax router with
 group_limited_greedy or greedy top-k and routed scaling, a shared expert, a dense first layer."""
 
-import json
 
 import pytest
 import torch
 
-from hf_models import assert_same_routing, make
+from hf_models import assert_same_routing, init_export_round_trip, make
 
 from moecli.checkpoint import load_checkpoint
 
@@ -41,25 +40,6 @@ def test_cached_greedy_tokens_equal_transformers(tmp_path):
 
 
 def test_init_train_export_round_trip(tmp_path, cli):
-    d = tmp_path / "v2"
-    make("deepseek_v2", d, vocab_size=256)
-    text = tmp_path / "t.txt"
-    text.write_text("".join(f"{i} softmax routing over limited groups\n" for i in range(200)))
-    r = cli("train", "--init", d, text, "-o", tmp_path / "run", "--max-steps", "2", "--batch-size", "4", "--seq-len",
-            "64", "-q")
-    assert r.returncode == 0, r.stderr
-    r = cli("export", tmp_path / "run", "-o", tmp_path / "hf", "--json")
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["format"] == "deepseek_v2"
-    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    out, cfg, back, _ = init_export_round_trip(tmp_path, cli, "deepseek_v2", "softmax routing over limited groups")
+    assert out["format"] == "deepseek_v2" and type(back).__name__ == "DeepseekV2ForCausalLM"
     assert (cfg["topk_method"], cfg["n_group"], cfg["topk_group"]) == ("group_limited_greedy", 4, 2)
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert type(back).__name__ == "DeepseekV2ForCausalLM"
-    ours, _ = load_checkpoint(tmp_path / "run")
-    x = torch.tensor(list(text.read_bytes()[:65]))[None]
-    with torch.no_grad():
-        theirs = back(x, labels=x).loss
-        mine = torch.nn.functional.cross_entropy(ours(x).logits_BSV[0, :-1], x[0, 1:])
-    assert float(theirs) == pytest.approx(float(mine), rel=1e-5)
-    r = cli("inspect-routing", tmp_path / "hf", text, "--json")
-    assert r.returncode == 0 and set(json.loads(r.stdout)["layers"]) == {"1", "2"}, r.stderr

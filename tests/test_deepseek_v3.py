@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from hf_models import assert_same_routing, logits, make
+from hf_models import assert_same_routing, init_export_round_trip, logits, make
 
 from moecli.checkpoint import load_checkpoint
 
@@ -47,30 +47,11 @@ def test_cached_greedy_tokens_equal_transformers(tmp_path, variant):
 def test_init_train_export_round_trip_and_routing(tmp_path, cli):
     """train --init 2 steps (router biases updated), export as deepseek_v3: transformers loads the same class
     with moecli's loss; inspect-routing reads the export."""
-    d = tmp_path / "ds"
-    make("deepseek_v3", d, vocab_size=256, **YARN)
-    text = tmp_path / "t.txt"
-    text.write_text("".join(f"{i} latent attention compresses keys and values\n" for i in range(200)))
-    r = cli("train", "--init", d, text, "-o", tmp_path / "run", "--max-steps", "2", "--batch-size", "4", "--seq-len",
-            "64", "--set", "balance.bias_update_rate=0.01", "-q")
-    assert r.returncode == 0, r.stderr
-    r = cli("export", tmp_path / "run", "-o", tmp_path / "hf", "--json")
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["format"] == "deepseek_v3"
-    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    out, cfg, back, _ = init_export_round_trip(tmp_path, cli, "deepseek_v3", "latent attention compresses keys and "
+                                               "values", train=("--set", "balance.bias_update_rate=0.01"), **YARN)
+    assert out["format"] == "deepseek_v3" and type(back).__name__ == "DeepseekV3ForCausalLM"
     assert cfg["rope_parameters"]["rope_type"] == "yarn" and cfg["q_lora_rank"] == 24
-    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    assert type(back).__name__ == "DeepseekV3ForCausalLM"
     assert back.model.layers[1].mlp.gate.e_score_correction_bias.abs().max() > 0
-    ours, _ = load_checkpoint(tmp_path / "run")
-    x = torch.tensor(list(text.read_bytes()[:101]))[None]
-    with torch.no_grad():
-        theirs = back(x, labels=x).loss
-        mine = torch.nn.functional.cross_entropy(ours(x).logits_BSV[0, :-1], x[0, 1:])
-    assert float(theirs) == pytest.approx(float(mine), rel=1e-5)
-    r = cli("inspect-routing", tmp_path / "hf", text, "--json")
-    assert r.returncode == 0, r.stderr
-    assert set(json.loads(r.stdout)["layers"]) == {"1", "2"}
 
 
 def test_kimi_k2_config_reads_as_deepseek_v3(tmp_path, cli):
