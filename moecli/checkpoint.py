@@ -52,8 +52,16 @@ def save_checkpoint(model: Transformer, directory: Path, extra: dict | None = No
 LOAD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def load_dtype(name: str) -> torch.dtype:
-    """--dtype NAME as a torch dtype; anything else is bad input."""
+def load_dtype(name: str, checkpoint: str | Path | None = None) -> torch.dtype:
+    """--dtype NAME as a torch dtype; anything else is bad input. ``auto``: float32, but bfloat16 for a checkpoint
+    stored quantized (FP8, MXFP4: its config.json has a quantization_config), as transformers loads those."""
+    if name == "auto":
+        try:
+            quantized = checkpoint is not None and bool(read_config(find_checkpoint_dir(checkpoint)).get(
+                "quantization_config"))
+        except UserError:
+            quantized = False  # the command's own loading says what is wrong with the checkpoint
+        return torch.bfloat16 if quantized else torch.float32
     if name not in LOAD_DTYPES:
         raise UserError(f"--dtype: one of {', '.join(LOAD_DTYPES)}, got {name!r}")
     return LOAD_DTYPES[name]

@@ -182,7 +182,8 @@ def eval_(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per forward (default: about "
                                              "2048 tokens' worth, at most 16)."),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Score at most this many windows."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute; loss in fp32)."),
+    dtype: str = typer.Option("auto", "--dtype", help="float32 | bfloat16 (weights and compute; loss in fp32); auto: "
+                              "float32, bfloat16 for FP8/MXFP4 checkpoints."),
     per_file: bool = typer.Option(False, "--per-file", help="Also score each file (and -) on its own."),
     stream: bool = STREAM_OPT,
     jsonl_field: str = JSONL_OPT,
@@ -210,7 +211,8 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="Then among the most likely tokens that make up this much "
                                                     "probability (nucleus sampling; 1 = all)."),
     seed: int = typer.Option(0, "--seed", help="With --prompts, prompt i (from 0) samples with seed + i."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute)."),
+    dtype: str = typer.Option("auto", "--dtype", help="float32 | bfloat16 (weights and compute); auto: float32, "
+                              "bfloat16 for FP8/MXFP4 checkpoints."),
     num_samples: int = typer.Option(1, "--num-samples", help="Continuations sampled together (one batch)."),
     batch_size: int = typer.Option(8, "--batch-size", help="With --prompts: prompts sampled together."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="End a completion before this text (repeatable; "
@@ -332,7 +334,8 @@ def inspect_routing(
     compare: Optional[str] = typer.Option(None, "--compare", help="Another checkpoint of the run: router saturation."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Layer for the per-expert table (default: worst)."),
     svg: Optional[Path] = typer.Option(None, "--svg", help="Also save the report as an SVG picture."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 (weights and compute; router in fp32)."),
+    dtype: str = typer.Option("auto", "--dtype", help="float32 | bfloat16 (weights and compute; router in fp32); "
+                              "auto: float32, bfloat16 for FP8/MXFP4 checkpoints."),
     stream: bool = STREAM_OPT,
     jsonl_field: str = JSONL_OPT,
     device: str = DEVICE_OPT,

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import is_hf_config, load_dtype, load_with_tokenizer
+from .checkpoint import dtype_name, is_hf_config, load_dtype, load_with_tokenizer
 from .data import (JSONL_FIELD, default_batch, default_window, encode_to_file, eval_windows, expand_data_args, open_tokens,
                    run_val_split)
 from .device import model_device, resolve_device
@@ -78,7 +78,8 @@ def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: 
     from .checkpoint import read_recipe
     from .layerwise import open_streamed, stream_plan, why_stream
 
-    torch_dtype, dev = load_dtype(dtype), resolve_device(device)
+    torch_dtype, dev = load_dtype(dtype, checkpoint), resolve_device(device)
+    dtype = dtype_name(torch_dtype)
     streamed = why_stream(read_recipe(checkpoint)[0], torch_dtype, stream)
     if streamed:
         model, cfg, directory, tok = open_streamed(checkpoint, torch_dtype, dev)

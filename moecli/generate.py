@@ -236,12 +236,13 @@ def _load(checkpoint: str, dtype: str, texts: list[str] | None, tokens: list[int
           device: str = "cpu"):
     """(model, tokenizer, Stops) for generate and generate_prompts; the model on `device` (--device)."""
     dev = resolve_device(device)
-    model, cfg, directory, tok = load_with_tokenizer(checkpoint, load_dtype(dtype))
+    model, cfg, directory, tok = load_with_tokenizer(checkpoint, load_dtype(dtype, checkpoint))
     return model.to(dev), tok, _stops(model, cfg, directory, texts, tokens, ignore_eos)
 
 
 def _settings(temperature: float, top_k: int, top_p: float, dtype: str, stop: Stops, model) -> dict:
     """The sampling settings a result reports."""
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # what auto resolved to
     return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "dtype": dtype, "stop": stop.texts,
             "stop_tokens": stop.tokens, "device": str(model_device(model))}
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .balance import load_health
-from .checkpoint import is_hf_config, load_checkpoint, load_dtype, load_with_tokenizer
+from .checkpoint import dtype_name, is_hf_config, load_checkpoint, load_dtype, load_with_tokenizer
 from .data import JSONL_FIELD, default_batch, default_window, expand_data_args, run_val_split, text_pieces
 from .device import resolve_device
 from .errors import UserError, check_at_least
@@ -220,7 +220,8 @@ def inspect_routing(checkpoint: str, data: list[str], max_tokens: int = 65536, s
     from .checkpoint import read_recipe
     from .layerwise import open_streamed, stream_plan, why_stream
 
-    torch_dtype, dev = load_dtype(dtype), resolve_device(device)
+    torch_dtype, dev = load_dtype(dtype, checkpoint), resolve_device(device)
+    dtype = dtype_name(torch_dtype)
     recipe = read_recipe(checkpoint)[0]
     streamed = why_stream(recipe, torch_dtype, stream)
     if streamed and (named or compare):

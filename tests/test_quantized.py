@@ -87,6 +87,11 @@ def test_fp8_block_scaled_deepseek_v3_reads_as_its_dequantized_weights(tmp_path,
     r = cli("info", tmp_path / "q", "--json")
     assert r.returncode == 0, r.stderr
     assert "float8_e4m3fn" in json.loads(r.stdout)["weights"]["dtypes"]
+    text = tmp_path / "t.txt"
+    text.write_text("block-scaled eight-bit weights\n" * 30)
+    for flags, dtype, d in (((), "bfloat16", "q"), (("--dtype", "float32"), "float32", "q"), ((), "float32", "deq")):
+        r = cli("eval", tmp_path / d, text, *flags, "--json")  # auto: bfloat16 for a quantized checkpoint
+        assert r.returncode == 0 and json.loads(r.stdout)["dtype"] == dtype, r.stderr
 
 
 def test_mxfp4_gpt_oss_experts_read_as_their_dequantized_weights(tmp_path, cli):
