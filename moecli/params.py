@@ -67,16 +67,16 @@ def parameter_report(model: Transformer) -> dict:
 
 
 def recipe_parameter_report(recipe) -> dict:
-    """parameter_report of the recipe's model without building it: one block of each kind (dense, MoE) is
-    built on the meta device and counted, and every layer of that kind counts the same, so a recipe of any
-    depth (100,000 layers) is measured in milliseconds. Equal to parameter_report(meta_model(recipe)) (tested)."""
+    """parameter_report of the recipe's model without building it: one block of each kind (dense or MoE, attention
+    or linear) is built on the meta device and counted, and every layer of that kind counts the same, so a recipe of
+    any depth (100,000 layers) is measured in milliseconds. Equal to parameter_report(meta_model(recipe)) (tested)."""
     from .model import meta_block
 
     m = recipe.model
     rows: dict[bool, dict] = {}
     layers = []
     for i in range(m.n_layers):
-        kind = recipe.is_moe_layer(i)
+        kind = (recipe.is_moe_layer(i), m.layer_type(i) == "linear")  # blocks differ by FFN and by token mixer
         if kind not in rows:
             rows[kind] = _layer_row(meta_block(recipe, i), i, recipe)
         layers.append({**rows[kind], "layer": i, "attention_type": _attention_type(recipe, i)})
