@@ -54,3 +54,13 @@ def test_readme_is_a_guide_and_its_links_resolve():
         for target in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
             if "://" not in target:
                 assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
+
+
+def test_every_package_is_installed():
+    """pyproject's packages list every directory of moecli with an __init__.py (a non-editable install holds only
+    those: moecli.families once went missing, and every Hugging Face checkpoint with it)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "moecli").rglob("__init__.py")}
+    assert found <= listed, f"pyproject.toml [tool.setuptools] packages misses {sorted(found - listed)}"
