@@ -124,6 +124,9 @@ def train(
                                            "validation passes without a lower val loss (0 = never)"),
     precision: Optional[str] = typer.Option(None, "--precision", help="train.precision: fp32 | bf16-mixed "
                                             "(bf16 products, fp32 weights and optimizer)"),
+    activation_checkpointing: Optional[bool] = typer.Option(
+        None, "--activation-checkpointing", help="train.activation_checkpointing: recompute each block's activations "
+        "in the backward instead of keeping them (less memory, for about one more forward)", show_default=False),
     set_: Optional[List[str]] = SET_OPT,
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="A Hugging Face tokenizer.json (default: bytes)."),
     data_weights: Optional[str] = typer.Option(None, "--data-weights", help="Mix the DATA arguments: one sampling "
@@ -155,7 +158,8 @@ def train(
                                  "train.lr": lr, "train.lr_schedule": lr_schedule, "train.seed": seed,
                                  "train.eval_interval": eval_interval,
                                  "train.ckpt_interval": ckpt_interval, "train.precision": precision,
-                                 "train.keep_best": keep_best, "train.patience": patience})
+                                 "train.keep_best": keep_best, "train.patience": patience,
+                                 "train.activation_checkpointing": activation_checkpointing})
         files, recipe_arg = list(data or []), recipe
         # no recipe with --init, and none needed with --resume: there the first argument is DATA too
         # (with --resume, unless it reads as a recipe, which the run's own then replaces)

@@ -256,6 +256,9 @@ class TrainConfig:
     # fp32 | bf16-mixed: forward (and so backward) products in bf16 under autocast, on the CPU's bf16
     # units; weights, gradients, optimizer, router and loss stay fp32 (README "bf16 training")
     precision: str = "fp32"
+    # recompute each block's activations in the backward (torch.utils.checkpoint) instead of keeping them: about one
+    # block's activations held instead of all of them, for about one more forward of compute
+    activation_checkpointing: bool = False
 
     def validate(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "eval_interval", "eval_batches",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from .balance import COEFS
 from .config import Recipe
@@ -194,8 +195,13 @@ class Transformer(nn.Module):
                 raise ValueError(f"KV cache: {cache.pos} + {S} tokens exceed the context ({context})")
             cos, sin = self.rope(cache.pos, S, tokens_BS.device)
         x = self.tok_embeddings(tokens_BS)
+        recompute = self.training and cache is None and self.recipe.train.activation_checkpointing \
+            and torch.is_grad_enabled()
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, None if cache is None else cache.layers[i])
+            if recompute:  # train.activation_checkpointing: the block's activations are recomputed in the backward
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.pos += S
         logits = self.output(self.norm(x))

@@ -724,3 +724,26 @@ def test_init_takes_fine_tuning_defaults_that_keep_a_pretrained_models_loss(tmp_
     assert part["finetune_defaults"] == {"weight_decay": 0.0, "warmup_steps": 1}
     r = cli("train", "--init", tmp_path / "pre", data, "-o", tmp_path / "shown", "--max-steps", "10", "-q")
     assert "fine-tuning defaults" in r.stdout and "lr 2e-05" in r.stdout
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3-next", "gpt-oss"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(name):
+    """train.activation_checkpointing recomputes each block in the backward (routing, the threaded or loop experts,
+    a DeltaNet layer): the loss, the balance losses and every gradient equal the run that keeps the activations."""
+    from moecli.config import apply_overrides, load_recipe
+    from moecli.model import build_model
+
+    x = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    results = []
+    for on in (False, True):
+        model = build_model(apply_overrides(load_recipe(name), {"train.activation_checkpointing": on}), seed=3)
+        model.train()
+        out = model(x)
+        loss = torch.nn.functional.cross_entropy(out.logits_BSV[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        (loss + out.balance_loss).backward()
+        results.append((float(loss), float(out.balance_loss), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                              if p.grad is not None}))
+    (l0, b0, g0), (l1, b1, g1) = results
+    assert l0 == l1 and b0 == pytest.approx(b1, rel=1e-6) and g0.keys() == g1.keys()
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
