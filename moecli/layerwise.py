@@ -11,7 +11,6 @@ each block is read once and every batch's hidden states, kept in a file, pass th
 
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 
 from .checkpoint import CONFIG_FILE, FORMAT, MODEL_FILE, find_checkpoint_dir, read_config
 from .config import recipe_from_dict
-from .st_stream import LazyTensors
+from .st_stream import LazyTensors, byte_view, read_exact
 
 
 class LayerReader:
@@ -142,30 +141,20 @@ class HiddenStore:
         import math
 
         self.shapes, self.dtype = shapes, dtype
-        size = torch.empty((), dtype=dtype).element_size()
         self.offsets = [0]
         for s in shapes:
-            self.offsets.append(self.offsets[-1] + math.prod(s) * size)
+            self.offsets.append(self.offsets[-1] + math.prod(s) * dtype.itemsize)
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
 
     def put(self, b: int, t: torch.Tensor) -> None:
-        t = t.detach().to(self.dtype).contiguous()
-        n = self.offsets[b + 1] - self.offsets[b]
-        view = memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
-        done = 0
-        while done < n:
+        view, done = byte_view(t.detach().to(self.dtype).contiguous()), 0
+        while done < len(view):
             done += os.pwrite(self.fd, view[done:], self.offsets[b] + done)
 
     def get(self, b: int) -> torch.Tensor:
         t = torch.empty(self.shapes[b], dtype=self.dtype)
-        n = self.offsets[b + 1] - self.offsets[b]
-        view = memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B")
-        done = 0
-        while done < n:
-            got = os.preadv(self.fd, [view[done:]], self.offsets[b] + done)
-            if not got:
-                raise OSError("hidden-state file shorter than written")
-            done += got
+        if not read_exact(self.fd, byte_view(t), self.offsets[b]):
+            raise OSError("hidden-state file shorter than written")
         return t
 
     def close(self) -> None:
@@ -179,7 +168,7 @@ def stream_plan(recipe, dtype: torch.dtype, batch_tokens: int) -> dict:
     from .params import recipe_parameter_report
 
     rep = recipe_parameter_report(recipe)
-    item = torch.empty((), dtype=dtype).element_size()
+    item = dtype.itemsize
     m = recipe.model
     largest = max([row["total"] for row in rep["layers"]] + [m.vocab_size * m.d_model]) * item
     k = max(1, recipe.moe.top_k) if recipe.moe.num_experts else 1
@@ -231,7 +220,7 @@ def why_stream(recipe, dtype: torch.dtype, stream: bool) -> str | None:
 
     if stream:
         return "--stream"
-    need = param_counts(recipe)[0] * torch.empty((), dtype=dtype).element_size()
+    need = param_counts(recipe)[0] * dtype.itemsize
     avail = available_memory()
     if avail is not None and need > avail:
         return f"its {need / 2**30:,.1f} GiB of weights exceed the {avail / 2**30:,.1f} GiB of memory available"

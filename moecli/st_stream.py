@@ -41,12 +41,29 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
 
 
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor as a writable memoryview of its own memory (no copy)."""
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B") if n else memoryview(b"")
+
+
+def read_exact(fd: int, view: memoryview, offset: int) -> bool:
+    """Fill ``view`` from file descriptor ``fd`` at ``offset`` (pread: no seek, no mmap); False if the file ends
+    first."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            return False
+        done += got
+    return True
+
+
 def write_tensor(f, t: torch.Tensor) -> None:
     """Write a tensor's bytes to a binary file without an intermediate copy."""
     t = t.detach().cpu().contiguous()
-    n = t.numel() * t.element_size()
-    if n:
-        f.write((ctypes.c_char * n).from_address(t.data_ptr()))
+    if t.numel():
+        f.write(byte_view(t))
 
 
 class SafetensorsWriter:
@@ -176,22 +193,21 @@ class LazyTensors:
         if self.fp8_block and first[0] not in (torch.float32, torch.float16, torch.bfloat16):
             return torch.stack([self.get(n) for n in names]).to(dtype)  # dequantized one by one
         out = torch.empty((len(names), *first[1]), dtype=first[0])
-        for k, name in enumerate(names):
-            f, stored = self.where[name], self.stored.get(name, name)
-            header, base = self._header(f)
-            start, end = header[stored]["data_offsets"]
-            if self.meta(name) != first or end - start != out[k].numel() * out.element_size():
-                return torch.stack([self.get(n) for n in names]).to(dtype)  # mixed tensors: the plain way
-            if end > start:
-                buf = (ctypes.c_char * (end - start)).from_address(out[k].data_ptr())
-                with open(f, "rb", buffering=0) as fh:
-                    fh.seek(base + start)
-                    view, done = memoryview(buf).cast("B"), 0
-                    while done < end - start:
-                        got = fh.readinto(view[done:])
-                        if not got:
-                            raise UserError(f"{f}: truncated: tensor {stored} ends past the file")
-                        done += got
+        fds: dict[Path, int] = {}  # one descriptor per file the stack reads from
+        try:
+            for k, name in enumerate(names):
+                f, stored = self.where[name], self.stored.get(name, name)
+                header, base = self._header(f)
+                start, end = header[stored]["data_offsets"]
+                if self.meta(name) != first or end - start != out[k].numel() * out.element_size():
+                    return torch.stack([self.get(n) for n in names]).to(dtype)  # mixed tensors: the plain way
+                if f not in fds:
+                    fds[f] = os.open(f, os.O_RDONLY)
+                if not read_exact(fds[f], byte_view(out[k]), base + start):
+                    raise UserError(f"{f}: truncated: tensor {stored} ends past the file")
+        finally:
+            for fd in fds.values():
+                os.close(fd)
         return out.to(dtype)
 
     def add_aliases(self, alias) -> "LazyTensors":

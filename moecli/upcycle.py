@@ -101,7 +101,6 @@ class UpcycleOptions:
             self.num_experts = n
         self.num_experts = self.num_experts or 8
         self.top_k = self.top_k or min(2, self.num_experts)
-        check(self.granularity >= 1, "granularity", f"must be >= 1, got {self.granularity}")
         check(self.num_experts % self.granularity == 0, "num_experts",
               f"must be a multiple of granularity ({self.granularity}), got {self.num_experts}")
         check(1 <= self.top_k <= self.num_experts, "top_k",
@@ -114,7 +113,7 @@ class UpcycleOptions:
         if not self.router_init:
             self.router_init = "prompts" if self.experts and all(x.prompts for x in self.experts) else "random"
         for j, x in enumerate(self.experts):
-            check(bool(x.prompts) or self.router_init != "prompts" or not self.experts, f"experts[{j}].prompts",
+            check(bool(x.prompts) or self.router_init != "prompts", f"experts[{j}].prompts",
                   "required with router_init prompts and expert sources (each expert's router rows come from "
                   "its prompts)")
         check(self.router_std > 0, "router_std", f"must be > 0, got {self.router_std}")
@@ -279,7 +278,9 @@ class Producer:
         hidden_dim = 1 if key == "w2" else 0
         Fg = full.shape[hidden_dim] // g
         w = full.narrow(hidden_dim, (e % g) * Fg, Fg)
-        if o.drop_ratio > 0 or o.noise > 0 or (o.shared_experts and key == "w2" and not self.experts):
+        # with a shared expert holding the base's FFN, routed experts copied from it start as a zero residual
+        zero_down = o.shared_experts and key == "w2" and not self.experts
+        if o.drop_ratio > 0 or o.noise > 0 or zero_down:
             w = w.clone()  # changed below; else written as the source's own tensor (a view of it)
         seed = o.seed * 1_000_003 + i * 4099 + e
         if o.drop_ratio > 0:  # Drop-Upcycling: re-draw a random r of the hidden units from the weight's stats
@@ -291,8 +292,8 @@ class Producer:
         if o.noise > 0:
             gen = torch.Generator().manual_seed(seed * 7 + {"w1": 0, "w3": 1, "w2": 2}[key])
             w.add_((torch.randn(w.shape, generator=gen) * o.noise * w.float().std()).to(w.dtype))
-        if o.shared_experts and key == "w2" and not self.experts:
-            w.zero_()  # the shared expert carries the dense FFN; routed experts start as a zero residual
+        if zero_down:
+            w.zero_()
         return w
 
     def moecli_tensor(self, name: str) -> torch.Tensor:
@@ -366,7 +367,7 @@ def expert_prompt_rows(src: DenseSource, layers: list[int], o: UpcycleOptions) -
     hooks = [model.layers[i].ffn_norm.register_forward_hook(
         lambda mod, inp, out, i=i: sums.__setitem__(i, sums[i] + out.reshape(-1, D).float().sum(0))) for i in layers]
 
-    def mean_states(path: str, what: str) -> tuple[dict[int, torch.Tensor], int]:
+    def mean_states(path: str, what: str) -> dict[int, torch.Tensor]:
         n = 0
         for i in layers:
             sums[i] = torch.zeros(D)

@@ -29,6 +29,11 @@ def beyond(recipe, expresses: frozenset | set | tuple = ()) -> list[str]:
     return [what for name, (used, what) in FEATURES.items() if name not in expresses and used(recipe)]
 
 
+def unmet(conditions) -> list[str]:
+    """What a family's cannot_express lists from (holds, what the refusal calls it otherwise) pairs."""
+    return [what for ok, what in conditions if not ok]
+
+
 def shortest_pattern(items: list) -> list:
     """The shortest prefix that repeated gives ``items`` (a recipe's layer_types is a repeating pattern)."""
     for p in range(1, len(items) + 1):

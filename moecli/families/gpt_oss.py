@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from .features import shortest_pattern
+from .features import shortest_pattern, unmet
 
 MODEL_TYPE = "gpt_oss"
 ARCHITECTURE = "GptOssForCausalLM"
@@ -119,18 +119,15 @@ def cannot_express(recipe) -> list[str]:
     from .mixtral import softmax_moe_problems
 
     r, m = recipe.model, recipe.moe
-    problems = softmax_moe_problems(recipe)
-    for ok, what in ((r.attention == "gqa", "MLA"), (not (r.qk_norm or r.qk_norm_full), "q/k norm"),
-                     (r.rope_partial == 1.0, "partial rotary"), (not r.rope_interleave, "interleaved RoPE"),
-                     (m.renormalize, "un-renormalised top-k"), (not m.num_shared_experts, "shared experts"),
-                     (not (m.first_k_dense or m.moe_every_n != 1), "dense layers"),
-                     (r.attention_sinks, "attention without sinks"),
-                     (r.qkv_bias and r.o_bias, "attention without q/k/v/o biases"),
-                     (m.router_bias, "a router without a bias"), (m.expert_ffn_bias, "experts without biases"),
-                     (m.expert_act == "clamped_swiglu", "plain SwiGLU experts")):
-        if not ok:
-            problems.append(what)
-    return problems
+    return softmax_moe_problems(recipe) + unmet((
+        (r.attention == "gqa", "MLA"), (not (r.qk_norm or r.qk_norm_full), "q/k norm"),
+        (r.rope_partial == 1.0, "partial rotary"),
+        (m.renormalize, "un-renormalised top-k"), (not m.num_shared_experts, "shared experts"),
+        (not (m.first_k_dense or m.moe_every_n != 1), "dense layers"),
+        (r.attention_sinks, "attention without sinks"),
+        (r.qkv_bias and r.o_bias, "attention without q/k/v/o biases"),
+        (m.router_bias, "a router without a bias"), (m.expert_ffn_bias, "experts without biases"),
+        (m.expert_act == "clamped_swiglu", "plain SwiGLU experts")))
 
 
 def empty_tensors(recipe, i: int) -> list:

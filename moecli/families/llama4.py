@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from .features import shortest_pattern
+from .features import shortest_pattern, unmet
 
 MODEL_TYPE = "llama4_text"
 ARCHITECTURE = "Llama4ForCausalLM"
@@ -120,21 +120,17 @@ def write_experts(ex, P: str, dtype) -> dict[str, torch.Tensor]:
 
 def cannot_express(recipe) -> list[str]:
     r, m = recipe.model, recipe.moe
-    problems = []
-    for ok, what in ((r.attention == "gqa", "MLA"), (not (r.qk_norm or r.qk_norm_full), "q/k RMSNorm"),
-                     (r.rope_partial == 1.0, "partial rotary"), (r.rope_interleave, "rotate-half RoPE"),
-                     (r.qkv_bias == r.o_bias, "q/k/v biases without an o bias or the reverse"),
-                     (m.score_func == "sigmoid", "softmax scores"), (not m.renormalize, "renormalised top-k"),
-                     (m.weight_input, "output-weighted experts"),
-                     (m.num_shared_experts == 1 and m.shared_hidden == m.expert_ffn,
-                      "other than one shared expert of the routed experts' width"),
-                     (not m.first_k_dense, "dense-first layers"), (m.routed_scaling == 1.0, "routed scaling"),
-                     (not (m.n_groups > 1 and m.topk_groups < m.n_groups), "group-limited routing"),
-                     (m.capacity_factor == 0, "a capacity factor"),
-                     (not m.shared_gate, "a gated shared expert")):
-        if not ok:
-            problems.append(what)
-    return problems
+    return unmet((
+        (r.attention == "gqa", "MLA"), (not (r.qk_norm or r.qk_norm_full), "q/k RMSNorm"),
+        (r.rope_partial == 1.0, "partial rotary"), (r.rope_interleave, "rotate-half RoPE"),
+        (r.qkv_bias == r.o_bias, "q/k/v biases without an o bias or the reverse"),
+        (m.score_func == "sigmoid", "softmax scores"), (not m.renormalize, "renormalised top-k"),
+        (m.weight_input, "output-weighted experts"),
+        (m.num_shared_experts == 1 and m.shared_hidden == m.expert_ffn,
+         "other than one shared expert of the routed experts' width"),
+        (not m.first_k_dense, "dense-first layers"), (m.routed_scaling == 1.0, "routed scaling"),
+        (not (m.n_groups > 1 and m.topk_groups < m.n_groups), "group-limited routing"),
+        (m.capacity_factor == 0, "a capacity factor"), (not m.shared_gate, "a gated shared expert")))
 
 
 def empty_tensors(recipe, i: int) -> list:

@@ -20,11 +20,15 @@ ATTENTION_BIAS = True
 EXPERT_BIAS = False
 
 
-def recipe_parts(cfg: dict, model: dict, count, source: str) -> tuple[dict, dict, dict]:
-    moe = qwen_moe_parts(cfg, model, count, source)
+def shared_expert_parts(cfg: dict, moe: dict) -> dict:
+    """The moe section with the config's sigmoid-gated shared expert (shared_expert_intermediate_size; 0: none);
+    Qwen3-Next's is the same."""
     shared = cfg.get("shared_expert_intermediate_size", 0)
-    if shared:
-        moe.update(num_shared_experts=1, shared_ffn=shared, shared_gate=True)
+    return {**moe, "num_shared_experts": 1, "shared_ffn": shared, "shared_gate": True} if shared else moe
+
+
+def recipe_parts(cfg: dict, model: dict, count, source: str) -> tuple[dict, dict, dict]:
+    moe = shared_expert_parts(cfg, qwen_moe_parts(cfg, model, count, source))
     return ({**model, "qkv_bias": bool(cfg.get("qkv_bias", True))}, moe,
             {"aux_loss_coef": cfg.get("router_aux_loss_coef", 0.0)})
 

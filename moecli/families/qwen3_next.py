@@ -23,9 +23,9 @@ attention without the output gate or q/k norm.
 
 from __future__ import annotations
 
-from .features import shortest_pattern
+from .features import shortest_pattern, unmet
 from .mixtral import softmax_moe_problems
-from .qwen2_moe import name_map as shared_names
+from .qwen2_moe import name_map as shared_names, shared_expert_parts
 from .qwen3_moe import EXPERT_WEIGHTS, MOE_PREFIX, qwen_moe_config, qwen_moe_parts  # noqa: F401 (EXPERT_WEIGHTS)
 
 MODEL_TYPE = "qwen3_next"
@@ -59,11 +59,7 @@ def recipe_parts(cfg: dict, model: dict, count, source: str) -> tuple[dict, dict
              "o_bias": bias, "linear_key_heads": count("linear_num_key_heads"),
              "linear_value_heads": count("linear_num_value_heads"), "linear_key_dim": count("linear_key_head_dim"),
              "linear_value_dim": count("linear_value_head_dim"), "linear_conv": count("linear_conv_kernel_dim")}
-    moe = qwen_moe_parts(cfg, model, count, source)
-    shared = cfg.get("shared_expert_intermediate_size", 0)
-    if shared:
-        moe.update(num_shared_experts=1, shared_ffn=shared, shared_gate=True)
-    return model, moe, {"aux_loss_coef": cfg.get("router_aux_loss_coef", 0.0)}
+    return model, shared_expert_parts(cfg, qwen_moe_parts(cfg, model, count, source)), {"aux_loss_coef": cfg.get("router_aux_loss_coef", 0.0)}
 
 
 def config(recipe) -> dict:
@@ -89,18 +85,14 @@ def name_map(recipe, names: dict[str, str]) -> dict[str, str]:
 
 def cannot_express(recipe) -> list[str]:
     r, m = recipe.model, recipe.moe
-    problems = softmax_moe_problems(recipe)
-    for ok, what in ((r.attention == "gqa", "MLA"), (not set(r.layer_types) - {"linear", "full"},
-                                                     "layers other than linear and full"),
-                     (m.num_shared_experts == 1 and m.shared_gate, "other than one gated shared expert"),
-                     (r.norm_zero_centered, "plain RMSNorm weights (Qwen3-Next's are zero-centred)"),
-                     (r.attention_gate and r.qk_norm and not r.qk_norm_full, "full attention without its output "
-                                                                               "gate and per-head q/k norm"),
-                     (r.qkv_bias == r.o_bias, "q/k/v biases without an o bias or the reverse"),
-                     (not r.rope_interleave, "interleaved RoPE")):
-        if not ok:
-            problems.append(what)
-    return problems
+    return softmax_moe_problems(recipe) + unmet((
+        (r.attention == "gqa", "MLA"),
+        (not set(r.layer_types) - {"linear", "full"}, "layers other than linear and full"),
+        (m.num_shared_experts == 1 and m.shared_gate, "other than one gated shared expert"),
+        (r.norm_zero_centered, "plain RMSNorm weights (Qwen3-Next's are zero-centred)"),
+        (r.attention_gate and r.qk_norm and not r.qk_norm_full,
+         "full attention without its output gate and per-head q/k norm"),
+        (r.qkv_bias == r.o_bias, "q/k/v biases without an o bias or the reverse")))
 
 
 def empty_tensors(recipe, i: int) -> list:
