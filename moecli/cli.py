@@ -139,6 +139,8 @@ def train(
                                        "tokenizer (a moecli or Hugging Face directory, e.g. an upcycled model)."),
     nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes (torch.distributed; gloo on CPU)."),
     expert_parallel: bool = typer.Option(False, "--expert-parallel", help="With --nproc: shard experts over ranks."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="With --nproc: shard parameters, gradients and optimizer state "
+                              "over the ranks (FSDP2, torch.distributed.fsdp.fully_shard)."),
     force: bool = typer.Option(False, "--force", help="Start over in an --output that already holds a run."),
     jsonl_field: str = JSONL_OPT,
     device: str = DEVICE_OPT,
@@ -168,7 +170,8 @@ def train(
             recipe_arg = None
         args = TrainArgs(recipe_arg, files, output, ov, resume, force, tokenizer, quiet,
                          nproc, expert_parallel, init=init, val_data=list(val_data or []), jsonl_field=jsonl_field,
-                         epochs=epochs, data_weights=parse_data_weights(data_weights), device=device)
+                         epochs=epochs, data_weights=parse_data_weights(data_weights), device=device,
+                         fsdp=fsdp)
         with render.TrainProgress(enabled=not quiet and nproc == 1 and not launched) as prog:  # ranks draw their own
             return train_fn(args, progress=prog.update)
 

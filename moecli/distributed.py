@@ -41,6 +41,7 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     expert_parallel: bool = False
+    fsdp: bool = False  # --fsdp: parameters, gradients and optimizer state sharded (shard_model)
 
     @property
     def is_main(self) -> bool:
@@ -49,15 +50,16 @@ class DistInfo:
 
 def current() -> DistInfo:
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), getattr(current, "expert_parallel", False))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), getattr(current, "expert_parallel", False),
+                        getattr(current, "fsdp", False))
     return DistInfo()
 
 
-def init_from_env(expert_parallel: bool = False) -> DistInfo:
+def init_from_env(expert_parallel: bool = False, fsdp: bool = False) -> DistInfo:
     """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun or our spawner)."""
     if not dist.is_initialized():
         dist.init_process_group(BACKEND)
-    current.expert_parallel = expert_parallel
+    current.expert_parallel, current.fsdp = expert_parallel, fsdp
     return current()
 
 
@@ -142,10 +144,18 @@ def expert_params(model) -> set[int]:
 
 @torch.no_grad()
 def sync_gradients(model, info: DistInfo) -> None:
-    """Average replicated parameters' gradients over ranks; scale sharded experts' by 1/world."""
+    """Average replicated parameters' gradients over ranks; scale sharded experts' by 1/world. Under FSDP the
+    backward has reduce-scattered every other gradient already."""
     if info.world == 1:
         return
     sharded = expert_params(model) if info.expert_parallel else set()
+    if info.fsdp:
+        for p in model.parameters():
+            if id(p) in sharded:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.div_(info.world)
+        return
     grads = []
     for p in model.parameters():
         if p.grad is None:
@@ -196,6 +206,15 @@ def global_mean_load(load_E: torch.Tensor) -> torch.Tensor:
     load = load_E.detach().float().clone()
     dist.all_reduce(load)
     return load / dist.get_world_size()
+
+
+def all_gather_int(x: int) -> list[int]:
+    """Every rank's x, in rank order ([x] in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [x]
+    parts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, torch.tensor([x], dtype=torch.int64))
+    return [int(p) for p in parts]
 
 
 def barrier() -> None:
@@ -278,3 +297,63 @@ def expert_parallel_ffn(experts, x_ND: torch.Tensor, counts_E: torch.Tensor, wor
     inv[perm] = torch.arange(perm.numel())
     y_recv = y_local.index_select(0, inv)
     return _AllToAll.apply(y_recv, recv_splits, send_splits)
+
+
+# ---------------------------------------------------------------- FSDP2 (--fsdp)
+
+
+def is_sharded(t) -> bool:
+    """A DTensor: a parameter, gradient or optimizer state FSDP2 shards over the ranks."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (its FSDP shard), or the tensor itself."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def shard_model(model, info: DistInfo) -> None:
+    """--fsdp: torch.distributed.fsdp.fully_shard on each block, then on the whole model (embedding, final norm,
+    head), over a one-dimensional DeviceMesh of all ranks ("dp"). Each rank keeps 1/world of every parameter and
+    of its gradient and optimizer state; a block's parameters are all-gathered for its forward and backward and
+    freed after, and gradients are reduce-scattered (averaged) as the backward goes.
+
+    With --expert-parallel the ranks also form the expert-parallel group: each holds its own experts whole
+    (shard_experts), which FSDP leaves alone (ignored_params); their gradients are sums over every rank's tokens
+    already (the all-to-all's backward) and sync_gradients scales them."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(model_device_type(model), (info.world,), mesh_dim_names=("dp",))
+    ignored = {p for _, moe in model.moe_layers for p in moe.experts.parameters()} if info.expert_parallel else None
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, ignored_params=ignored)
+
+
+def model_device_type(model) -> str:
+    return next(model.parameters()).device.type
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (an all-gather every rank takes part in), or the tensor itself."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def shard_like(full: torch.Tensor, like) -> torch.Tensor:
+    """``full`` (the same on every rank) split as the DTensor ``like`` is: this rank's shard, as a DTensor."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def state_bytes(model, opt) -> int:
+    """Bytes of weights, gradients and optimizer state this rank holds (its shards under FSDP)."""
+    n = 0
+    for p in model.parameters():
+        n += local(p).nbytes + (local(p.grad).nbytes if p.grad is not None else 0)
+    for s in opt.state.values():
+        n += sum(local(v).nbytes for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    return n

@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 from .balance import COEFS
 from .config import Recipe
 from .experts import SwiGLU
+from .loss import head_cross_entropy
 from .moe import MoELayer
 from .attention import ATTENTION, FP32_ATTENTION_BELOW, RMSNorm, attend, make_attention  # noqa: F401 (re-exported)
 from .rope import cos_sin
@@ -111,9 +112,10 @@ class KVCache:
 
 @dataclass
 class ModelOutput:
-    logits_BSV: torch.Tensor
+    logits_BSV: torch.Tensor | None  # None when the forward was given targets: the loss is computed in chunks
     balance_loss: torch.Tensor  # weighted sum of all balance losses over MoE layers (0 if none)
     aux: dict[str, float] = field(default_factory=dict)  # unweighted, averaged over MoE layers
+    ce: torch.Tensor | None = None  # with targets: the mean cross-entropy (loss.head_cross_entropy)
 
 
 class Transformer(nn.Module):
@@ -182,9 +184,11 @@ class Transformer(nn.Module):
         cos, sin = self._rope_cache[key]
         return cos[start: start + S], sin[start: start + S]
 
-    def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None) -> ModelOutput:
+    def forward(self, tokens_BS: torch.Tensor, cache: KVCache | None = None,
+                targets_BS: torch.Tensor | None = None) -> ModelOutput:
         """Logits for every position. With a cache, tokens_BS continues the tokens it holds (positions
-        cache.pos onwards), and the cache is extended with them. The tokens go to the weights' device."""
+        cache.pos onwards), and the cache is extended with them. The tokens go to the weights' device.
+        With targets_BS (training), no logits: their mean cross-entropy, computed in chunks of tokens (ce)."""
         tokens_BS = tokens_BS.to(self.tok_embeddings.weight.device)
         B, S = tokens_BS.shape
         if cache is None:
@@ -204,12 +208,16 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, None if cache is None else cache.layers[i])
         if cache is not None:
             cache.pos += S
-        logits = self.output(self.norm(x))
+        h = self.norm(x)
+        if targets_BS is not None:
+            ce = head_cross_entropy(h.flatten(0, 1), self.output.weight, targets_BS.to(h.device).flatten())
+            return ModelOutput(None, *self._collect_balance(h), ce=ce)
+        logits = self.output(h)
         return ModelOutput(logits, *self._collect_balance(logits))
 
-    def _collect_balance(self, logits) -> tuple[torch.Tensor, dict[str, float]]:
+    def _collect_balance(self, like) -> tuple[torch.Tensor, dict[str, float]]:
         bal = self.recipe.balance
-        total = logits.new_zeros((), dtype=torch.float32)
+        total = like.new_zeros((), dtype=torch.float32)
         sums: dict[str, float] = {}
         layers = self.moe_layers
         for _, moe in layers:

@@ -22,13 +22,13 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .build import prepare_recipe
 from .checkpoint import (CONFIG_FILE, check_values, load_into, load_state_file, load_with_tokenizer, model_state,
@@ -36,14 +36,16 @@ from .checkpoint import (CONFIG_FILE, check_values, load_into, load_state_file, 
 from .balance import load_health
 from .config import Recipe, apply_overrides, recipe_from_dict
 from .data import JSONL_FIELD, eval_windows, load_tokenizer, prepare_tokens, sample_mixed
-from .distributed import (DistInfo, all_max, all_mean, all_sum_, barrier, current, expert_params, gather_experts,
-                          init_from_env, shard_experts, spawn, sync_gradients)
-from .device import check_fits, resolve_device
+from .distributed import (DistInfo, all_gather_int, all_max, all_mean, all_sum_, barrier, current, expert_params, full_tensor,
+                          gather_experts, init_from_env, is_sharded, local, shard_experts, shard_like, shard_model,
+                          spawn, state_bytes, sync_gradients)
+from .device import available_memory, resolve_device, return_freed_memory
 from .errors import Interrupted, RunFailed, UserError
 from .evaluate import evaluate_loss
 from .fileio import (atomic_dir, atomic_write_json, atomic_write_text, check_output, metrics_upto,
                      read_json_object, save_safetensors)
-from .model import Transformer, autocast, build_model, param_counts
+from .model import Transformer, autocast, build_model
+from .train_memory import Layout, describe, peak_rss, training_memory, what_fits
 
 SEED_STRIDE = 1_000_003
 
@@ -69,6 +71,7 @@ class TrainArgs:
     # (None: DATA is one stream; a resumed run keeps the weights in train_state.json unless given again)
     data_weights: list[float] | None = None
     device: str = "cpu"  # --device: where the model trains (cpu, cuda, cuda:N, auto); one process only off the CPU
+    fsdp: bool = False  # --fsdp: shard parameters, gradients and AdamW state over the processes (FSDP2)
 
 
 def parse_data_weights(text: str | None) -> list[float] | None:
@@ -108,7 +111,12 @@ def make_optimizer(model: Transformer, t) -> torch.optim.AdamW:
 
 
 def _fused_kwargs(model) -> dict:
-    """The fused AdamW kernel (one pass over memory) where torch supports it for these parameters."""
+    """The fused AdamW kernel (one pass over memory) where torch supports it for these parameters. FSDP's
+    sharded parameters (DTensors) beside expert parallelism's plain ones cannot share one kernel call: then the
+    single-tensor path."""
+    kinds = {is_sharded(p) for p in model.parameters()}
+    if len(kinds) > 1:
+        return {"foreach": False}
     p = next(model.parameters())
     if p.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) and p.device.type in ("cpu", "cuda"):
         return {"fused": True}
@@ -145,27 +153,35 @@ class RoutingWindow:
 # ---------------------------------------------------------------- checkpoint state
 
 
+def _gathered(t: torch.Tensor, info: DistInfo, expert: bool) -> torch.Tensor | None:
+    """A tensor whole: an expert-parallel block of experts gathered from every rank, or an FSDP shard
+    all-gathered; None on ranks other than 0 for FSDP's, which only rank 0 writes (so no other rank holds a
+    second whole copy of the model). Every rank calls it for the same tensors in the same order."""
+    if expert and info.expert_parallel and info.world > 1:
+        return gather_experts(t, info)
+    if is_sharded(t):
+        full = full_tensor(t)
+        return full if info.is_main else None
+    return t
+
+
 def _full_model_state(model, info: DistInfo) -> dict:
-    """The model state with whole experts (gathered from every rank under EP; every rank takes part)."""
-    sd = model_state(model)
-    if info.expert_parallel and info.world > 1:
-        for name in list(sd):
-            if ".moe.experts." in name:
-                sd[name] = gather_experts(sd[name], info)
-    return sd
+    """The model state with whole experts and whole FSDP-sharded tensors (every rank takes part)."""
+    sd = {name: _gathered(v, info, ".moe.experts." in name) for name, v in model_state(model).items()}
+    return {k: v for k, v in sd.items() if v is not None}
 
 
 def _full_state(model, opt, info: DistInfo) -> tuple[dict, dict]:
-    """Model state and flat optimizer state with whole experts (gathered from every rank under EP)."""
+    """Model state and flat optimizer state, whole (gathered from every rank under EP and FSDP)."""
     sd = _full_model_state(model, info)
     state = opt.state_dict()
-    tensors = {f"{idx}.{k}": v.contiguous() for idx, s in state["state"].items() for k, v in s.items()}
-    if info.expert_parallel and info.world > 1:
-        sharded = _expert_indices(model, opt)
-        for key in list(tensors):
-            idx, what = key.split(".", 1)
-            if int(idx) in sharded and what != "step":
-                tensors[key] = gather_experts(tensors[key], info)
+    sharded = _expert_indices(model, opt) if info.expert_parallel and info.world > 1 else set()
+    tensors = {}
+    for idx, st in state["state"].items():
+        for k, v in st.items():
+            whole = _gathered(v, info, idx in sharded and k != "step")
+            if whole is not None:
+                tensors[f"{idx}.{k}"] = whole.contiguous()
     return sd, {"tensors": tensors, "param_groups": state["param_groups"]}
 
 
@@ -383,7 +399,7 @@ def load_optimizer_state(model, opt, directory: Path, ts: dict, info: DistInfo) 
         if not idx.isdigit() or int(idx) >= len(params) or name not in ADAMW_STATE:
             raise UserError(f"{path}: {key}: not a tensor of this model's optimizer (AdamW, {len(params)} parameters)")
         p, i = params[int(idx)], int(idx)
-        whole = (p.shape[0] * info.world, *p.shape[1:]) if i in sharded else tuple(p.shape)
+        whole = (p.shape[0] * info.world, *p.shape[1:]) if i in sharded else tuple(p.shape)  # a DTensor's: whole
         want = () if name == "step" else whole
         if tuple(v.shape) != want:
             raise UserError(f"{path}: {key} has shape {tuple(v.shape)}; {names.get(id(p), 'its parameter')} "
@@ -391,9 +407,14 @@ def load_optimizer_state(model, opt, directory: Path, ts: dict, info: DistInfo) 
         if i in sharded and name != "step":
             El = v.shape[0] // info.world
             v = v[info.rank * El:(info.rank + 1) * El].clone()
+        elif is_sharded(p) and name != "step":  # FSDP: this rank's shard, as its parameter's
+            v = shard_like(v, p)
         state.setdefault(i, {})[name] = v
+    # how the step is computed (fused, foreach) is this layout's choice (_fused_kwargs), not the checkpoint's
+    groups = [{**g, **{k: cur[k] for k in ("fused", "foreach") if k in cur}} if isinstance(g, dict) else g
+              for g, cur in zip(ts["param_groups"], opt.param_groups)] + ts["param_groups"][len(opt.param_groups):]
     try:
-        opt.load_state_dict({"state": state, "param_groups": ts["param_groups"]})
+        opt.load_state_dict({"state": state, "param_groups": groups})
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{directory / 'train_state.json'}: param_groups: do not fit this model's optimizer "
                         f"({e})") from None
@@ -509,13 +530,34 @@ def setup(args: TrainArgs) -> Setup:
         if recipe.moe.num_experts % args.nproc:
             raise UserError(f"--expert-parallel: num_experts ({recipe.moe.num_experts}) must be divisible by "
                             f"--nproc ({args.nproc})")
+    if args.fsdp and max(args.nproc, int(os.environ.get("WORLD_SIZE", "1"))) < 2:
+        raise UserError("--fsdp shards the model over processes: it needs --nproc 2 or more (or torchrun)")
     if device.type == "cpu":
-        procs = max(args.nproc, int(os.environ.get("WORLD_SIZE", "1")))
-        total, experts = param_counts(recipe)
-        per_proc = total - experts + experts // procs if args.expert_parallel else total
-        check_fits(16 * per_proc * procs, f"{recipe.name}: training's float32 weights, gradients and AdamW state",
-                   "train a smaller model (e.g. --set model.n_layers=... or model.d_model=...)")
+        check_training_fits(recipe, args)
     return Setup(recipe, out, tokenizer, ckpt_dir, resume_state, init_dir, init_state, device, finetune)
+
+
+def train_layout(args: TrainArgs) -> Layout:
+    return Layout(max(args.nproc, int(os.environ.get("WORLD_SIZE", "1"))), args.expert_parallel, args.fsdp)
+
+
+def check_training_fits(recipe, args: TrainArgs) -> None:
+    """Refuse, before anything is allocated, a CPU run whose estimated peak (train_memory: states, bf16 copies and
+    the micro-batch's activations, times the processes on this machine) exceeds the memory available, naming
+    the flags under which it would fit."""
+    layout = train_layout(args)
+    mem = training_memory(recipe, layout)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", layout.procs))
+    avail = available_memory()
+    if avail is None or mem["peak"] * local <= avail:
+        return
+    fits = what_fits(recipe, layout, avail // local)
+    hint = ("it fits with " + ", or ".join(fits)) if fits else (
+        "train a smaller model (e.g. --set model.n_layers=... or model.d_model=...)"
+        + ("" if layout.fsdp else ", or shard it over processes (--nproc N --fsdp)"))
+    per = f" x {local} processes" if local > 1 else ""
+    raise UserError(f"{recipe.name}: training needs about {describe(mem)}{per}, {avail / 2**30:.1f} GiB available "
+                    f"to this process; {hint}")
 
 
 def train(args: TrainArgs, progress=None) -> dict:
@@ -561,7 +603,7 @@ def _tokens(args: TrainArgs, st: Setup):
 def _rank_main(args: TrainArgs) -> dict:
     from .render import TrainProgress
 
-    info = init_from_env(args.expert_parallel)
+    info = init_from_env(args.expert_parallel, args.fsdp)
     with TrainProgress(enabled=info.is_main and not args.quiet) as prog:
         return _train(args, prog.update)
 
@@ -571,9 +613,13 @@ def _rank_main(args: TrainArgs) -> dict:
 
 def _train(args: TrainArgs, progress=None) -> dict:
     info = current()
+    return_freed_memory()  # large freed tensors back to the system at once (device.py: 3 GB less at 692M params)
     st = setup(args)
     recipe, out, tokenizer = st.recipe, st.out, st.tokenizer
     t = recipe.train
+    memory = training_memory(recipe, train_layout(args))
+    if info.is_main and not args.quiet:
+        print(f"memory: about {describe(memory)}", file=sys.stderr, flush=True)
     if t.batch_size % (info.world * t.grad_accum):
         raise UserError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes "
                         f"({info.world}) x train.grad_accum ({t.grad_accum})")
@@ -587,12 +633,15 @@ def _train(args: TrainArgs, progress=None) -> dict:
     model = build_model(recipe)
     if st.init_dir is not None:  # weights only: a new run (fresh optimizer, step 0)
         load_into(model, st.init_state, st.init_dir)
+        st.init_state = None  # copied: its file's mapped pages (counted in RSS) go
     if args.resume:
         load_into(model, load_state_file(st.ckpt_dir / "model.safetensors"), st.ckpt_dir / "model.safetensors")
     device = st.device
     model.to(device)  # before the optimizer, whose state (resumed too) then lives beside the weights
     if info.expert_parallel and info.world > 1:
         shard_experts(model, info)
+    if info.fsdp and info.world > 1:
+        shard_model(model, info)
     for _, moe in model.moe_layers:
         moe.dp_world = info.world
     opt = make_optimizer(model, t)
@@ -631,8 +680,10 @@ def _train(args: TrainArgs, progress=None) -> dict:
                "data_mix": [{"source": src, "weight": w, "train_tokens": tr.numel(),
                              "val_tokens": None if data.val_from_own_text else data.val[i].numel()}
                             for i, (src, w, tr) in enumerate(zip(data.sources, data.weights, data.train))] or None,
-               "processes": info.world, "expert_parallel": info.expert_parallel, "precision": t.precision,
+               "processes": info.world, "expert_parallel": info.expert_parallel, "fsdp": info.fsdp,
+               "precision": t.precision,
                "device": str(device),
+               "memory_estimate": {k: memory[k] for k in ("peak", "states", "bf16_copies", "activations")},
                "init": str(st.init_dir) if st.init_dir is not None else None,
                "finetune_defaults": {k.split(".", 1)[1]: v for k, v in st.finetune.items()} if st.finetune else None}
     local_b = t.batch_size // info.world
@@ -730,6 +781,9 @@ def _train(args: TrainArgs, progress=None) -> dict:
         "final_loss": rec["loss"] if step_times else None, "val_loss": val_loss, "val_loss_by_source": val_by_source,
         "tokens_per_s": (t.batch_size * t.seq_len * len(measured) / sum(measured)) if measured else None,
         "checkpoint": str(out / "checkpoint"), "metrics": str(metrics_path),
+        "peak_rss": peak_rss(),  # this process's, read from the OS (with --nproc: rank 0's)
+        # weights, gradients and AdamW state each rank holds at the end (its shards under --fsdp), measured
+        "state_bytes_per_rank": all_gather_int(state_bytes(model, opt)),
         "best": ({"checkpoint": str(out / "best"), "val_loss": best} if t.keep_best and math.isfinite(best) else None),
         "routing": {i: {"status": h["status"], "max_vio": round(h["max_vio"], 4), "dead": h["dead"]}
                     for i, h in routing["layers"].items()} if routing else None,
@@ -759,8 +813,8 @@ def micro_steps(model, x_BS: torch.Tensor, y_BS: torch.Tensor, accum: int, preci
            "dropped": 0, "assignments": 0}
     for x, y in zip(x_BS.chunk(accum), y_BS.chunk(accum)):
         with autocast(model, precision):
-            res = model(x)
-        ce = F.cross_entropy(res.logits_BSV.flatten(0, 1).float(), y.flatten())
+            res = model(x, targets_BS=y)  # the loss in chunks of tokens, without the batch's logits (loss.py)
+        ce = res.ce
         loss = ce + res.balance_loss
         (loss / accum).backward()
         out["ce"] += float(ce.detach()) / accum
@@ -781,6 +835,14 @@ def clip_gradients(model, info: DistInfo, clip: float) -> torch.Tensor:
     norms are summed over ranks; replicated parameters count once.
     """
     max_norm = clip if clip > 0 else float("inf")
+    if info.fsdp and info.world > 1:  # every rank holds distinct shards (and EP experts): one sum over ranks
+        grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
+        sq = sum((g.double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64))
+        norm = all_sum_(sq.reshape(1))[0].sqrt().float()
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        return norm
     if not (info.expert_parallel and info.world > 1):
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     sharded = expert_params(model)

@@ -71,6 +71,49 @@ def test_ddp_matches_single_process(tmp_path, tiny_recipe, cli):
     assert losses(ep)[-1]["loss"] == pytest.approx(losses(one)[-1]["loss"], rel=1e-4)
 
 
+def test_fsdp_matches_single_process_and_resumes_under_any_layout(tmp_path, tiny_recipe, cli):
+    """--fsdp (FSDP2's fully_shard over gloo) and --fsdp --expert-parallel on 2 processes: the losses of one
+    process (rel 1e-4), each rank holding half the weights, gradients and AdamW state (measured), whole
+    checkpoints; a run resumed under another layout ends as the uninterrupted one does."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"the {i % 17} cats sat on {i % 5} mats\n" for i in range(500)))
+    recipe = tiny_recipe(train={"max_steps": 5, "ckpt_interval": 5, "eval_interval": 5},
+                         balance={"bias_update_rate": 0.01, "aux_loss_coef": 0.1, "z_loss_coef": 0.01})
+    runs = {"one": [], "fsdp": ["--nproc", "2", "--fsdp"], "fsdp_ep": ["--nproc", "2", "--fsdp", "--expert-parallel"]}
+    summaries = {}
+    for name, extra in runs.items():
+        r = cli("train", recipe, corpus, "-o", tmp_path / name, "-q", "--json", *extra)
+        assert r.returncode == 0, r.stderr
+        summaries[name] = json.loads(r.stdout)
+    ref = losses(tmp_path / "one")
+    for name in ("fsdp", "fsdp_ep"):
+        got = losses(tmp_path / name)
+        assert [x["step"] for x in got] == [1, 2, 3, 4, 5]
+        for x, y in zip(got, ref):
+            for k in ("loss", "total_loss", "grad_norm"):
+                assert x[k] == pytest.approx(y[k], rel=1e-4), (name, k)
+        assert got[-1]["val_loss"] == pytest.approx(ref[-1]["val_loss"], rel=1e-4)
+        assert summaries[name]["fsdp"] is True
+        whole = summaries["one"]["state_bytes_per_rank"][0]
+        per_rank = summaries[name]["state_bytes_per_rank"]
+        assert len(per_rank) == 2 and all(0.45 * whole <= b <= 0.55 * whole for b in per_rank), (per_rank, whole)
+        r = cli("eval", tmp_path / name, corpus, "--json")  # a whole checkpoint, read like any other
+        assert r.returncode == 0, r.stderr
+        r1 = cli("eval", tmp_path / "one", corpus, "--json")
+        assert json.loads(r.stdout)["loss"] == pytest.approx(json.loads(r1.stdout)["loss"], rel=1e-4)
+    # resumed under another layout (FSDP's checkpoint in one process, one process's under FSDP + EP): as the
+    # single-process run resumed in one process
+    import shutil
+
+    shutil.copytree(tmp_path / "one", tmp_path / "one_again")
+    for name, extra in (("one_again", []), ("fsdp", []), ("one", runs["fsdp_ep"])):
+        r = cli("train", "-o", tmp_path / name, "--resume", "--max-steps", "7", "-q", *extra)
+        assert r.returncode == 0, r.stderr
+    for name in ("fsdp", "one"):
+        assert [x["loss"] for x in losses(tmp_path / name)] == pytest.approx(
+            [x["loss"] for x in losses(tmp_path / "one_again")], rel=1e-4)
+
+
 def test_nproc_errors(tmp_path, tiny_recipe, cli):
     corpus = tmp_path / "c.txt"
     corpus.write_text("abc " * 2000)
@@ -79,6 +122,8 @@ def test_nproc_errors(tmp_path, tiny_recipe, cli):
     r = cli("train", tiny_recipe(moe={"num_experts": 3, "top_k": 1}), corpus, "-o", tmp_path / "y", "--nproc", "2",
             "--expert-parallel")
     assert r.returncode == 2 and "num_experts (3) must be divisible" in r.stderr
+    r = cli("train", tiny_recipe(), corpus, "-o", tmp_path / "z", "--fsdp")
+    assert r.returncode == 2 and "--fsdp" in r.stderr and "--nproc 2" in r.stderr
 
 
 @pytest.mark.parametrize("expert_parallel", [False, True])

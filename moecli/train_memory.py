@@ -1,0 +1,134 @@
+"""What training needs in memory, per process, before anything is allocated: the check ``moe train`` makes, and
+the figures it prints.
+
+* States: float32 weights, gradients and AdamW's two moments, 16 bytes per parameter, as each process holds them:
+  all of them in data parallelism, 1/N of them under ``--fsdp``, 1/N of the routed experts under
+  ``--expert-parallel``. bf16-mixed adds the forward's 16-bit copies of the weights (2 bytes per parameter
+  each forward holds), all-gathered whole under FSDP one block at a time.
+* Activations of one micro-batch (batch_size / processes / grad_accum sequences): what autograd keeps for the
+  backward, counted per token per layer from the layer's kind (below), the embedding's output, and the head's
+  chunked loss (loss.py). With activation checkpointing each block keeps only its input, and one block at a time
+  is recomputed with its full activations.
+
+The per-layer counts are of the tensors this code's forward saves: an upper bound, since autograd frees early
+ones while the backward runs and the gradients fill in. Measured at the 692M-parameter shape of
+benchmarks/train_real_shape.py (batch 4 x 256, fp32): estimate 12.9 GiB, peak RSS 11.3 GiB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .loss import chunk_tokens
+from .model import param_counts
+
+GiB = 2**30
+STATE_BYTES = 16  # fp32 weight + gradient + AdamW exp_avg + exp_avg_sq
+
+
+@dataclass
+class Layout:
+    """How the run is spread: processes, and what each one holds."""
+    procs: int = 1
+    expert_parallel: bool = False
+    fsdp: bool = False
+
+
+def _attention_elems(r, i: int) -> int:
+    """Values per token the attention part of block i saves: the norm's input and output, q, k, v (and their
+    rotated copies), the attention output and the output projection's."""
+    m = r.model
+    D = m.d_model
+    if m.layer_type(i) == "linear":  # Gated DeltaNet: projections, conv output, q/k/v, gates, norm
+        k, v = m.linear_key_heads * m.linear_key_dim, m.linear_value_heads * m.linear_value_dim
+        return 3 * D + 4 * (2 * k + 2 * v) + 2 * v
+    if m.attention == "mla":
+        H = m.n_heads
+        q = H * (m.qk_nope_head_dim + m.qk_rope_head_dim)
+        return 3 * D + 3 * q + m.kv_lora_rank + 2 * H * (m.qk_nope_head_dim + m.v_head_dim) + H * m.v_head_dim
+    hd = m.head_dim or D // m.n_heads
+    q, kv = m.n_heads * hd, m.n_kv_heads * hd
+    return 3 * D + 3 * q + 3 * kv + q * (2 if m.attention_gate else 1)
+
+
+def _ffn_elems(r, i: int) -> int:
+    """Values per token block i's FFN saves: the norm's, then for a dense FFN gate, up, their product; for an
+    MoE the router's scores, each of the k copies' input, gate, up, silu and product, output and weighted
+    output, the shared expert's, and the combined output."""
+    D = r.model.d_model
+    if not r.is_moe_layer(i):
+        return 3 * D + 4 * r.model.ffn_dim
+    m = r.moe
+    shared = m.shared_ffn or m.expert_ffn * m.num_shared_experts
+    return 3 * D + 4 * m.num_experts + m.top_k * (3 * D + 4 * m.expert_ffn) + (4 * shared + D if shared else 0)
+
+
+def activation_bytes(r, tokens: int) -> int:
+    """Bytes of activations one micro-batch of ``tokens`` tokens keeps for its backward (module docstring)."""
+    m, t = r.model, r.train
+    width = 2 if t.precision == "bf16-mixed" else 4  # products' outputs in bf16; norms and softmax stay fp32
+    per_layer = [(_attention_elems(r, i) + _ffn_elems(r, i)) for i in range(m.n_layers)]
+    if t.activation_checkpointing:
+        body = m.n_layers * m.d_model * 4 + max(per_layer) * width  # block inputs, and one block recomputed
+    else:
+        body = sum(per_layer) * width
+    head = min(tokens, chunk_tokens(m.vocab_size)) * m.vocab_size * 4 * 3  # one chunk: logits, softmax, copy
+    return tokens * (body + 2 * m.d_model * 4) + head + tokens * m.d_model * 8  # + embedding, final norm, dh
+
+
+def training_memory(r, layout: Layout = Layout()) -> dict:
+    """Bytes per process: states, bf16 weight copies, activations; and their total (``peak``)."""
+    total, experts = param_counts(r)
+    n = layout.procs
+    held = total - experts + experts // n if layout.expert_parallel and n > 1 else total
+    if layout.fsdp and n > 1:  # everything 1/N: experts split by expert parallelism, or sharded by FSDP
+        held = total / n
+    states = int(held * STATE_BYTES)
+    copies = 0
+    if r.train.precision == "bf16-mixed":
+        # the forward's bf16 weights: every layer's until the backward has used them; under FSDP only the
+        # layer being computed is whole (its own copy), the rest shards
+        copies = int(2 * (held if not (layout.fsdp and n > 1) else held + total / max(1, r.model.n_layers)))
+    micro = r.train.batch_size // max(1, n) // max(1, r.train.grad_accum)
+    acts = activation_bytes(r, micro * r.train.seq_len)
+    return {"states": states, "bf16_copies": copies, "activations": acts, "peak": states + copies + acts,
+            "micro_batch": micro, "tokens_per_micro_batch": micro * r.train.seq_len}
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes, as the OS counts it (getrusage)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def describe(mem: dict) -> str:
+    """One line: what the estimate is made of."""
+    extra = f" + {mem['bf16_copies'] / GiB:.2f} GiB bf16 weight copies" if mem["bf16_copies"] else ""
+    return (f"{mem['peak'] / GiB:,.2f} GiB per process: {mem['states'] / GiB:,.2f} GiB weights, gradients and AdamW "
+            f"state{extra} + {mem['activations'] / GiB:,.2f} GiB activations ({mem['micro_batch']} x "
+            f"{mem['tokens_per_micro_batch'] // max(1, mem['micro_batch'])} tokens per micro-batch)")
+
+
+def what_fits(r, layout: Layout, avail: int) -> list[str]:
+    """The changes (flags) under which the run's estimate fits in ``avail`` bytes, cheapest first."""
+    from dataclasses import replace
+
+    t = r.train
+    tries = []
+    for accum in (2, 4, 8, 16):
+        if t.batch_size % (layout.procs * t.grad_accum * accum) == 0:
+            tries.append((f"--grad-accum {t.grad_accum * accum}", replace(t, grad_accum=t.grad_accum * accum)))
+    if not t.activation_checkpointing:
+        tries.append(("--activation-checkpointing", replace(t, activation_checkpointing=True)))
+    if t.precision != "bf16-mixed":
+        tries.append(("--precision bf16-mixed", replace(t, precision="bf16-mixed")))
+    for b in (t.batch_size // 2, t.batch_size // 4, t.batch_size // 8):
+        if b >= layout.procs * t.grad_accum and b % (layout.procs * t.grad_accum) == 0:
+            tries.append((f"--batch-size {b}", replace(t, batch_size=b)))
+    fits = []
+    for flag, train in tries:
+        if training_memory(replace(r, train=train), layout)["peak"] <= avail and not any(
+                flag.split()[0] == f.split()[0] for f in fits):
+            fits.append(flag)
+    return fits
