@@ -31,9 +31,11 @@ import torch.nn as nn
 from .errors import Interrupted, RunFailed, UserError
 
 
-# Multi-process training keeps its tensors on the CPU, which nccl cannot carry: gloo even where torch sees
-# a GPU (choosing nccl there made every collective fail).
+# Ranks training on the CPU talk over gloo, also where torch sees a GPU (nccl carries only GPU tensors: choosing
+# it there made every collective fail). Ranks on GPUs (--device cuda, one each) use nccl for GPU tensors and gloo
+# for the CPU ones (the step's logged values, the stop signal).
 BACKEND = "gloo"
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
 
 
 @dataclass
@@ -55,10 +57,11 @@ def current() -> DistInfo:
     return DistInfo()
 
 
-def init_from_env(expert_parallel: bool = False, fsdp: bool = False) -> DistInfo:
-    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun or our spawner)."""
+def init_from_env(expert_parallel: bool = False, fsdp: bool = False, cuda: bool = False) -> DistInfo:
+    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (torchrun or our spawner);
+    ``cuda``: the ranks train on GPUs."""
     if not dist.is_initialized():
-        dist.init_process_group(BACKEND)
+        dist.init_process_group(GPU_BACKEND if cuda else BACKEND)
     current.expert_parallel, current.fsdp = expert_parallel, fsdp
     return current()
 
@@ -346,7 +349,7 @@ def shard_like(full: torch.Tensor, like) -> torch.Tensor:
     """``full`` (the same on every rank) split as the DTensor ``like`` is: this rank's shard, as a DTensor."""
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
 
 
 def state_bytes(model, opt) -> int:

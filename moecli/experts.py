@@ -6,7 +6,9 @@ n one expert's token-copies.
 The grouped experts' activation is SwiGLU, silu(gate) * up, or GPT-OSS's clamped form (``clamped_swiglu``), with
 or without biases on the three projections (GPT-OSS has them); both paths below compute either.
 
-The grouped experts have two CPU paths with the same results: a plain loop over experts
+On a CUDA GPU (compute capability 8.0 or later) with bf16 compute, the grouped experts run as three grouped GEMMs
+(torch._grouped_mm, ``GROUPED_MM``), without copying the row counts to the host. The grouped experts have two CPU
+paths with the same results: a plain loop over experts
 (autograd does the backward), and for big enough layers on more than one intra-op thread
 (16-bit compute, or fp32 training with many experts), experts split over worker threads that
 each run on one core, forward and backward (``_ThreadedSwiGLU``). See ``use_threads``.
@@ -99,16 +101,23 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, w_N: torch.Tensor | None = None) -> torch.Tensor:
         """y_ND for x_ND sorted by expert; with w_N (one combine weight per row), y_ND * w_N."""
+        dtype = use_grouped_mm(x_ND, self.w1_EDF)
+        if dtype is not None:
+            self.last_path = "grouped_mm"
+            return self._grouped(x_ND, counts_E, w_N, dtype)
         counts = counts_E.tolist()
         pad = pad_rows(x_ND, self.w1_EDF)
         dtype = use_threads(x_ND, self.w1_EDF)
-        self.last_path = "loop" if dtype is None else "threaded"
+        serial = dtype is None and use_serial(x_ND, self.w1_EDF)
+        if serial:
+            dtype = torch.float32
+        self.last_path = "serial" if serial else "loop" if dtype is None else "threaded"
         if dtype is not None:
             ws = [w.to(dtype) for w in (self.w1_EDF, self.w3_EDF, self.w2_EFD)]  # no-ops unless autocast
             bs = [None if b is None else b.to(dtype) for b in self.biases()]
             w_N1 = None if w_N is None else w_N.to(dtype).unsqueeze(-1)
             with torch.autocast("cpu", enabled=False):
-                return _ThreadedSwiGLU.apply(x_ND, *ws, w_N1, counts, pad, *bs, self.act)
+                return _ThreadedSwiGLU.apply(x_ND, *ws, w_N1, counts, pad, *bs, self.act, serial)
         # unbind once (not w[e] per expert): its backward stacks the per-expert
         # gradients in one go instead of writing a full zero gradient per expert.
         w1s, w3s, w2s = self.w1_EDF.unbind(0), self.w3_EDF.unbind(0), self.w2_EFD.unbind(0)
@@ -136,6 +145,52 @@ class GroupedExperts(nn.Module):
         y_ND = torch.cat(outs, dim=0)
         # in y's dtype, which is bf16 under autocast (the residual add promotes it back)
         return y_ND if w_N is None else y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
+
+
+    def _grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor, w_N: torch.Tensor | None,
+                 dtype: torch.dtype) -> torch.Tensor:
+        """All experts in three grouped GEMMs (torch._grouped_mm: expert e's rows end at offs[e]); no copy of the
+        counts to the host, so no sync. Products in ``dtype`` (bf16), autograd does the backward."""
+        N = x_ND.shape[0]
+        offs = torch.cumsum(counts_E.to(x_ND.device), 0, dtype=torch.int32)
+        with torch.autocast(x_ND.device.type, enabled=False):
+            x = x_ND.to(dtype)
+            a_NF = torch._grouped_mm(x, self.w1_EDF.to(dtype), offs=offs)
+            b_NF = torch._grouped_mm(x, self.w3_EDF.to(dtype), offs=offs)
+            if self.b1_EF is not None:  # each row's expert's biases, gathered in fp32 so that their gradients
+                # (index's backward, a sum over the expert's rows) accumulate in fp32
+                e_N = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts_E.to(x.device),
+                                              output_size=N)
+                # (index's backward, a sum over the expert's rows) accumulate in fp32; the sums in the dtype the
+                # loop's would be (fp32 for fp32 biases under autocast), where the clamps then decide
+                out = torch.promote_types(dtype, self.b1_EF.dtype)
+                a_NF = (a_NF + self.b1_EF.float()[e_N]).to(out)
+                b_NF = (b_NF + self.b3_EF.float()[e_N]).to(out)
+            y_ND = torch._grouped_mm(self._h(a_NF, b_NF).to(dtype).contiguous(), self.w2_EFD.to(dtype), offs=offs)
+            if self.b2_ED is not None:
+                y_ND = (y_ND + self.b2_ED.float()[e_N]).to(out)
+            return y_ND if w_N is None else y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
+
+
+# None: the grouped GEMM for bf16 compute on a CUDA GPU of compute capability 8.0 or later (where torch has its
+# kernel), the paths below elsewhere; True: wherever torch._grouped_mm runs (the CPU too: tests compare it with
+# the loop there); False: never.
+GROUPED_MM: bool | None = None
+
+
+def use_grouped_mm(x_ND: torch.Tensor, w1_EDF: torch.Tensor) -> torch.dtype | None:
+    """bf16 when the experts take the grouped GEMM path (GROUPED_MM), else None. Needs torch._grouped_mm, bf16
+    compute (autocast's or the weights'), rows (D, F) aligned to 16 bytes, and at least one row."""
+    if GROUPED_MM is False or not hasattr(torch, "_grouped_mm") or x_ND.shape[0] == 0:
+        return None
+    dev = x_ND.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w1_EDF.dtype
+    E, D, F = w1_EDF.shape
+    if dtype != torch.bfloat16 or D % 8 or F % 8:
+        return None
+    if GROUPED_MM is None and not (dev == "cuda" and torch.cuda.get_device_capability(x_ND.device) >= (8, 0)):
+        return None
+    return dtype
 
 
 def threads_from_env() -> bool | None:
@@ -223,7 +278,7 @@ class _ThreadedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_ND, w1_EDF, w3_EDF, w2_EFD, w_N1, counts, pad=False, b1_EF=None, b3_EF=None, b2_ED=None,
-                act=None):
+                act=None, serial=False):
         N, D = x_ND.shape
         x_ND = x_ND.contiguous()
         dtype = w1_EDF.dtype
@@ -264,7 +319,7 @@ class _ThreadedSwiGLU(torch.autograd.Function):
                         saved[e] = (x_mD if m > n or x_mD.dtype != x_ND.dtype else None, a_mF, b_mF, y_nD)
             return run
 
-        pool = cpu_threads.pool()
+        pool = SERIAL_POOL if serial else cpu_threads.pool()
         groups = cpu_threads.split_by_load(counts, pool.num_workers)
         pool.run([job([e for e in g if counts[e] > 0]) for g in groups])
         if keep:  # through autograd's saved tensors, so a second backward fails as usual, not silently
@@ -336,7 +391,37 @@ class _ThreadedSwiGLU(torch.autograd.Function):
             return run
 
         ctx.pool.run([job(g) for g in ctx.groups])
-        return dx_ND, g1_EDF, g3_EDF, g2_EFD, dw_N1, None, None, gb1_EF, gb3_EF, gb2_ED, None
+        return dx_ND, g1_EDF, g3_EDF, g2_EFD, dw_N1, None, None, gb1_EF, gb3_EF, gb2_ED, None, None
+
+
+class _Serial:
+    """A 'pool' of one: every expert in the calling thread, each product on all of torch's intra-op threads
+    (the ``serial`` path: the threaded path's hand-written backward, the loop's parallelism)."""
+    num_workers = 1
+
+    @staticmethod
+    def run(jobs) -> None:
+        for job in jobs:
+            job()
+
+
+SERIAL_POOL = _Serial()
+# None: fp32 training on the CPU that does not take the threaded path takes the serial one (_ThreadedSwiGLU's
+# forward and hand-written backward, experts one after another in this thread) instead of the autograd loop: the
+# loop's backward stacks each expert's weight gradients into new E x D x F tensors, the serial one writes them in
+# place, and it keeps a, b and y per expert only (benchmarks/train_real_shape.py); False: the loop; True: forced.
+SERIAL: bool | None = None
+
+
+def use_serial(x_ND: torch.Tensor, w1_EDF: torch.Tensor) -> bool:
+    """Whether the experts take the serial path (SERIAL): fp32 on the CPU with a backward to come, unless the
+    loop is forced (THREADED False, MOECLI_EXPERT_THREADS=off)."""
+    if SERIAL is not None:
+        return SERIAL and x_ND.device.type == "cpu"
+    mode = THREADED if THREADED is not None else threads_from_env()
+    backward = torch.is_grad_enabled() and (x_ND.requires_grad or w1_EDF.requires_grad)
+    return (mode is not False and backward and x_ND.device.type == "cpu" and compute_dtype(w1_EDF) == torch.float32
+            and x_ND.shape[0] > 0)
 
 
 def _zero_tail(n: int, m: int, like_nD: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -45,7 +45,7 @@ from .evaluate import evaluate_loss
 from .fileio import (atomic_dir, atomic_write_json, atomic_write_text, check_output, metrics_upto,
                      read_json_object, save_safetensors)
 from .model import Transformer, autocast, build_model
-from .train_memory import Layout, describe, peak_rss, training_memory, what_fits
+from .train_memory import Layout, current_rss, describe, peak_rss, training_memory, what_fits
 
 SEED_STRIDE = 1_000_003
 
@@ -510,9 +510,15 @@ def setup(args: TrainArgs) -> Setup:
     if args.nproc < 1:
         raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
     device = resolve_device(args.device)
-    if device.type != "cpu" and (args.nproc > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        raise UserError(f"--device {args.device}: several processes (--nproc, torchrun) train on the CPU only; "
-                        "give --device cpu, or one process")
+    procs = max(args.nproc, int(os.environ.get("WORLD_SIZE", "1")))
+    if device.type != "cpu" and procs > 1:  # one GPU per rank, chosen by LOCAL_RANK (nccl, gloo for CPU tensors)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", procs))
+        if device.index is not None:
+            raise UserError(f"--device {args.device}: several processes (--nproc, torchrun) take one GPU each, by "
+                            "LOCAL_RANK; give --device cuda")
+        if torch.cuda.device_count() < local:
+            raise UserError(f"--device {args.device}: {local} processes on this machine need a GPU each; torch sees "
+                            f"{torch.cuda.device_count()} (give --nproc {torch.cuda.device_count()}, or --device cpu)")
     if args.data_weights is not None and args.data:
         if len(args.data_weights) != len(args.data):
             raise UserError(f"--data-weights: {len(args.data_weights)} weights for {len(args.data)} DATA arguments; "
@@ -603,7 +609,8 @@ def _tokens(args: TrainArgs, st: Setup):
 def _rank_main(args: TrainArgs) -> dict:
     from .render import TrainProgress
 
-    info = init_from_env(args.expert_parallel, args.fsdp)
+    info = init_from_env(args.expert_parallel, args.fsdp, cuda=args.device.strip().lower() not in ("cpu", "auto")
+                         or (args.device.strip().lower() == "auto" and torch.cuda.is_available()))
     with TrainProgress(enabled=info.is_main and not args.quiet) as prog:
         return _train(args, prog.update)
 
@@ -618,6 +625,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
     recipe, out, tokenizer = st.recipe, st.out, st.tokenizer
     t = recipe.train
     memory = training_memory(recipe, train_layout(args))
+    rss_at_start = current_rss()  # before the model: what the estimate adds to
     if info.is_main and not args.quiet:
         print(f"memory: about {describe(memory)}", file=sys.stderr, flush=True)
     if t.batch_size % (info.world * t.grad_accum):
@@ -637,6 +645,9 @@ def _train(args: TrainArgs, progress=None) -> dict:
     if args.resume:
         load_into(model, load_state_file(st.ckpt_dir / "model.safetensors"), st.ckpt_dir / "model.safetensors")
     device = st.device
+    if device.type == "cuda" and info.world > 1:  # this rank's own GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     model.to(device)  # before the optimizer, whose state (resumed too) then lives beside the weights
     if info.expert_parallel and info.world > 1:
         shard_experts(model, info)
@@ -781,7 +792,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
         "final_loss": rec["loss"] if step_times else None, "val_loss": val_loss, "val_loss_by_source": val_by_source,
         "tokens_per_s": (t.batch_size * t.seq_len * len(measured) / sum(measured)) if measured else None,
         "checkpoint": str(out / "checkpoint"), "metrics": str(metrics_path),
-        "peak_rss": peak_rss(),  # this process's, read from the OS (with --nproc: rank 0's)
+        "peak_rss": peak_rss(), "rss_at_start": rss_at_start,  # this process's (with --nproc: rank 0's), from the OS
         # weights, gradients and AdamW state each rank holds at the end (its shards under --fsdp), measured
         "state_bytes_per_rank": all_gather_int(state_bytes(model, opt)),
         "best": ({"checkpoint": str(out / "best"), "val_loss": best} if t.keep_best and math.isfinite(best) else None),

@@ -95,6 +95,17 @@ def training_memory(r, layout: Layout = Layout()) -> dict:
             "micro_batch": micro, "tokens_per_micro_batch": micro * r.train.seq_len}
 
 
+def current_rss() -> int:
+    """This process's resident memory now, in bytes (VmRSS; 0 where /proc is not there)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def peak_rss() -> int:
     """This process's peak resident memory so far, in bytes, as the OS counts it (getrusage)."""
     import resource

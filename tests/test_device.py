@@ -1,4 +1,4 @@
-"""--device: names resolved or refused in one line; several processes only on the CPU; results report it.
+"""--device: names resolved or refused in one line; several processes one GPU each; results report it.
 
 No GPU is lent to these tests: what runs here is the CPU path and the checks; a GPU's own run is not
 tested (README, "Known limits")."""
@@ -34,14 +34,19 @@ def test_gpu_names_follow_what_torch_sees(monkeypatch):
         resolve_device("cuda:1")
 
 
-def test_several_processes_train_on_the_cpu_only(tmp_path, tiny_recipe, monkeypatch):
+def test_several_processes_take_one_gpu_each(tmp_path, tiny_recipe, monkeypatch):
+    """--nproc N --device cuda: one GPU per rank by LOCAL_RANK; a GPU named by index, or fewer GPUs than local
+    ranks, is refused in one line before anything starts."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    with pytest.raises(UserError, match=r"--device cuda: several processes \(--nproc, torchrun\) train on the CPU"):
-        setup(TrainArgs(str(tiny_recipe()), [], tmp_path / "run", nproc=2, device="cuda"))
-    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun
-    with pytest.raises(UserError, match="several processes"):
-        setup(TrainArgs(str(tiny_recipe()), [], tmp_path / "run", device="auto"))
+    assert setup(TrainArgs(str(tiny_recipe()), [], tmp_path / "run", nproc=2, device="cuda")).device.type == "cuda"
+    with pytest.raises(UserError, match=r"--device cuda: 3 processes on this machine need a GPU each; torch sees 2"):
+        setup(TrainArgs(str(tiny_recipe()), [], tmp_path / "run", nproc=3, device="cuda"))
+    with pytest.raises(UserError, match=r"--device cuda:1: several processes .* take one GPU each"):
+        setup(TrainArgs(str(tiny_recipe()), [], tmp_path / "run", nproc=2, device="cuda:1"))
+    monkeypatch.setenv("WORLD_SIZE", "4")  # under torchrun, two nodes of two
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert setup(TrainArgs(str(tiny_recipe()), [], tmp_path / "run", device="auto")).device.type == "cuda"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch sees no GPU")

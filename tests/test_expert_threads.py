@@ -364,3 +364,45 @@ def test_threaded_equals_loop_with_biases_and_the_clamped_swiglu(two_threads, dt
     for a, b in zip(out[False], out[True]):
         torch.testing.assert_close(a.float(), b.float(), **tol)
     assert out[True][-3][1].abs().max() == 0  # no tokens: zero bias gradient
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "biases_clamped"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_grouped_mm_path_equals_the_loop(kind, autocast):
+    """The GPU path (experts.GROUPED_MM: three torch._grouped_mm calls, biases gathered per row) run on the CPU,
+    where torch has the op too: output and every gradient equal the loop's to bf16 rounding, with an expert
+    that gets no rows; under autocast from fp32 weights too. On CUDA it is chosen by itself (gpu_check.sh)."""
+    torch.manual_seed(0)
+    counts = torch.tensor([40, 0, 17, 1, 33])
+    biased = kind != "swiglu"
+    ex = X.GroupedExperts(len(counts), 32, 48, bias=biased, act="clamped_swiglu" if biased else "swiglu", limit=0.5)
+    if biased:
+        with torch.no_grad():
+            for b in ex.biases():
+                b.normal_(0, 0.5)
+    if not autocast:
+        ex = ex.to(torch.bfloat16)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    x = torch.randn(int(counts.sum()), 32, dtype=dtype, requires_grad=True)
+    w = torch.rand(len(x), requires_grad=True)
+    g = torch.randn(len(x), 32)
+    out = {}
+    try:
+        for grouped in (False, True):
+            X.GROUPED_MM = grouped
+            x.grad = w.grad = None
+            ex.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                assert (X.use_grouped_mm(x, ex.w1_EDF) is not None) == grouped
+                y = ex(x, counts, w)
+            assert ex.last_path == ("grouped_mm" if grouped else "loop")
+            y.backward(g.to(y.dtype))
+            params = [ex.w1_EDF, ex.w3_EDF, ex.w2_EFD, *(ex.biases() if biased else ())]
+            out[grouped] = [y.detach(), x.grad, w.grad] + [p.grad for p in params]
+    finally:
+        X.GROUPED_MM = None
+    for a, b in zip(out[False], out[True]):  # to bf16 rounding of the largest value (sums of bf16 terms cancel)
+        assert float((b.float() - a.float()).abs().max()) <= 2e-2 * float(a.float().abs().max())
+    assert out[True][3][1].abs().max() == 0  # the expert without rows: a zero gradient
+    X.GROUPED_MM = None
+    assert X.use_grouped_mm(x, ex.w1_EDF) is None  # chosen by itself only on a GPU

@@ -747,3 +747,81 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(name):
     assert l0 == l1 and b0 == pytest.approx(b1, rel=1e-6) and g0.keys() == g1.keys()
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_the_chunked_head_loss_equals_the_logits_cross_entropy(monkeypatch, tied, precision):
+    """Training's loss (loss.head_cross_entropy: the head and its cross-entropy a chunk of tokens at a time, the
+    gradients computed in the forward) against F.cross_entropy over the whole batch's logits: the loss and every
+    parameter's gradient, under gradient accumulation's 1/accum, with 13-token chunks (several per batch)."""
+    from moecli import loss as L
+    from moecli.config import apply_overrides, load_recipe
+    from moecli.model import autocast, build_model
+
+    monkeypatch.setattr(L, "CHUNK_ELEMENTS", 13 * 256)
+    assert L.chunk_tokens(256) == 13
+    recipe = apply_overrides(load_recipe("mixtral"), {"model.tie_embeddings": tied})
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 256, (3, 40), generator=g), torch.randint(0, 256, (3, 40), generator=g)
+    results = []
+    for chunked in (False, True):
+        model = build_model(recipe, seed=1)
+        model.train()
+        with autocast(model, precision):
+            out = model(x, targets_BS=y) if chunked else model(x)
+        ce = out.ce if chunked else torch.nn.functional.cross_entropy(out.logits_BSV.flatten(0, 1).float(), y.flatten())
+        assert (out.logits_BSV is None) == chunked
+        ((ce + out.balance_loss) / 2).backward()
+        results.append((float(ce), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    tol = 1e-5 if precision == "fp32" else 1e-2
+    assert l1 == pytest.approx(l0, rel=tol)
+    for n in g0:  # to rounding of each gradient's largest value
+        assert float((g1[n] - g0[n]).abs().max()) <= tol * float(g0[n].abs().max()) + 1e-9, n
+
+
+def test_the_memory_estimate_bounds_a_real_run(tmp_path, cli):
+    """moe train's estimate (train_memory: states + activations of a micro-batch) against the peak RSS the OS
+    reports for the run, above the process's RSS before the model: within 1.1x, and not over twice the need."""
+    import yaml
+
+    recipe = tmp_path / "mid.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "mid", "model": {"n_layers": 4, "d_model": 256, "n_heads": 4, "n_kv_heads": 2, "context": 256},
+        "moe": {"num_experts": 8, "top_k": 2, "expert_ffn": 512}, "balance": {"aux_loss_coef": 0.01},
+        "train": {"batch_size": 16, "seq_len": 256, "max_steps": 3, "eval_interval": 100, "eval_batches": 1}}))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"the {i % 17} cats sat on {i % 5} mats\n" for i in range(3000)))
+    r = cli("train", recipe, corpus, "-o", tmp_path / "run", "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    est, used = res["memory_estimate"]["peak"], res["peak_rss"] - res["rss_at_start"]
+    assert "memory: about" in r.stderr and "GiB activations (16 x 256 tokens per micro-batch)" in r.stderr
+    assert 0.5 * est <= used <= 1.1 * est, (used / 2**20, est / 2**20)
+
+
+def test_the_memory_check_names_the_flags_that_fit(tmp_path, tiny_recipe, monkeypatch):
+    """A run whose estimate exceeds the memory available is refused before anything is allocated, naming the
+    flags under which it would fit; each named change really fits by the same estimate."""
+    import dataclasses
+
+    from moecli import train as T
+    from moecli.config import load_recipe
+    from moecli.errors import UserError
+    from moecli.train_memory import Layout, training_memory, what_fits
+
+    recipe = tiny_recipe(model={"vocab_size": 512, "n_layers": 8}, train={"batch_size": 32, "seq_len": 64})
+    r = load_recipe(str(recipe))
+    need = training_memory(r)
+    assert training_memory(r, Layout(2, False, True))["states"] == pytest.approx(need["states"] / 2, rel=1e-6)
+    ckpt = dataclasses.replace(r, train=dataclasses.replace(r.train, activation_checkpointing=True))
+    assert training_memory(ckpt)["activations"] < need["activations"] / 2
+    room = need["states"] + need["activations"] // 2
+    monkeypatch.setattr(T, "available_memory", lambda: room)
+    with pytest.raises(UserError, match=r"tiny: training needs about .* GiB activations \(32 x 64 tokens per "
+                                        r"micro-batch\), .* available to this process; it fits with --grad-accum"):
+        T.setup(T.TrainArgs(str(recipe), [], tmp_path / "run"))
+    fits = what_fits(r, Layout(), room)
+    assert "--activation-checkpointing" in fits
+    assert not (tmp_path / "run").exists()
