@@ -10,11 +10,14 @@ moecli checkpoint and, exported, as a Mixtral directory. Then, in fresh processe
 * moecli: `moe train --init CKPT` on ../shared/data/austen.txt (byte tokens) at batch 4 x 256, the real command
   with its token cache, validation pass and final checkpoint (weights + optimizer: 8.3 GB written);
 * transformers: MixtralForCausalLM.from_pretrained(the export) in float32, the same AdamW (fused), the same
-  learning rate, clipping and aux-loss coefficient, the loss from its logits, windows of the same tokens.
+  learning rate, clipping and aux-loss coefficient, the loss from its logits, windows of the same tokens; once as
+  it comes and once with THP_MEM_ALLOC_ENABLE=1 (torch's huge-page switch, which `moe` sets for itself).
 Per run: tokens/s over the steps after the first, peak RSS (VmHWM, from the OS) and the peak anonymous memory
 (RssAnon sampled every 20 ms). moecli's memory estimate (moecli/train_memory.py) is printed beside its peak.
 Before the runs, torch.mm's float32 peak on this machine: the best of square and the model's own product shapes;
 the fp32 runs' model FLOP/s (6 x active matmul parameters + attention, per token) are given as a share of it.
+bf16-mixed is skipped, with the reason recorded, where a bf16 product of the experts' shape runs under half as fast
+as the fp32 one (a CPU without bf16 units, where a step takes minutes); --force-bf16 runs it anyway.
 
 transformers is a test dependency only (pip install -e ".[test]"). Targets (issue 26): >= 1.5x transformers'
 tokens/s, >= 70% of the mm peak in fp32, <= 0.8x its peak memory, peak <= 1.1 x moecli's estimate.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -89,7 +93,17 @@ def mm_peak() -> dict:
             a @ b
             times.append(time.perf_counter() - t0)
         out[f"{m}x{k}x{n}"] = 2 * m * k * n / statistics.median(times) / 1e9
-    return {"gflops": out, "peak_gflops": max(out.values())}
+    bf16 = {}
+    m, k, n = BATCH * SEQ, 576, 1536  # the experts' and the dense FFN's product shape, in bf16
+    a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+    times = []
+    for i in range(5):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    bf16[f"{m}x{k}x{n}"] = 2 * m * k * n / statistics.median(times[1:]) / 1e9
+    return {"gflops": out, "peak_gflops": max(out.values()), "bf16_gflops": bf16,
+            "bf16_over_fp32": bf16[f"{m}x{k}x{n}"] / out[f"{m}x{k}x{n}"]}
 
 
 def flops_per_token(r) -> float:
@@ -174,9 +188,16 @@ def child_transformers(work: Path, precision: str, steps: int) -> dict:
 
 
 def run_child(kind: str, work: Path, precision: str, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, "--work", str(work), "--precisions", precision,
+    """One run in a fresh process. moecli's with THP_MEM_ALLOC_ENABLE=1, as the `moe` command sets it (moecli's
+    __init__; this script imports torch first); transformers' as it comes, and ("transformers_thp") with the same
+    setting, which any torch program can take."""
+    cmd = [sys.executable, __file__, "--child", kind.split("_")[0], "--work", str(work), "--precisions", precision,
            "--steps", str(steps)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    env.pop("THP_MEM_ALLOC_ENABLE", None)
+    if kind in ("moecli", "transformers_thp"):
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         sys.exit(f"error: the {kind} run failed:\n{p.stderr[-3000:]}")
     res = json.loads(p.stdout.strip().splitlines()[-1])
@@ -192,6 +213,8 @@ def main() -> None:
     ap.add_argument("--precisions", default="fp32,bf16-mixed")
     ap.add_argument("--work", type=Path)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--force-bf16", action="store_true",
+                    help="run bf16-mixed even where this CPU's bf16 products are over 2x slower than fp32's")
     ap.add_argument("--child", choices=["moecli", "transformers"])
     a = ap.parse_args()
     if a.child:
@@ -209,28 +232,40 @@ def main() -> None:
     peak = mm_peak()
     fpt = flops_per_token(r)
     runs: dict = {}
+    precisions, skipped = a.precisions.split(","), {}
+    if "bf16-mixed" in precisions and peak["bf16_over_fp32"] < 0.5 and not a.force_bf16:
+        # a CPU without bf16 units emulates them: a step takes minutes, and measures the emulation, not training
+        skipped["bf16-mixed"] = (f"bf16 products run at {peak['bf16_over_fp32']:.2f}x fp32's here (no bf16 units); "
+                                 "--force-bf16 runs it anyway")
+        precisions.remove("bf16-mixed")
+        print(f"bf16-mixed skipped: {skipped['bf16-mixed']}", file=sys.stderr, flush=True)
     for rnd in range(a.rounds):
-        for precision in a.precisions.split(","):
-            order = ("moecli", "transformers") if rnd % 2 == 0 else ("transformers", "moecli")
+        for precision in precisions:
+            order = ("moecli", "transformers", "transformers_thp")
+            order = order if rnd % 2 == 0 else order[::-1]
             for kind in order:
                 runs.setdefault(precision, {}).setdefault(kind, []).append(run_child(kind, work, precision, a.steps))
     summary = {}
     for precision, by in runs.items():
         med = {k: {f: statistics.median(x[f] for x in v) for f in ("tokens_per_s", "peak_rss", "peak_anon")}
                for k, v in by.items()}
-        ours, theirs = med["moecli"], med["transformers"]
+        ours, theirs, thp = med["moecli"], med["transformers"], med["transformers_thp"]
         est = by["moecli"][0]["estimate"]
         s = {"speedup": ours["tokens_per_s"] / theirs["tokens_per_s"],
+             "speedup_vs_transformers_thp": ours["tokens_per_s"] / thp["tokens_per_s"],
              "peak_rss_ratio": ours["peak_rss"] / theirs["peak_rss"],
+             "peak_rss_ratio_vs_transformers_thp": ours["peak_rss"] / thp["peak_rss"],
              "peak_anon_ratio": ours["peak_anon"] / theirs["peak_anon"],
              "moecli_peak_over_estimate": ours["peak_rss"] / est["peak"],
+             "moecli_peak_over_states_and_saved_activations":
+                 ours["peak_rss"] / (est["states"] + est["bf16_copies"] + est["saved_for_backward"]),
              "moecli_peak_over_states": ours["peak_rss"] / est["states"]}
         if precision == "fp32":
-            s["moecli_share_of_mm_peak"] = ours["tokens_per_s"] * fpt / 1e9 / peak["peak_gflops"]
-            s["transformers_share_of_mm_peak"] = theirs["tokens_per_s"] * fpt / 1e9 / peak["peak_gflops"]
+            for k, v in (("moecli", ours), ("transformers", theirs), ("transformers_thp", thp)):
+                s[f"{k}_share_of_mm_peak"] = v["tokens_per_s"] * fpt / 1e9 / peak["peak_gflops"]
         summary[precision] = s
     emit({"params": total, "batch": [BATCH, SEQ], "steps": a.steps, "rounds": a.rounds, "flops_per_token": fpt,
-          "mm": peak, "summary": summary, "runs": runs, "torch": torch.__version__}, a.out)
+          "mm": peak, "summary": summary, "skipped": skipped, "runs": runs, "torch": torch.__version__}, a.out)
     if tmp:
         tmp.cleanup()
 

@@ -11,5 +11,10 @@ import os
 # They must be set before torch loads MKL, so here; values the user set are kept.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+# Tensors of 2 MiB and more on transparent huge pages (torch's own switch, read when it first allocates): a
+# training step's activations and gradients are GBs of memory touched anew, and each 4 KiB page is a fault.
+# Measured at 692M parameters (benchmarks/train_real_shape.py): 101.6 tokens/s with it, 80.6 without, peak RSS
+# 12.96 vs 12.80 GiB. Where the kernel's THP setting is "never" it does nothing.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 __version__ = "0.1.0"

@@ -119,17 +119,18 @@ def check_fits(num_bytes: int, what: str, hint: str) -> None:
 
 # glibc's malloc serves allocations below its mmap threshold from its heap, and raises that threshold (up to 32 MiB)
 # to the size of each mmap'd block freed: after the first steps, training's activations and gradients (MBs each)
-# all come from the heap, where freed blocks stay with the process for reuse, fragmented. Measured on a 692M-parameter
-# MoE (benchmarks/train_real_shape.py): peak RSS 14.1 GiB, 3.8 GiB above weights, gradients and AdamW's state
-# (10.3 GiB); with the threshold fixed at 1 MiB, every block that size or larger is returned to the system when freed
-# and the peak was 11.3 GiB, at the same step time.
+# all come from the heap, where freed blocks stay with the process for reuse, fragmented. Fixing the threshold at
+# 1 MiB returns every block that size or larger to the system when it is freed, at the cost of faulting its pages in
+# again on the next use. Measured on a 692M-parameter MoE (benchmarks/train_real_shape.py, fp32, 2 cores), with
+# gradients freed each step: peak RSS 11.5 GiB and 61 tokens/s with it; 13.5 GiB and about 80 tokens/s without.
+# So training uses it only when memory is short (train.LEAN_ABOVE); otherwise it keeps its gradients (faster).
 MMAP_THRESHOLD = 1 << 20
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
 def return_freed_memory() -> bool:
     """Fix glibc's mmap threshold at MMAP_THRESHOLD so large freed tensors go back to the system at once (see
-    above); False where the C library is not glibc (nothing changes). MALLOC_MMAP_THRESHOLD_ in the environment,
+    above), for the rest of the process; False where the C library is not glibc (nothing changes). MALLOC_MMAP_THRESHOLD_ in the environment,
     a user's own choice, is left alone."""
     import ctypes
     import ctypes.util

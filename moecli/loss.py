@@ -29,12 +29,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
     the softmax in fp32."""
 
     @staticmethod
-    def forward(ctx, h_TD, w_VD, y_T, dtype, chunk):
+    def forward(ctx, h_TD, w_VD, y_T, dtype, chunk, grad):
         T = h_TD.shape[0]
         hc, wc = h_TD.to(dtype), w_VD.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=h_TD.device)
-        gh_TD = torch.empty_like(h_TD) if ctx.needs_input_grad[0] else None
-        gw_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if ctx.needs_input_grad[1] else None
+        gh_TD = torch.empty_like(h_TD) if grad and ctx.needs_input_grad[0] else None
+        gw_VD = (torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
+                 if grad and ctx.needs_input_grad[1] else None)
         for s in range(0, T, chunk):
             h_CD, y_C = hc[s:s + chunk], y_T[s:s + chunk]
             logits_CV = (h_CD @ wc.t()).float()
@@ -54,15 +55,17 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        gh_TD, gw_VD = ctx.saved_tensors
-        return (None if gh_TD is None else gh_TD * g.to(gh_TD.dtype),
-                None if gw_VD is None else (gw_VD * g).to(ctx.w_dtype), None, None, None)
+        gh_TD, gw_VD = ctx.saved_tensors  # scaled in place: they are this backward's own, used once
+        return (None if gh_TD is None else gh_TD.mul_(g.to(gh_TD.dtype)),
+                None if gw_VD is None else gw_VD.mul_(g).to(ctx.w_dtype), None, None, None, None)
 
 
 def head_cross_entropy(h_TD: torch.Tensor, w_VD: torch.Tensor, y_T: torch.Tensor, chunk: int = 0) -> torch.Tensor:
     """The mean cross-entropy of the head w_VD (logits h @ w^T) against targets y_T, one chunk of tokens at a
-    time (``chunk`` tokens; 0: chunk_tokens(V)). Under autocast the products are in its dtype, as a Linear's."""
+    time (``chunk`` tokens; 0: chunk_tokens(V)). Under autocast the products are in its dtype, as a Linear's.
+    Under no_grad (validation, eval) only the loss: no gradient is computed."""
     dev = h_TD.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h_TD.dtype
     with torch.autocast(dev, enabled=False):
-        return _HeadCrossEntropy.apply(h_TD, w_VD, y_T, dtype, chunk or chunk_tokens(w_VD.shape[0]))
+        return _HeadCrossEntropy.apply(h_TD, w_VD, y_T, dtype, chunk or chunk_tokens(w_VD.shape[0]),
+                                       torch.is_grad_enabled())

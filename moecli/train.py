@@ -123,6 +123,48 @@ def _fused_kwargs(model) -> dict:
     return {"foreach": True}
 
 
+class KeptGradients:
+    """Gradients allocated once and zeroed in place each step, where ``zero_grad(set_to_none=True)`` would free
+    them and the backward allocate them again: 2.6 GB of new pages per step at 692M parameters, page-faulted in and
+    fragmenting the heap between the activations (benchmarks/README.md, training at real sizes). A parameter the
+    step's backward did not reach gets None before the optimizer sees it, as with set_to_none, so AdamW skips it
+    as before and the numbers are the same. One process, not FSDP (whose gradients are its own)."""
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.reached: set[int] = set()
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(lambda q: self.reached.add(id(q)))
+
+    def zero(self) -> None:
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()
+        self.reached.clear()
+
+    def drop_unreached(self) -> None:
+        for p in self.params:
+            if id(p) not in self.reached:
+                p.grad = None
+
+
+def create_optimizer_state(opt: torch.optim.Optimizer, kept: KeptGradients) -> None:
+    """AdamW's state made before the first step's activations, not after them into the heap they fragment: one
+    step of torch's own code at learning rate 0 on zero gradients (weights unchanged: decay x(1 - 0), update 0),
+    then its step counts back to 0, so the state is what AdamW's first real step would have made."""
+    kept.zero()
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    opt.step()
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+    for state in opt.state.values():
+        state["step"].zero_()
+
+
 class RoutingWindow:
     """Expert loads summed since the last validation pass: dead experts and collapse show over a window,
     not in one step's batch."""
@@ -547,6 +589,20 @@ def train_layout(args: TrainArgs) -> Layout:
     return Layout(max(args.nproc, int(os.environ.get("WORLD_SIZE", "1"))), args.expert_parallel, args.fsdp)
 
 
+LEAN_ABOVE = 0.8  # of the memory available: above it, training trades speed for a lower peak (_lean)
+
+
+def _lean(memory: dict, device: torch.device, world: int) -> bool:
+    """Whether a CPU run's estimate is close enough to the memory available (per process on this machine) that
+    it should free its gradients each step and return freed blocks to the system: at 692M parameters, a peak of
+    11.5 GiB instead of 13.0 GiB, at 61 instead of 102 tokens/s (benchmarks/README.md, training at real sizes)."""
+    if device.type != "cpu":
+        return False
+    avail = available_memory()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return avail is not None and memory["peak"] * local > LEAN_ABOVE * avail
+
+
 def check_training_fits(recipe, args: TrainArgs) -> None:
     """Refuse, before anything is allocated, a CPU run whose estimated peak (train_memory: states, bf16 copies and
     the micro-batch's activations, times the processes on this machine) exceeds the memory available, naming
@@ -620,14 +676,18 @@ def _rank_main(args: TrainArgs) -> dict:
 
 def _train(args: TrainArgs, progress=None) -> dict:
     info = current()
-    return_freed_memory()  # large freed tensors back to the system at once (device.py: 3 GB less at 692M params)
     st = setup(args)
     recipe, out, tokenizer = st.recipe, st.out, st.tokenizer
     t = recipe.train
     memory = training_memory(recipe, train_layout(args))
+    lean = _lean(memory, st.device, info.world)
+    if lean:  # large freed tensors back to the system at once, gradients freed each step (device.py)
+        return_freed_memory()
     rss_at_start = current_rss()  # before the model: what the estimate adds to
     if info.is_main and not args.quiet:
-        print(f"memory: about {describe(memory)}", file=sys.stderr, flush=True)
+        lean_note = ("; close to the memory available, so gradients are freed each step (lower peak, slower)"
+                     if lean else "")
+        print(f"memory: about {describe(memory)}{lean_note}", file=sys.stderr, flush=True)
     if t.batch_size % (info.world * t.grad_accum):
         raise UserError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes "
                         f"({info.world}) x train.grad_accum ({t.grad_accum})")
@@ -676,6 +736,9 @@ def _train(args: TrainArgs, progress=None) -> dict:
             shutil.rmtree(out / "best")
     for g in opt.param_groups:  # resumed runs may extend max_steps / change lr
         g["betas"] = (t.beta1, t.beta2)
+    kept = None if lean or (info.fsdp and info.world > 1) else KeptGradients(model)
+    if kept is not None and not opt.state:
+        create_optimizer_state(opt, kept)
     barrier()
 
     # each validation stream (one, or with --data-weights each source's tail) gets its share of the windows
@@ -694,7 +757,9 @@ def _train(args: TrainArgs, progress=None) -> dict:
                "processes": info.world, "expert_parallel": info.expert_parallel, "fsdp": info.fsdp,
                "precision": t.precision,
                "device": str(device),
-               "memory_estimate": {k: memory[k] for k in ("peak", "states", "bf16_copies", "activations")},
+               "memory_estimate": {k: memory[k] for k in ("peak", "states", "bf16_copies", "activations",
+                                                          "saved_for_backward")},
+               "low_memory_mode": lean,
                "init": str(st.init_dir) if st.init_dir is not None else None,
                "finetune_defaults": {k.split(".", 1)[1]: v for k, v in st.finetune.items()} if st.finetune else None}
     local_b = t.batch_size // info.world
@@ -717,11 +782,16 @@ def _train(args: TrainArgs, progress=None) -> dict:
             gen = torch.Generator().manual_seed(t.seed * SEED_STRIDE + step + 0x5EED)
             x, y = sample_mixed(data.train, data.weights, t.batch_size, t.seq_len, gen)  # the global batch ...
             x, y = x[rows].to(device), y[rows].to(device)  # ... and this rank's share of it
-            opt.zero_grad(set_to_none=True)
+            if kept is not None:
+                kept.zero()
+            else:
+                opt.zero_grad(set_to_none=True)
             m = micro_steps(model, x, y, t.grad_accum, t.precision)
             ce_all, loss_all = all_mean(m["ce"]), all_mean(m["loss"])
             if not math.isfinite(loss_all):
                 raise RunFailed(_nan_message(loss_all, step + 1, last_ckpt, last_ckpt_step))
+            if kept is not None and info.world == 1:  # (several processes step every parameter: sync fills zeros)
+                kept.drop_unreached()
             sync_gradients(model, info)
             gnorm = clip_gradients(model, info, t.grad_clip)
             if not torch.isfinite(gnorm):

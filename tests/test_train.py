@@ -777,6 +777,11 @@ def test_the_chunked_head_loss_equals_the_logits_cross_entropy(monkeypatch, tied
     (l0, g0), (l1, g1) = results
     tol = 1e-5 if precision == "fp32" else 1e-2
     assert l1 == pytest.approx(l0, rel=tol)
+    with torch.no_grad(), autocast(model, precision):  # validation and eval: the loss alone, no gradient made
+        model.zero_grad(set_to_none=True)
+        out = model(x, targets_BS=y)
+    assert float(out.ce) == pytest.approx(l0, rel=tol) and not out.ce.requires_grad
+    assert all(p.grad is None for p in model.parameters())
     for n in g0:  # to rounding of each gradient's largest value
         assert float((g1[n] - g0[n]).abs().max()) <= tol * float(g0[n].abs().max()) + 1e-9, n
 
@@ -825,3 +830,96 @@ def test_the_memory_check_names_the_flags_that_fit(tmp_path, tiny_recipe, monkey
     fits = what_fits(r, Layout(), room)
     assert "--activation-checkpointing" in fits
     assert not (tmp_path / "run").exists()
+
+
+def test_kept_gradients_step_as_set_to_none_does():
+    """Training keeps its gradients allocated and zeroes them in place (train.KeptGradients), and makes AdamW's
+    state before the first step (create_optimizer_state): against zero_grad(set_to_none=True) and AdamW's own lazy
+    state, the weights and moments after 4 steps are equal to the last bit, a parameter the backward reaches only
+    on some steps included (AdamW skips it on the others, its weight decay too)."""
+    from moecli.train import KeptGradients, create_optimizer_state
+
+    def run(kept: bool):
+        torch.manual_seed(0)
+        net = torch.nn.ModuleDict({"a": torch.nn.Linear(8, 8), "b": torch.nn.Linear(8, 8)})
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+        k = KeptGradients(net) if kept else None
+        if k is not None:
+            create_optimizer_state(opt, k)
+            assert all(float(s["step"]) == 0 for s in opt.state.values()) and len(opt.state) == 4
+        g = torch.Generator().manual_seed(1)
+        for step in range(4):
+            if k is not None:
+                k.zero()
+            else:
+                opt.zero_grad(set_to_none=True)
+            x = torch.randn(5, 8, generator=g)
+            h = net["a"](x)
+            if step % 2 == 0:  # "b" only on even steps
+                h = net["b"](h)
+            h.pow(2).mean().backward()
+            if k is not None:
+                k.drop_unreached()
+                assert (net["b"].weight.grad is None) == (step % 2 == 1)
+            opt.step()
+        return ({n: p.detach().clone() for n, p in net.named_parameters()},
+                [(float(s["step"]), s["exp_avg"].clone(), s["exp_avg_sq"].clone()) for s in opt.state.values()])
+
+    (w0, s0), (w1, s1) = run(False), run(True)
+    assert all(torch.equal(w0[n], w1[n]) for n in w0)
+    assert [s[0] for s in s1] == [4.0, 4.0, 2.0, 2.0] == [s[0] for s in s0]
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(s0, s1))
+
+
+def test_low_memory_mode_when_the_estimate_is_near_the_memory_available(tmp_path, tiny_recipe, monkeypatch):
+    """Above LEAN_ABOVE of the memory available (but within it) training frees its gradients each step and asks
+    for freed blocks to go back to the system (return_freed_memory, stubbed here: it would stay set for the rest of
+    the test process); the summary says so, and the losses equal the default mode's to the last bit."""
+    from moecli import train as T
+    from moecli.config import load_recipe
+    from moecli.train_memory import training_memory
+
+    recipe = tiny_recipe()
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"the {i % 13} dogs ran past {i % 7} gates\n" for i in range(400)))
+    need = training_memory(load_recipe(str(recipe)))["peak"]
+    calls = []
+    monkeypatch.setattr(T, "return_freed_memory", lambda: calls.append(1) or True)
+    runs = {}
+    for lean, avail in ((False, 100 * need), (True, int(need / 0.9))):
+        monkeypatch.setattr(T, "available_memory", lambda avail=avail: avail)
+        res = T.train(T.TrainArgs(str(recipe), [str(corpus)], tmp_path / f"run{lean}", quiet=True))
+        assert res["low_memory_mode"] is lean and len(calls) == int(lean)
+        runs[lean] = [json.loads(line) for line in (tmp_path / f"run{lean}" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["loss"], r["grad_norm"]) for r in runs[True]] == [(r["loss"], r["grad_norm"]) for r in runs[False]]
+    assert runs[True][-1]["val_loss"] == runs[False][-1]["val_loss"]
+
+
+def test_rms_norm_keeps_less_for_its_backward_and_gives_autograds_gradients():
+    """RMSNorm in fp32 training (attention._RMSNormFn): the output equal to the bit to the plain ops', the
+    gradients of x and weight to float rounding of autograd's over those ops, one T x D tensor fewer kept."""
+    from moecli.attention import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=g))
+    x = torch.randn(3, 5, 64, generator=g, requires_grad=True)
+    dy = torch.randn(3, 5, 64, generator=g)
+
+    def reference(x):  # the ops RMSNorm.forward runs outside training, under autograd
+        return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.shape) or t, lambda t: t):
+        y = norm(x)
+    n_fn = sum(1 for s in kept if s == x.shape)
+    kept.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.shape) or t, lambda t: t):
+        y_ref = reference(x)
+    assert torch.equal(y, y_ref) and n_fn < sum(1 for s in kept if s == x.shape)
+    gx, gw = torch.autograd.grad(y, (x, norm.weight), dy)
+    rx, rw = torch.autograd.grad(y_ref, (x, norm.weight), dy)
+    assert torch.allclose(gx, rx, rtol=1e-5, atol=1e-6) and torch.allclose(gw, rw, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(norm(x), y_ref)
