@@ -683,11 +683,6 @@ def _train(args: TrainArgs, progress=None) -> dict:
     lean = _lean(memory, st.device, info.world)
     if lean:  # large freed tensors back to the system at once, gradients freed each step (device.py)
         return_freed_memory()
-    rss_at_start = current_rss()  # before the model: what the estimate adds to
-    if info.is_main and not args.quiet:
-        lean_note = ("; close to the memory available, so gradients are freed each step (lower peak, slower)"
-                     if lean else "")
-        print(f"memory: about {describe(memory)}{lean_note}", file=sys.stderr, flush=True)
     if t.batch_size % (info.world * t.grad_accum):
         raise UserError(f"train.batch_size ({t.batch_size}) must be divisible by the number of processes "
                         f"({info.world}) x train.grad_accum ({t.grad_accum})")
@@ -697,6 +692,11 @@ def _train(args: TrainArgs, progress=None) -> dict:
             _tokens(args, st)
         barrier()
     data = _tokens(args, st)
+    rss_at_start = current_rss()  # before the model: what the estimate adds to
+    if info.is_main and not args.quiet:
+        lean_note = ("; close to the memory available, so gradients are freed each step (lower peak, slower)"
+                     if lean else "")
+        print(f"memory: about {describe(memory)}{lean_note}", file=sys.stderr, flush=True)
 
     model = build_model(recipe)
     if st.init_dir is not None:  # weights only: a new run (fresh optimizer, step 0)
