@@ -594,8 +594,9 @@ LEAN_ABOVE = 0.8  # of the memory available: above it, training trades speed for
 
 def _lean(memory: dict, device: torch.device, world: int) -> bool:
     """Whether a CPU run's estimate is close enough to the memory available (per process on this machine) that
-    it should free its gradients each step and return freed blocks to the system: at 692M parameters, a peak of
-    11.5 GiB instead of 13.0 GiB, at 61 instead of 102 tokens/s (benchmarks/README.md, training at real sizes)."""
+    it should free its gradients each step and return freed blocks to the system: at 692M parameters in fp32, a
+    peak of 11.5 GiB instead of 12.6-13.0, at 61 instead of 89-102 tokens/s (benchmarks/README.md, training at real
+    sizes)."""
     if device.type != "cpu":
         return False
     avail = available_memory()
