@@ -18,6 +18,7 @@ Shape legend: N token-copies sorted by expert, D model dim, R ranks, El experts 
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import socket
@@ -147,34 +148,17 @@ def expert_params(model) -> set[int]:
 
 @torch.no_grad()
 def sync_gradients(model, info: DistInfo) -> None:
-    """Average replicated parameters' gradients over ranks; scale sharded experts' by 1/world. Under FSDP the
-    backward has reduce-scattered every other gradient already."""
-    if info.world == 1:
+    """Scale expert-parallel experts' gradients by 1/world (sums over every rank's tokens already, from the
+    all-to-all's backward). Every other gradient torch's engine has averaged during the backward: DDP
+    (replicate_model) or FSDP2's reduce-scatter (shard_model)."""
+    if info.world == 1 or not info.expert_parallel:
         return
-    sharded = expert_params(model) if info.expert_parallel else set()
-    if info.fsdp:
-        for p in model.parameters():
-            if id(p) in sharded:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad.div_(info.world)
-        return
-    grads = []
+    sharded = expert_params(model)
     for p in model.parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
         if id(p) in sharded:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
             p.grad.div_(info.world)
-        else:
-            grads.append(p.grad)
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat.div_(info.world)
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset: offset + n].view_as(g))
-        offset += n
 
 
 def all_mean(x: float) -> float:
@@ -334,6 +318,26 @@ def shard_model(model, info: DistInfo) -> None:
     for block in model.layers:
         fully_shard(block, mesh=mesh, ignored_params=ignored)
     fully_shard(model, mesh=mesh, ignored_params=ignored)
+
+
+def replicate_model(model, info: DistInfo) -> None:
+    """Data parallelism without --fsdp: torch's DDP, applied in place (torch.distributed._composable.replicate,
+    so the model stays the module it was): its gradients are all-reduced and averaged in buckets while the
+    backward runs. Under --expert-parallel each rank's experts are its own and DDP leaves them out
+    (ignored_modules); sync_gradients scales them. Buffers are not broadcast: the router biases (aux-free
+    balancing) are updated from all-reduced loads, the same on every rank."""
+    from torch.distributed._composable.replicate import replicate
+
+    ignored = [moe.experts for _, moe in model.moe_layers] if info.expert_parallel else None
+    device = next(model.parameters()).device
+    kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        kwargs["forward_sync_buffers"] = False  # (torch 2.13 and later; broadcast_buffers before it)
+    else:
+        kwargs["broadcast_buffers"] = False
+    replicate(model, ignored_modules=ignored, **kwargs)
 
 
 def model_device_type(model) -> str:

@@ -36,9 +36,9 @@ from .checkpoint import (CONFIG_FILE, check_values, load_into, load_state_file, 
 from .balance import load_health
 from .config import Recipe, apply_overrides, recipe_from_dict
 from .data import JSONL_FIELD, eval_windows, load_tokenizer, prepare_tokens, sample_mixed
-from .distributed import (DistInfo, all_gather_int, all_max, all_mean, all_sum_, barrier, current, expert_params, full_tensor,
-                          gather_experts, init_from_env, is_sharded, local, shard_experts, shard_like, shard_model,
-                          spawn, state_bytes, sync_gradients)
+from .distributed import (DistInfo, all_gather_int, all_max, all_mean, all_sum_, barrier, current, expert_params,
+                          full_tensor, gather_experts, init_from_env, is_sharded, local, replicate_model, shard_experts,
+                          shard_like, shard_model, spawn, state_bytes, sync_gradients)
 from .device import available_memory, resolve_device, return_freed_memory
 from .errors import Interrupted, RunFailed, UserError
 from .evaluate import evaluate_loss
@@ -714,6 +714,8 @@ def _train(args: TrainArgs, progress=None) -> dict:
         shard_experts(model, info)
     if info.fsdp and info.world > 1:
         shard_model(model, info)
+    elif info.world > 1:
+        replicate_model(model, info)
     for _, moe in model.moe_layers:
         moe.dp_world = info.world
     opt = make_optimizer(model, t)
