@@ -130,8 +130,8 @@ _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 def return_freed_memory() -> bool:
     """Fix glibc's mmap threshold at MMAP_THRESHOLD so large freed tensors go back to the system at once (see
-    above), for the rest of the process; False where the C library is not glibc (nothing changes). MALLOC_MMAP_THRESHOLD_ in the environment,
-    a user's own choice, is left alone."""
+    above), for the rest of the process; False where the C library is not glibc (nothing changes).
+    MALLOC_MMAP_THRESHOLD_ in the environment, a user's own choice, is left alone."""
     import ctypes
     import ctypes.util
     import os
