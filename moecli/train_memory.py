@@ -118,11 +118,16 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _size(n: float) -> str:
+    """Bytes as GiB, or as MiB below 1 GiB (a toy run's figures are not all 0.00 GiB)."""
+    return f"{n / GiB:,.2f} GiB" if n >= GiB else f"{n / 2**20:,.0f} MiB"
+
+
 def describe(mem: dict) -> str:
     """One line: what the estimate is made of."""
-    extra = f" + {mem['bf16_copies'] / GiB:.2f} GiB bf16 weight copies" if mem["bf16_copies"] else ""
-    return (f"{mem['peak'] / GiB:,.2f} GiB per process: {mem['states'] / GiB:,.2f} GiB weights, gradients and AdamW "
-            f"state{extra} + {mem['activations'] / GiB:,.2f} GiB activations ({mem['micro_batch']} x "
+    extra = f" + {_size(mem['bf16_copies'])} bf16 weight copies" if mem["bf16_copies"] else ""
+    return (f"{_size(mem['peak'])} per process: {_size(mem['states'])} weights, gradients and AdamW "
+            f"state{extra} + {_size(mem['activations'])} activations ({mem['micro_batch']} x "
             f"{mem['tokens_per_micro_batch'] // max(1, mem['micro_batch'])} tokens per micro-batch)")
 
 

@@ -802,7 +802,7 @@ def test_the_memory_estimate_bounds_a_real_run(tmp_path, cli):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     est, used = res["memory_estimate"]["peak"], res["peak_rss"] - res["rss_at_start"]
-    assert "memory: about" in r.stderr and "GiB activations (16 x 256 tokens per micro-batch)" in r.stderr
+    assert "memory: about" in r.stderr and "MiB activations (16 x 256 tokens per micro-batch)" in r.stderr
     assert 0.5 * est <= used <= 1.1 * est, (used / 2**20, est / 2**20)
 
 
@@ -824,7 +824,7 @@ def test_the_memory_check_names_the_flags_that_fit(tmp_path, tiny_recipe, monkey
     assert training_memory(ckpt)["activations"] < need["activations"] / 2
     room = need["states"] + need["activations"] // 2
     monkeypatch.setattr(T, "available_memory", lambda: room)
-    with pytest.raises(UserError, match=r"tiny: training needs about .* GiB activations \(32 x 64 tokens per "
+    with pytest.raises(UserError, match=r"tiny: training needs about .* MiB activations \(32 x 64 tokens per "
                                         r"micro-batch\), .* available to this process; it fits with --grad-accum"):
         T.setup(T.TrainArgs(str(recipe), [], tmp_path / "run"))
     fits = what_fits(r, Layout(), room)
