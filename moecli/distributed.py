@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .device import model_device
 from .errors import Interrupted, RunFailed, UserError
 
 
@@ -313,7 +314,7 @@ def shard_model(model, info: DistInfo) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(model_device_type(model), (info.world,), mesh_dim_names=("dp",))
+    mesh = init_device_mesh(model_device(model).type, (info.world,), mesh_dim_names=("dp",))
     ignored = {p for _, moe in model.moe_layers for p in moe.experts.parameters()} if info.expert_parallel else None
     for block in model.layers:
         fully_shard(block, mesh=mesh, ignored_params=ignored)
@@ -327,21 +328,16 @@ def replicate_model(model, info: DistInfo) -> None:
     (ignored_modules); sync_gradients scales them. Buffers are not broadcast: the router biases (aux-free
     balancing) are updated from all-reduced loads, the same on every rank."""
     from torch.distributed._composable.replicate import replicate
-
-    ignored = [moe.experts for _, moe in model.moe_layers] if info.expert_parallel else None
-    device = next(model.parameters()).device
-    kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
     from torch.nn.parallel import DistributedDataParallel
 
+    ignored = [moe.experts for _, moe in model.moe_layers] if info.expert_parallel else None
+    device = model_device(model)
+    kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
         kwargs["forward_sync_buffers"] = False  # (torch 2.13 and later; broadcast_buffers before it)
     else:
         kwargs["broadcast_buffers"] = False
     replicate(model, ignored_modules=ignored, **kwargs)
-
-
-def model_device_type(model) -> str:
-    return next(model.parameters()).device.type
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -147,7 +147,6 @@ class GroupedExperts(nn.Module):
         # in y's dtype, which is bf16 under autocast (the residual add promotes it back)
         return y_ND if w_N is None else y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
 
-
     def _grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor, w_N: torch.Tensor | None,
                  dtype: torch.dtype) -> torch.Tensor:
         """All experts in three grouped GEMMs (torch._grouped_mm: expert e's rows end at offs[e]); no copy of the
@@ -158,17 +157,17 @@ class GroupedExperts(nn.Module):
             x = x_ND.to(dtype)
             a_NF = torch._grouped_mm(x, self.w1_EDF.to(dtype), offs=offs)
             b_NF = torch._grouped_mm(x, self.w3_EDF.to(dtype), offs=offs)
-            if self.b1_EF is not None:  # each row's expert's biases, gathered in fp32 so that their gradients
-                # (index's backward, a sum over the expert's rows) accumulate in fp32
+            bias = self.b1_EF is not None  # GPT-OSS: all three projections have them, or none does
+            if bias:  # each row's expert's biases, gathered in fp32 so that their gradients (index's backward, a
+                # sum over the expert's rows) accumulate in fp32; the sums in the dtype the loop's would be (fp32
+                # for fp32 biases under autocast), where the clamps then decide
                 e_N = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts_E.to(x.device),
                                               output_size=N)
-                # (index's backward, a sum over the expert's rows) accumulate in fp32; the sums in the dtype the
-                # loop's would be (fp32 for fp32 biases under autocast), where the clamps then decide
                 out = torch.promote_types(dtype, self.b1_EF.dtype)
                 a_NF = (a_NF + self.b1_EF.float()[e_N]).to(out)
                 b_NF = (b_NF + self.b3_EF.float()[e_N]).to(out)
             y_ND = torch._grouped_mm(self._h(a_NF, b_NF).to(dtype).contiguous(), self.w2_EFD.to(dtype), offs=offs)
-            if self.b2_ED is not None:
+            if bias:
                 y_ND = (y_ND + self.b2_ED.float()[e_N]).to(out)
             return y_ND if w_N is None else y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
 
@@ -184,12 +183,12 @@ def use_grouped_mm(x_ND: torch.Tensor, w1_EDF: torch.Tensor) -> torch.dtype | No
     compute (autocast's or the weights'), rows (D, F) aligned to 16 bytes, and at least one row."""
     if GROUPED_MM is False or not hasattr(torch, "_grouped_mm") or x_ND.shape[0] == 0:
         return None
-    dev = x_ND.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w1_EDF.dtype
+    dtype = compute_dtype(w1_EDF)
     E, D, F = w1_EDF.shape
     if dtype != torch.bfloat16 or D % 8 or F % 8:
         return None
-    if GROUPED_MM is None and not (dev == "cuda" and torch.cuda.get_device_capability(x_ND.device) >= (8, 0)):
+    if GROUPED_MM is None and not (x_ND.device.type == "cuda"
+                                   and torch.cuda.get_device_capability(x_ND.device) >= (8, 0)):
         return None
     return dtype
 
@@ -205,8 +204,9 @@ def threads_from_env() -> bool | None:
 
 
 def compute_dtype(w1_EDF: torch.Tensor) -> torch.dtype:
-    """The experts' products' dtype: the CPU autocast's when one is on, else the weights'."""
-    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else w1_EDF.dtype
+    """The experts' products' dtype: the autocast's of the weights' device when one is on, else the weights'."""
+    dev = w1_EDF.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else w1_EDF.dtype
 
 
 def padded_rows(n: int) -> int:
@@ -415,8 +415,8 @@ class _Serial:
 SERIAL_POOL = _Serial()
 # None: fp32 training on the CPU that does not take the threaded path takes the serial one (_ThreadedSwiGLU's
 # forward and hand-written backward, experts one after another in this thread) instead of the autograd loop: the
-# loop's backward stacks each expert's weight gradients into new E x D x F tensors, the serial one writes them in
-# place, and it keeps a, b and y per expert only (benchmarks/train_real_shape.py); False: the loop; True: forced.
+# loop's backward stacks the per-expert weight gradients into new E x D x F tensors, the serial one writes each
+# expert's straight into one E x D x F tensor per weight, and it keeps a, b and y per expert only (benchmarks/train_real_shape.py); False: the loop; True: forced.
 SERIAL: bool | None = None
 
 

@@ -552,9 +552,9 @@ def setup(args: TrainArgs) -> Setup:
     if args.nproc < 1:
         raise UserError(f"--nproc: must be >= 1, got {args.nproc}")
     device = resolve_device(args.device)
-    procs = max(args.nproc, int(os.environ.get("WORLD_SIZE", "1")))
+    procs = _procs(args)
     if device.type != "cpu" and procs > 1:  # one GPU per rank, chosen by LOCAL_RANK (nccl, gloo for CPU tensors)
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", procs))
+        local = _local_procs(procs)
         if device.index is not None:
             raise UserError(f"--device {args.device}: several processes (--nproc, torchrun) take one GPU each, by "
                             "LOCAL_RANK; give --device cuda")
@@ -578,15 +578,25 @@ def setup(args: TrainArgs) -> Setup:
         if recipe.moe.num_experts % args.nproc:
             raise UserError(f"--expert-parallel: num_experts ({recipe.moe.num_experts}) must be divisible by "
                             f"--nproc ({args.nproc})")
-    if args.fsdp and max(args.nproc, int(os.environ.get("WORLD_SIZE", "1"))) < 2:
+    if args.fsdp and procs < 2:
         raise UserError("--fsdp shards the model over processes: it needs --nproc 2 or more (or torchrun)")
     if device.type == "cpu":
         check_training_fits(recipe, args)
     return Setup(recipe, out, tokenizer, ckpt_dir, resume_state, init_dir, init_state, device, finetune)
 
 
+def _procs(args: TrainArgs) -> int:
+    """The run's processes: --nproc, or torchrun's WORLD_SIZE."""
+    return max(args.nproc, int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def _local_procs(procs: int) -> int:
+    """The run's processes on this machine (torchrun's LOCAL_WORLD_SIZE; all of them with --nproc)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", procs))
+
+
 def train_layout(args: TrainArgs) -> Layout:
-    return Layout(max(args.nproc, int(os.environ.get("WORLD_SIZE", "1"))), args.expert_parallel, args.fsdp)
+    return Layout(_procs(args), args.expert_parallel, args.fsdp)
 
 
 LEAN_ABOVE = 0.8  # of the memory available: above it, training trades speed for a lower peak (_lean)
@@ -600,8 +610,7 @@ def _lean(memory: dict, device: torch.device, world: int) -> bool:
     if device.type != "cpu":
         return False
     avail = available_memory()
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    return avail is not None and memory["peak"] * local > LEAN_ABOVE * avail
+    return avail is not None and memory["peak"] * _local_procs(world) > LEAN_ABOVE * avail
 
 
 def check_training_fits(recipe, args: TrainArgs) -> None:
@@ -610,7 +619,7 @@ def check_training_fits(recipe, args: TrainArgs) -> None:
     the flags under which it would fit."""
     layout = train_layout(args)
     mem = training_memory(recipe, layout)
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", layout.procs))
+    local = _local_procs(layout.procs)
     avail = available_memory()
     if avail is None or mem["peak"] * local <= avail:
         return
@@ -666,8 +675,7 @@ def _tokens(args: TrainArgs, st: Setup):
 def _rank_main(args: TrainArgs) -> dict:
     from .render import TrainProgress
 
-    info = init_from_env(args.expert_parallel, args.fsdp, cuda=args.device.strip().lower() not in ("cpu", "auto")
-                         or (args.device.strip().lower() == "auto" and torch.cuda.is_available()))
+    info = init_from_env(args.expert_parallel, args.fsdp, cuda=resolve_device(args.device).type == "cuda")
     with TrainProgress(enabled=info.is_main and not args.quiet) as prog:
         return _train(args, prog.update)
 
@@ -793,7 +801,7 @@ def _train(args: TrainArgs, progress=None) -> dict:
             ce_all, loss_all = all_mean(m["ce"]), all_mean(m["loss"])
             if not math.isfinite(loss_all):
                 raise RunFailed(_nan_message(loss_all, step + 1, last_ckpt, last_ckpt_step))
-            if kept is not None and info.world == 1:  # (several processes step every parameter: sync fills zeros)
+            if kept is not None and info.world == 1:  # (several processes: DDP reduces every parameter's gradient)
                 kept.drop_unreached()
             sync_gradients(model, info)
             gnorm = clip_gradients(model, info, t.grad_clip)
