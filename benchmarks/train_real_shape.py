@@ -43,19 +43,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_common import emit  # noqa: E402
+from moecli.train_memory import proc_status_bytes  # noqa: E402
 
 SHAPE = {"model.d_model": 576, "model.n_layers": 30, "model.ffn_dim": 1536, "model.n_heads": 9,
          "model.n_kv_heads": 3, "model.vocab_size": 49152, "model.tie_embeddings": True, "model.context": 256,
          "moe.num_experts": 8, "moe.top_k": 2, "moe.expert_ffn": 1536, "balance.aux_loss_coef": 0.02}
 BATCH, SEQ, LR = 4, 256, 1e-5
 DATA = ROOT.parent / "shared" / "data" / "austen.txt"
-
-
-def status_kb(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 class AnonPeak:
@@ -68,7 +62,7 @@ class AnonPeak:
 
     def _run(self):
         while not self.done:
-            self.peak = max(self.peak, status_kb("RssAnon") * 1024)
+            self.peak = max(self.peak, proc_status_bytes("RssAnon"))
             time.sleep(0.02)
 
 
@@ -148,7 +142,7 @@ def child_moecli(work: Path, precision: str, steps: int) -> dict:
     est = training_memory(dataclasses.replace(r, train=dataclasses.replace(
         r.train, batch_size=BATCH, seq_len=SEQ, precision=precision)))
     return {"tokens_per_s": res["tokens_per_s"], "final_loss": res["final_loss"],
-            "peak_rss": status_kb("VmHWM") * 1024, "peak_anon": anon.peak, "estimate": est}
+            "peak_rss": proc_status_bytes("VmHWM"), "peak_anon": anon.peak, "estimate": est}
 
 
 def child_transformers(work: Path, precision: str, steps: int) -> dict:
@@ -183,7 +177,7 @@ def child_transformers(work: Path, precision: str, steps: int) -> dict:
         losses.append(float(loss))
     anon.done = True
     return {"tokens_per_s": BATCH * SEQ * len(times[1:]) / sum(times[1:]), "final_loss": losses[-1],
-            "peak_rss": status_kb("VmHWM") * 1024, "peak_anon": anon.peak, "transformers": transformers.__version__,
+            "peak_rss": proc_status_bytes("VmHWM"), "peak_anon": anon.peak, "transformers": transformers.__version__,
             "experts_implementation": getattr(model.config, "_experts_implementation", None)}
 
 

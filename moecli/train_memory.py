@@ -100,15 +100,20 @@ def training_memory(r, layout: Layout = Layout()) -> dict:
             "saved_for_backward": kept, "micro_batch": micro, "tokens_per_micro_batch": micro * r.train.seq_len}
 
 
-def current_rss() -> int:
-    """This process's resident memory now, in bytes (VmRSS; 0 where /proc is not there)."""
+def proc_status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, RssAnon, ...) in bytes; 0 where /proc is not there."""
     try:
         for line in open("/proc/self/status"):
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def current_rss() -> int:
+    """This process's resident memory now, in bytes (VmRSS)."""
+    return proc_status_bytes("VmRSS")
 
 
 def peak_rss() -> int:
