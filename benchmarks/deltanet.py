@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 from bench_common import alternate, emit, layer_args  # noqa: E402
 
 from moecli.config import ModelConfig  # noqa: E402
-from moecli.deltanet import GatedDeltaNet  # noqa: E402
-from moecli.model import LayerKV  # noqa: E402
+from moecli.model.deltanet import GatedDeltaNet  # noqa: E402
+from moecli.model.transformer import LayerKV  # noqa: E402
 
 SHAPE = dict(d_model=1024, n_heads=8, n_kv_heads=8, layer_types=["linear"], linear_key_heads=4, linear_value_heads=8,
              linear_key_dim=64, linear_value_dim=64, linear_conv=4, linear_chunk=64, norm_eps=1e-6)

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from moe_layer import DTYPES, NO_PAGE_FAULTS_ENV, fwd_bwd, make_case, timeit  # noqa: E402
 
-from moecli import experts as X  # noqa: E402
-from moecli.moe import MoELayer  # noqa: E402
+from moecli.moe import experts as X
+from moecli.moe.layer import MoELayer  # noqa: E402
 
 # (tokens, d_model, expert FFN, experts, top-k): moe_layer.py's two shapes, then others around them
 SHAPES = [(4096, 512, 1024, 8, 2), (4096, 256, 512, 64, 8), (4096, 1024, 2048, 8, 2), (4096, 512, 1024, 32, 4),

@@ -5,7 +5,7 @@
 Both run in this process on the same freshly built (seeded) model, prompt and greedy decoding,
 alternating, --rounds times; reported: new tokens/s of each (median of the rounds), the ratio
 cached/uncached per round, and whether both produced the same tokens (they should: see
-tests/test_generate.py). Cases: the bundled `mixtral` (d=128, context 256: 32-token prompt, 200
+tests/e2e/test_generate.py). Cases: the bundled `mixtral` (d=128, context 256: 32-token prompt, 200
 new tokens), and a wider one (`mixtral` with d=512, expert FFN 1024, context 1024: 64-token prompt,
 448 new tokens). New tokens stay within the context, where the cache is used throughout.
 Then --num-samples: BATCH continuations sampled together (temperature 1) against the same number
@@ -31,9 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from moecli.build import prepare_recipe  # noqa: E402
-from moecli.generate import sample, stream, stream_prompts  # noqa: E402
-from moecli.model import build_model  # noqa: E402
+from moecli.config import prepare_recipe
+from moecli.commands.generate import sample, stream, stream_prompts  # noqa: E402
+from moecli.model.transformer import build_model  # noqa: E402
 
 BATCH = 8
 CASES = {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, in under 5 minutes on one GPU (issue 26):
-#   1. the test suite's GPU-marked tests (tests/test_gpu.py: grouped-GEMM experts vs the loop, train/eval/generate
+#   1. the test suite's GPU-marked tests (tests/unit/test_gpu.py: grouped-GEMM experts vs the loop, train/eval/generate
 #      on --device cuda against the CPU);
 #   2. a short train (bf16-mixed), eval, generate and inspect-routing of the mixtral recipe on --device cuda;
 #   3. benchmarks/gpu_layer.py: the MoE layer in bf16, moecli's grouped GEMM vs transformers' grouped_mm experts;
@@ -25,7 +25,7 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" |
   echo "error: gpu_check.sh: torch sees no CUDA GPU"; exit 2; }
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(), torch.cuda.device_count(), 'GPU(s)')" \
   | tee "$OUTDIR/gpu.txt"
-step tests python -m pytest -q -m gpu tests/test_gpu.py
+step tests python -m pytest -q -m gpu tests/unit/test_gpu.py
 step train moe train mixtral --max-steps 40 --device cuda --precision bf16-mixed -o "$WORK/run" --force -q --json
 step eval moe eval "$WORK/run" --device cuda --json
 step generate moe generate "$WORK/run" -p "def main(" -n 40 -t 0 --device cuda --json

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_common import alternate, emit  # noqa: E402
 from moecli.config import BalanceConfig, MoEConfig  # noqa: E402
-from moecli.moe import MoELayer  # noqa: E402
+from moecli.moe.layer import MoELayer  # noqa: E402
 
 SHAPES = {"fine-grained": dict(D=2048, F=1408, E=64, K=6), "mixtral": dict(D=4096, F=14336, E=8, K=2)}
 

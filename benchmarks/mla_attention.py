@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench_common import alternate, emit, layer_args  # noqa: E402
 
-from moecli.attention import Attention, MLAttention  # noqa: E402
+from moecli.model.attention import Attention, MLAttention  # noqa: E402
 from moecli.config import ModelConfig  # noqa: E402
-from moecli.model import LayerKV  # noqa: E402
-from moecli.rope import cos_sin  # noqa: E402
+from moecli.model.transformer import LayerKV  # noqa: E402
+from moecli.model.rope import cos_sin  # noqa: E402
 
 MLA = dict(d_model=1024, n_heads=16, n_kv_heads=16, context=4096, attention="mla", q_lora_rank=0, kv_lora_rank=256,
            qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, rope_interleave=True)

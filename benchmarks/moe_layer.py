@@ -54,8 +54,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from moecli.config import BalanceConfig, MoEConfig  # noqa: E402
-from moecli.experts import SwiGLU  # noqa: E402
-from moecli.moe import MoELayer  # noqa: E402
+from moecli.moe.experts import SwiGLU  # noqa: E402
+from moecli.moe.layer import MoELayer  # noqa: E402
 
 SHAPES = {"small": dict(T=4096, D=512, F=1024, E=8, K=2), "many": dict(T=4096, D=256, F=512, E=64, K=8)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -162,7 +162,7 @@ def loop_variant(layer):
     timed beside the real layer where that takes the threaded path (experts.use_threads)."""
     import copy
 
-    from moecli import experts as experts_mod
+    from moecli.moe import experts as experts_mod
 
     v = copy.deepcopy(layer)
     ex = v.experts
@@ -186,7 +186,7 @@ def breakdown(ours, dense, x, g, repeats: int) -> dict:
     Milliseconds, fwd+bwd, medians."""
     import copy
 
-    from moecli.moe import dispatch
+    from moecli.moe.layer import dispatch
 
     T, D = x.shape[1], x.shape[2]
     with torch.no_grad():
@@ -216,8 +216,8 @@ def products_floor(layer, x):
     forward and dy_mD @ w2^T, h^T @ dy, x^T @ da, x^T @ db, da @ w1^T, db @ w3^T backward, in the weights'
     dtype, transposes as views (as autograd passes them). Operands are random tensors of those shapes and
     the outputs are allocated once, so the time is the products' and nothing else's."""
-    from moecli import experts as X
-    from moecli.moe import dispatch
+    from moecli.moe import experts as X
+    from moecli.moe.layer import dispatch
 
     ex = layer.experts
     T, D = x.shape[1], x.shape[2]
@@ -447,7 +447,7 @@ def main() -> None:
             threaded = ours.experts.last_path == "threaded"
             if threaded:
                 lv = loop_variant(ours)
-                # to rounding: see tests/test_expert_threads.py
+                # to rounding: see tests/unit/test_expert_threads.py
                 torch.testing.assert_close(lv(x).detach(), ours(x).detach())
                 variants.append(("moecli_loop", lv, lambda o: o))
             for name, mod, out_of in variants:

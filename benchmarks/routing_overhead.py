@@ -19,9 +19,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from moecli.build import prepare_recipe  # noqa: E402
-from moecli.model import build_model  # noqa: E402
-from moecli.routing_stats import Stream, run_routing  # noqa: E402
+from moecli.config import prepare_recipe
+from moecli.model.transformer import build_model  # noqa: E402
+from moecli.commands.inspect_routing import Stream, run_routing  # noqa: E402
 
 
 def main() -> None:

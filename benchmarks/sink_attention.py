@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench_common import alternate, emit, layer_args  # noqa: E402
 
-from moecli.attention import Attention  # noqa: E402
+from moecli.model.attention import Attention  # noqa: E402
 from moecli.config import ModelConfig  # noqa: E402
-from moecli.rope import cos_sin  # noqa: E402
+from moecli.model.rope import cos_sin  # noqa: E402
 
 SHAPE = dict(d_model=1024, n_heads=16, n_kv_heads=4, head_dim=64, context=4096, qkv_bias=True, o_bias=True,
              attention_sinks=True, layer_types=["sliding", "full"], sliding_window=128)

@@ -31,8 +31,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from moe_layer import SHAPES, input_pool, make_case  # noqa: E402
-from moecli import experts as X  # noqa: E402
-from moecli.train import TrainArgs, train  # noqa: E402
+from moecli.moe import experts as X
+from moecli.training.setup import TrainArgs
+from moecli.training.trainer import train
 
 # recipe, overrides: the bundled small mixtral (d=128) up to d=512 with expert-size products
 TRAIN_CASES = {

@@ -20,10 +20,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from moecli.build import prepare_recipe  # noqa: E402
-from moecli.params import parameter_report  # noqa: E402
-from moecli.model import build_model  # noqa: E402
-from moecli.train import TrainArgs, train  # noqa: E402
+from moecli.config import prepare_recipe
+from moecli.model.params import parameter_report  # noqa: E402
+from moecli.model.transformer import build_model  # noqa: E402
+from moecli.training.setup import TrainArgs
+from moecli.training.trainer import train
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_common import emit  # noqa: E402
-from moecli.train_memory import proc_status_bytes  # noqa: E402
+from moecli.training.memory import proc_status_bytes  # noqa: E402
 
 SHAPE = {"model.d_model": 576, "model.n_layers": 30, "model.ffn_dim": 1536, "model.n_heads": 9,
          "model.n_kv_heads": 3, "model.vocab_size": 49152, "model.tie_embeddings": True, "model.context": 256,
@@ -67,7 +67,7 @@ class AnonPeak:
 
 
 def recipe():
-    from moecli.build import prepare_recipe
+    from moecli.config import prepare_recipe
 
     return prepare_recipe("mixtral", SHAPE)
 
@@ -103,7 +103,7 @@ def mm_peak() -> dict:
 def flops_per_token(r) -> float:
     """Training FLOPs per token: 6 x the active parameters a token multiplies (the head included, the embedding's
     lookup not), plus attention's scores and weighted sum (2 x 2 x S x heads x head_dim per layer, x 3)."""
-    from moecli.params import recipe_parameter_report
+    from moecli.model.params import recipe_parameter_report
 
     rep = recipe_parameter_report(r)
     m = r.model
@@ -113,9 +113,9 @@ def flops_per_token(r) -> float:
 
 
 def prepare(work: Path) -> None:
-    from moecli.checkpoint import save_checkpoint
-    from moecli.export import export
-    from moecli.model import build_model
+    from moecli.formats.native import save_checkpoint
+    from moecli.commands.export import export
+    from moecli.model.transformer import build_model
 
     if (work / "hf" / "config.json").exists():
         return
@@ -127,8 +127,9 @@ def prepare(work: Path) -> None:
 
 
 def child_moecli(work: Path, precision: str, steps: int) -> dict:
-    from moecli.train import TrainArgs, train
-    from moecli.train_memory import training_memory
+    from moecli.training.setup import TrainArgs
+    from moecli.training.trainer import train
+    from moecli.training.memory import training_memory
 
     anon = AnonPeak()
     ov = {"train.max_steps": steps, "train.batch_size": BATCH, "train.seq_len": SEQ, "train.lr": LR,
@@ -218,7 +219,7 @@ def main() -> None:
     tmp = None if a.work else tempfile.TemporaryDirectory(prefix="train-real-shape-")
     work = a.work or Path(tmp.name)
     r = recipe()
-    from moecli.model import param_counts
+    from moecli.model.params import param_counts
 
     total = param_counts(r)[0]
     print(f"building the {total / 1e6:.0f}M-parameter model in {work}", file=sys.stderr, flush=True)

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from moecli.errors import UserError
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+SEED_STRIDE = 1_000_003  # seeds of step (or expert) s of a run seeded n: n * SEED_STRIDE + s
 PRECISIONS = ("fp32", "bf16-mixed")  # train.precision
 SCHEDULES = ("cosine", "linear", "wsd", "constant")  # train.lr_schedule
 LAYER_TYPES = ("full", "sliding", "chunked", "nope", "linear")  # model.layer_types
@@ -111,7 +112,7 @@ class ModelConfig:
         else:
             _check(self.hd % 2 == 0, "head_dim", f"head dimension must be even for RoPE, got {self.hd}")
         _check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
-        from . import rope
+        from moecli.model import rope
 
         rope.validate(self, _check)
         _check(0 < self.norm_eps < 1, "norm_eps", f"must be in (0, 1), got {self.norm_eps}")
@@ -306,7 +307,7 @@ class Recipe:
 SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "balance": BalanceConfig, "train": TrainConfig}
 
 
-class _FieldError(Exception):
+class FieldError(Exception):
     def __init__(self, field_name: str, msg: str):
         super().__init__(msg)
         self.field_name = field_name
@@ -315,7 +316,7 @@ class _FieldError(Exception):
 
 def _check(ok: bool, field_name: str, msg: str) -> None:
     if not ok:
-        raise _FieldError(field_name, msg)
+        raise FieldError(field_name, msg)
 
 
 def _coerce(value, typ, where: str):
@@ -323,17 +324,17 @@ def _coerce(value, typ, where: str):
     if typ is bool:
         if isinstance(value, bool):
             return value
-        raise _FieldError(where, f"must be true or false, got {value!r}")
+        raise FieldError(where, f"must be true or false, got {value!r}")
     if typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise _FieldError(where, f"must be an integer, got {value!r}")
+        raise FieldError(where, f"must be an integer, got {value!r}")
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
-                raise _FieldError(where, f"must be a finite number, got {value!r}")
+                raise FieldError(where, f"must be a finite number, got {value!r}")
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
@@ -343,38 +344,38 @@ def _coerce(value, typ, where: str):
             else:
                 if math.isfinite(v):
                     return v
-        raise _FieldError(where, f"must be a number, got {value!r}")
+        raise FieldError(where, f"must be a number, got {value!r}")
     if typ is str:
         if isinstance(value, str):
             return value
-        raise _FieldError(where, f"must be a string, got {value!r}")
+        raise FieldError(where, f"must be a string, got {value!r}")
     if typing.get_origin(typ) is list:
         if not isinstance(value, list):
-            raise _FieldError(where, f"must be a list, got {value!r}")
+            raise FieldError(where, f"must be a list, got {value!r}")
         return [_coerce(v, typing.get_args(typ)[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(typ):  # a list of mappings (upcycle's experts)
-        return _section_from_dict(typ, value, where)
+        return section_from_dict(typ, value, where)
     raise AssertionError(f"unsupported field type {typ}")
 
 
-def _section_from_dict(cls, data, section: str):
+def section_from_dict(cls, data, section: str):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise _FieldError(section, f"must be a mapping, got {type(data).__name__}")
+        raise FieldError(section, f"must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         if key not in names:
             hint = _closest(str(key), names)
-            raise _FieldError(f"{section}.{key}", "unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))
+            raise FieldError(f"{section}.{key}", "unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
     obj = cls(**kwargs)
     try:
         obj.validate()
-    except _FieldError as e:
-        raise _FieldError(f"{section}.{e.field_name}", e.msg) from None
+    except FieldError as e:
+        raise FieldError(f"{section}.{e.field_name}", e.msg) from None
     return obj
 
 
@@ -391,18 +392,18 @@ def recipe_from_dict(data, source: str = "<recipe>") -> Recipe:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise _FieldError("(top level)", "a recipe must be a YAML mapping")
+            raise FieldError("(top level)", "a recipe must be a YAML mapping")
         for key in data:
             if key not in ("name", "description", *SECTIONS):
                 hint = _closest(str(key), ["name", "description", *SECTIONS])
-                raise _FieldError(str(key), "unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))
-        kwargs = {sec: _section_from_dict(cls, data.get(sec), sec) for sec, cls in SECTIONS.items()}
+                raise FieldError(str(key), "unknown key" + (f" (did you mean '{hint}'?)" if hint else ""))
+        kwargs = {sec: section_from_dict(cls, data.get(sec), sec) for sec, cls in SECTIONS.items()}
         for key in ("name", "description"):
             if key in data:
                 kwargs[key] = _coerce(data[key], str, key)
         recipe = Recipe(**kwargs)
         _cross_validate(recipe)
-    except _FieldError as e:
+    except FieldError as e:
         raise UserError(f"{source}: {e.field_name}: {e.msg}") from None
     return recipe
 
@@ -469,6 +470,14 @@ def load_recipe(name_or_path: str) -> Recipe:
     """A recipe from a YAML file or pipe, a bundled recipe's name, or ``-``: YAML on standard input."""
     data, source = read_yaml(name_or_path if name_or_path == "-" else str(resolve_recipe_path(name_or_path)), "recipe")
     return recipe_from_dict(data, source)
+
+
+def prepare_recipe(recipe_arg: str, overrides: dict | None = None) -> Recipe:
+    """A recipe by name or path (- for stdin) with its overrides (--set and the flags) applied."""
+    recipe = load_recipe(recipe_arg)
+    if overrides:
+        recipe = apply_overrides(recipe, overrides, source=f"{recipe_arg} (overrides)")
+    return recipe
 
 
 def apply_overrides(recipe: Recipe, overrides: dict[str, object], source: str = "override") -> Recipe:

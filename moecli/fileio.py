@@ -1,4 +1,5 @@
-"""Atomic writes: nothing a user already has is half-overwritten.
+"""Files: atomic writes (nothing a user already has is half-overwritten), JSON objects read with one-line errors,
+and the raw bytes of tensors (for token files, safetensors streaming and the hidden-state store).
 
 Files are written to a temporary name beside the target and renamed over it;
 directories are filled under a temporary name and swapped in by rename.
@@ -7,13 +8,16 @@ directories are filled under a temporary name and swapped in by rename.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+import torch
+
+from moecli.errors import UserError
 
 
 def check_output(path: Path, directory: bool) -> None:
@@ -156,3 +160,30 @@ def replace_dir(tmp: Path, target: Path) -> None:
         os.rename(target, old)
     os.rename(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- raw bytes of tensors
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of a contiguous CPU tensor (one memcpy; no numpy needed)."""
+    t = t.detach().cpu().contiguous()
+    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor as a writable memoryview of its own memory (no copy)."""
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_char * n).from_address(t.data_ptr())).cast("B") if n else memoryview(b"")
+
+
+def read_exact(fd: int, view: memoryview, offset: int) -> bool:
+    """Fill ``view`` from file descriptor ``fd`` at ``offset`` (pread: no seek, no mmap); False if the file ends
+    first."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            return False
+        done += got
+    return True

@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+from support.paths import ROOT, SHARED_DATA  # noqa: F401 (SHARED_DATA: the fixtures' data)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -49,42 +48,45 @@ def tiny_recipe(tmp_path):
 
 
 # The longest end-to-end runs (measured over 25 s on the 2-core CI machine): left out of the default suite, which
-# the README's test command runs, and run by .ci/run with `-m slow` after it. Each stays a test of its own.
+# the README's test command runs, and run by .ci/run with `-m slow` after it. Each stays a test of its own. This list
+# is the one way a test is marked slow (FILE::NAME[PARAMS], whatever folder the file is in).
 SLOW = {
-    "tests/test_train.py::test_a_signal_saves_the_step_it_stopped_after[2]",
-    "tests/test_train.py::test_kill_9_mid_run_then_resume",
-    "tests/test_train.py::test_init_takes_fine_tuning_defaults_that_keep_a_pretrained_models_loss",
-    "tests/test_train.py::test_data_weights_mix_sources_with_their_own_validation",
-    "tests/test_train.py::test_val_data_is_the_validation_set_and_resumes_from_its_cache",
-    "tests/test_train.py::test_init_continues_an_upcycled_model",
-    "tests/test_train.py::test_keep_best",
-    "tests/test_train.py::test_eval_defaults_to_the_runs_validation_split_and_scores_short_text",
-    "tests/test_train.py::test_bf16_mixed_precision",
-    "tests/test_train.py::test_epochs_set_max_steps_from_the_training_tokens",
-    "tests/test_distributed.py::test_a_signal_stops_every_rank_after_the_same_step[True]",
-    "tests/test_distributed.py::test_ddp_matches_single_process",
-    "tests/test_generate.py::test_generate_streams_what_json_reports",
-    "tests/test_generate.py::test_generate_many_prompts",
-    "tests/test_generate.py::test_several_samples_in_one_batch",
-    "tests/test_inspect.py::test_saturation_between_different_checkpoints",
-    "tests/test_upcycle.py::test_hugging_face_chain_end_to_end[llama-mixtral]",
-    "tests/test_glm4_moe.py::test_glm_recipe_exports_to_glm4_moe",
-    "tests/test_deepseek_v3.py::test_deepseek_recipes_are_mla_and_export",
-    "tests/test_rope.py::test_export_writes_the_variant_back[yarn]",
-    "tests/test_rope.py::test_upcycled_scaled_rope_keeps_the_dense_logits[qwen2-yarn-qwen2_moe]",
-    "tests/test_upcycle_sources.py::test_layer_by_layer_verification_stays_within_one_and_a_half_times_the_unverified_peak",
-    "tests/test_gpt_oss.py::test_init_train_export_round_trip",
-    "tests/test_gpt_oss.py::test_gpt_oss_recipe_trains_and_exports",
-    "tests/test_qwen3_next.py::test_init_train_export_round_trip",
-    "tests/test_qwen3_next.py::test_qwen3_next_recipe_is_the_hybrid_and_exports",
-    "tests/test_llama4.py::test_init_train_export_round_trip",
-    "tests/test_llama4.py::test_llama4_recipe_trains_and_exports",
-    "tests/test_streaming.py::test_streamed_eval_and_routing_equal_the_in_memory_run[moecli]",
+    "test_train.py::test_a_signal_saves_the_step_it_stopped_after[2]",
+    "test_train.py::test_kill_9_mid_run_then_resume",
+    "test_train.py::test_init_takes_fine_tuning_defaults_that_keep_a_pretrained_models_loss",
+    "test_train.py::test_data_weights_mix_sources_with_their_own_validation",
+    "test_train.py::test_val_data_is_the_validation_set_and_resumes_from_its_cache",
+    "test_train.py::test_init_continues_an_upcycled_model",
+    "test_train.py::test_keep_best",
+    "test_train.py::test_eval_defaults_to_the_runs_validation_split_and_scores_short_text",
+    "test_train.py::test_bf16_mixed_precision",
+    "test_train.py::test_epochs_set_max_steps_from_the_training_tokens",
+    "test_distributed.py::test_a_signal_stops_every_rank_after_the_same_step[True]",
+    "test_distributed.py::test_ddp_matches_single_process",
+    "test_generate.py::test_generate_streams_what_json_reports",
+    "test_generate.py::test_generate_many_prompts",
+    "test_generate.py::test_several_samples_in_one_batch",
+    "test_inspect.py::test_saturation_between_different_checkpoints",
+    "test_upcycle.py::test_hugging_face_chain_end_to_end[llama-mixtral]",
+    "test_glm4_moe.py::test_glm_recipe_exports_to_glm4_moe",
+    "test_deepseek_v3.py::test_deepseek_recipes_are_mla_and_export",
+    "test_rope.py::test_export_writes_the_variant_back[yarn]",
+    "test_rope.py::test_upcycled_scaled_rope_keeps_the_dense_logits[qwen2-yarn-qwen2_moe]",
+    "test_upcycle_sources.py::test_layer_by_layer_verification_stays_within_one_and_a_half_times_the_unverified_peak",
+    "test_gpt_oss.py::test_init_train_export_round_trip",
+    "test_gpt_oss.py::test_gpt_oss_recipe_trains_and_exports",
+    "test_qwen3_next.py::test_init_train_export_round_trip",
+    "test_qwen3_next.py::test_qwen3_next_recipe_is_the_hybrid_and_exports",
+    "test_llama4.py::test_init_train_export_round_trip",
+    "test_llama4.py::test_llama4_recipe_trains_and_exports",
+    "test_streaming.py::test_streamed_eval_and_routing_equal_the_in_memory_run[moecli]",
+    "test_upcycle.py::test_hugging_face_chain_end_to_end[qwen2-qwen2_moe]",
+    "test_upcycle.py::test_hugging_face_chain_end_to_end[qwen3-qwen3_moe]",
 }
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.nodeid in SLOW:
+        if item.nodeid.rsplit("/", 1)[-1] in SLOW:  # tests/<unit|parity|e2e>/FILE::NAME
             item.add_marker(pytest.mark.slow)

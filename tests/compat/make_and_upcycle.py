@@ -2,7 +2,7 @@
 import sys, json, subprocess, torch
 from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hf_models import make, logits  # noqa: E402
+from support.hf_models import make, logits  # noqa: E402
 root = Path(sys.argv[1]); root.mkdir(parents=True, exist_ok=True)
 x = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
 for kind in ("llama", "qwen3", "qwen2"):
