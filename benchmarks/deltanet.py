@@ -2,7 +2,7 @@
 fallback (what runs without flash-linear-attention, as on a CPU), forward + backward, in the same run; and cached
 decoding per token against re-running the window.
 
-    python benchmarks/deltanet.py [--repeats 9] [--tokens 2048] [--out benchmarks/results_deltanet.json]
+    python benchmarks/deltanet.py [--repeats 9] [--tokens 2048] [--out benchmarks/results/deltanet.json]
 
 Both get the same weights (moecli's copied into transformers' module) and input; they alternate, each ratio is
 transformers' time over moecli's (> 1: moecli faster), paired per repeat and of medians. Shape: Qwen3-Next's linear

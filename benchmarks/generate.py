@@ -45,7 +45,7 @@ CASES = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=str(Path(__file__).with_name("results_generate.json")))
+    ap.add_argument("--out", default=str(Path(__file__).with_name("results/generate.json")))
     a = ap.parse_args()
     results = {}
     for name, (overrides, prompt_len, new) in CASES.items():

@@ -1,7 +1,7 @@
 """Multi-head latent attention: moecli's MLAttention vs transformers' DeepseekV3Attention, forward + backward, and
 cached decoding per token against GQA at equal heads.
 
-    python benchmarks/mla_attention.py [--repeats 9] [--tokens 2048] [--out benchmarks/results_mla_attention.json]
+    python benchmarks/mla_attention.py [--repeats 9] [--tokens 2048] [--out benchmarks/results/mla_attention.json]
 
 Both attentions get the same weights (moecli's copied into transformers' module) and the same input; they
 alternate, and each ratio is transformers' time over moecli's (> 1: moecli faster), paired per repeat and of

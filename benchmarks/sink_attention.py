@@ -1,7 +1,7 @@
 """Attention with sinks and a sliding window: moecli's GQA Attention vs transformers' GptOssAttention (eager, the
 implementation GPT-OSS runs on a CPU), forward + backward, in the same run.
 
-    python benchmarks/sink_attention.py [--repeats 9] [--tokens 2048] [--out benchmarks/results_sink_attention.json]
+    python benchmarks/sink_attention.py [--repeats 9] [--tokens 2048] [--out benchmarks/results/sink_attention.json]
 
 Both get the same weights (moecli's copied into transformers' module, sinks and biases non-zero) and the same input;
 they alternate, and each ratio is transformers' time over moecli's (> 1: moecli faster), paired per repeat and of

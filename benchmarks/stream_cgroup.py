@@ -1,7 +1,7 @@
 """Layer streaming in a memory cgroup: `moe inspect-routing` on a 3.2 GB MoE checkpoint inside a cgroup limited to
 1 GiB (well below the model) against the same command unconstrained, in memory and with --stream.
 
-    sudo python benchmarks/stream_cgroup.py [--limit-mb 1024] [--out benchmarks/results_stream_cgroup.json]
+    sudo python benchmarks/stream_cgroup.py [--limit-mb 1024] [--out benchmarks/results/stream_cgroup.json]
 
 Needs root and a memory cgroup (v1: /sys/fs/cgroup/memory, or v2 with the memory controller); it makes one,
 moecli-stream-bench, and removes it. The model: the mixtral recipe at d=1024, 8 layers, 16 experts of 2048, random

@@ -2,7 +2,7 @@
 same batch, same run.
 
     python benchmarks/train_real_shape.py [--steps 4] [--precisions fp32,bf16-mixed] [--rounds 1]
-                                          [--work DIR] [--out benchmarks/results_train_real_shape.json]
+                                          [--work DIR] [--out benchmarks/results/train_real_shape.json]
 
 The model: a 135M-parameter Llama's shape (d=576, 30 layers, FFN 1536, 9 heads / 3 KV heads, vocab 49152, tied)
 with 8 experts top-2 in every layer, 692M parameters, built from random weights (no download) and saved once as a

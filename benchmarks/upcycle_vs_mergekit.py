@@ -2,7 +2,7 @@
 30 layers, FFN 1536, 9 heads / 3 KV heads, vocab 49152, tied, fp32) -> 8 experts top-2 Mixtral.
 
     python benchmarks/upcycle_vs_mergekit.py --install-mergekit   # once: mergekit into its own venv (asks pip)
-    python benchmarks/upcycle_vs_mergekit.py [--runs 5] [--out benchmarks/results_upcycle_vs_mergekit.json]
+    python benchmarks/upcycle_vs_mergekit.py [--runs 5] [--out benchmarks/results/upcycle_vs_mergekit.json]
 
 mergekit is not a moecli dependency: --install-mergekit makes a venv (benchmarks/.venv-mergekit, no system site
 packages) with torch==2.13.0 and mergekit, and the benchmark runs its mergekit-moe from there. The two tools run

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from moecli.config import SEED_STRIDE, FieldError, Recipe, read_yaml, section_from_dict
+from moecli.config import SEED_STRIDE, FieldError, Recipe, read_yaml, recipe_from_dict, section_from_dict
 from moecli.formats.checkpoint import load_with_tokenizer, open_checkpoint
 from moecli.formats.native import CONFIG_FILE, FORMAT, MODEL_FILE, VERSION, dtype_name, model_state
 from moecli.errors import RunFailed, UserError

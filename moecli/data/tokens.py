@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from moecli.data.corpus import JSONL_FIELD, is_jsonl, jsonl_texts, read_chunks, text_pieces
+from moecli.data.corpus import (JSONL_FIELD, default_corpus_files, expand_data_args, is_jsonl, jsonl_texts, read_chunks,
+                                text_pieces)
 from moecli.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
 from moecli.errors import UserError
 from moecli.fileio import atomic_write_json, tensor_bytes
