@@ -72,7 +72,7 @@ def sharded_eval_check(expert_parallel):
     starts = list(range(0, 400 - 17, 16))[:9]  # 9 windows, batches of 4: the last one has a single window
     dist.barrier()
     # the single-process value, computed with torch.distributed out of the picture
-    import moecli.commands.evaluate as ev
+    import moecli.training.validation as ev
 
     real_current = ev.current
     ev.current = lambda: type(info)()
