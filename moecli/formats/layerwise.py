@@ -3,8 +3,8 @@ read from its safetensors files when asked for and freed when dropped.
 
 safetensors serves a tensor from the file's mmap'd pages, which stay resident (and counted in the process's
 RSS) while the file is open; a piece is read through a handle opened for it alone, so when the piece is dropped
-its pages go too and memory holds about one block, not the model. ``upcycle`` and ``export`` verify a conversion this
-way (commands/verify.py): the dense and the MoE model side by side, one layer of each at a time. ``moe eval`` and ``moe
+its pages go too and memory holds about one block, not the model. ``upcycle`` verifies a conversion this way
+(commands/verify.py): the dense and the MoE model side by side, one layer of each at a time. ``moe eval`` and ``moe
 inspect-routing`` run a model that does not fit in memory (or with ``--stream``) the same way (``stream_forward``):
 each block is read once and every batch's hidden states, kept in a file, pass through it.
 """
@@ -52,7 +52,7 @@ class LayerReader:
                 i = int(name.split(".")[1])
                 out |= {f"layers.{i}.moe.experts.{k}": v
                         for k, v in hf.expert_stack(src, self.mt, i, self.recipe.moe.num_experts, self.dtype,
-                                          contiguous=False).items()}
+                                                    contiguous=False).items()}
             elif name.endswith("router.expert_bias") and self.mt is not None and self.names.get(name) is None:
                 out[name] = torch.zeros(self.recipe.moe.num_experts)  # a family without aux-free biases
             else:

@@ -40,7 +40,6 @@ from moecli.training.state import (best_val_loss, load_optimizer_state, save_bes
 from moecli.training.validation import validate
 
 
-
 def train(args: TrainArgs) -> dict:
     """Run training; returns a summary dict. Under --nproc this process tokenises the data once and starts the
     ranks; under torchrun each process is a rank."""

@@ -1,7 +1,7 @@
 """Hugging Face families, one module each: its config mapped both ways, its tensor names both ways, and what it
 cannot express; base.py holds the defaults a family need not repeat (READ_AS, UPCYCLE_TO, ATTENTION_BIAS,
-EXPERT_BIAS, name_map, empty_tensors). hf.py holds the Llama-style body every family shares (sizes, norms, GQA attention names, dense FFN,
-router, the experts' loading) and asks the family module for the rest.
+EXPERT_BIAS, name_map, empty_tensors). hf.py holds the Llama-style body every family shares (sizes, norms, GQA
+attention names, dense FFN, router, the experts' loading) and asks the family module for the rest.
 
 A module defines:
     MODEL_TYPE, ARCHITECTURE   config.json's model_type and architectures
@@ -26,14 +26,14 @@ from . import base
 from . import (deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, llama, llama4, mixtral, olmoe, qwen2, qwen2_moe, qwen3,
                qwen3_moe, qwen3_next)
 
-for _family in (llama, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3, deepseek_v2, gpt_oss,
-                llama4, qwen3_next):  # what a family does not define, the base holds
+ALL = (llama, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3, deepseek_v2, gpt_oss, llama4,
+       qwen3_next)
+for _family in ALL:  # what a family does not define, the base holds
     for _name in base.DEFAULTS:
         if not hasattr(_family, _name):
             setattr(_family, _name, getattr(base, _name))
 
-FAMILIES = {m.MODEL_TYPE: m for m in (llama, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3,
-                                       deepseek_v2, gpt_oss, llama4, qwen3_next)}
+FAMILIES = {m.MODEL_TYPE: m for m in ALL}
 CONTAINERS = {outer: (m.MODEL_TYPE, key) for m in FAMILIES.values() for outer, key in getattr(m, "CONTAINERS", {}).items()}
 READ_AS = {other: m.MODEL_TYPE for m in FAMILIES.values() for other in m.READ_AS}  # kimi_k2 -> deepseek_v3
 DENSE_WRITABLE = tuple(t for t, m in FAMILIES.items() if m.WRITABLE and not m.MOE)  # export's dense formats

@@ -20,13 +20,10 @@ from .deepseek_v3 import (EXPERT_WEIGHTS, empty_tensors, mla_config, mla_names, 
 
 MODEL_TYPE = "deepseek_v2"
 ARCHITECTURE = "DeepseekV2ForCausalLM"
-READ_AS = ()
 MOE = True
 WRITABLE = True
-UPCYCLE_TO = None
 ATTENTION_BIAS = True  # attention_bias read
 MOE_PREFIX = "mlp"
-EXPERT_BIAS = False  # the router has no correction bias
 
 
 def recipe_parts(cfg: dict, model: dict, count, source: str) -> tuple[dict, dict, dict]:

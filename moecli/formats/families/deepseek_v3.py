@@ -29,7 +29,6 @@ ARCHITECTURE = "DeepseekV3ForCausalLM"
 READ_AS = ("kimi_k2",)  # other model_types in this layout, read (and written back as deepseek_v3)
 MOE = True
 WRITABLE = True
-UPCYCLE_TO = None
 ATTENTION_BIAS = True  # attention_bias read
 MOE_PREFIX = "mlp"
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")

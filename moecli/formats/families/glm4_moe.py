@@ -25,10 +25,8 @@ from .deepseek_v3 import EXPERT_WEIGHTS, empty_tensors, moe_config, moe_names, m
 
 MODEL_TYPE = "glm4_moe"
 ARCHITECTURE = "Glm4MoeForCausalLM"
-READ_AS = ()
 MOE = True
 WRITABLE = True
-UPCYCLE_TO = None
 ATTENTION_BIAS = True  # attention_bias read
 MOE_PREFIX = "mlp"
 EXPERT_BIAS = True  # holds aux-loss-free router biases (e_score_correction_bias)

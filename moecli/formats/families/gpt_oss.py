@@ -34,7 +34,6 @@ ARCHITECTURE = "GptOssForCausalLM"
 MOE = True
 WRITABLE = True
 ATTENTION_BIAS = True
-EXPERT_BIAS = False  # no aux-loss-free router biases (its router bias is a learned one: router_bias)
 MOE_PREFIX = "mlp"
 EXPRESSES = frozenset({"sinks", "o_bias", "sliding", "router_bias", "expert_bias", "clamped_swiglu"})
 _LAYER_TYPES = {"sliding_attention": "sliding", "full_attention": "full"}
@@ -125,4 +124,3 @@ def cannot_express(recipe) -> list[str]:
         (r.qkv_bias and r.o_bias, "attention without q/k/v/o biases"),
         (m.router_bias, "a router without a bias"), (m.expert_ffn_bias, "experts without biases"),
         (m.expert_act == "clamped_swiglu", "plain SwiGLU experts")))
-

@@ -11,7 +11,6 @@ READ_AS = ("mistral",)
 MOE = False  # a dense family
 WRITABLE = True
 UPCYCLE_TO = "mixtral"
-ATTENTION_BIAS = False  # config's attention_bias refused
 MOE_PREFIX = "mlp"
 
 
@@ -26,4 +25,3 @@ def config(recipe) -> dict:
 def cannot_express(recipe) -> list[str]:
     r = recipe.model
     return ["q/k norm"] * bool(r.qk_norm or r.qk_norm_full) + ["q/k/v biases"] * r.qkv_bias
-

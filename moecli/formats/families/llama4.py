@@ -33,13 +33,10 @@ from .features import shortest_pattern, unmet
 
 MODEL_TYPE = "llama4_text"
 ARCHITECTURE = "Llama4ForCausalLM"
-READ_AS = ()
 CONTAINERS = {"llama4": "text_config"}
 MOE = True
 WRITABLE = True
-UPCYCLE_TO = None
 ATTENTION_BIAS = True
-EXPERT_BIAS = False
 MOE_PREFIX = "feed_forward"
 EXPRESSES = frozenset({"o_bias", "chunked", "nope", "l2_norm", "temperature", "weight_input", "interleave"})
 
@@ -131,7 +128,3 @@ def cannot_express(recipe) -> list[str]:
         (not m.first_k_dense, "dense-first layers"), (m.routed_scaling == 1.0, "routed scaling"),
         (not (m.n_groups > 1 and m.topk_groups < m.n_groups), "group-limited routing"),
         (m.capacity_factor == 0, "a capacity factor"), (not m.shared_gate, "a gated shared expert")))
-
-
-def empty_tensors(recipe, i: int) -> list:
-    return []

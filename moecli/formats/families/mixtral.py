@@ -36,10 +36,6 @@ def config(recipe) -> dict:
             "router_jitter_noise": 0.0}
 
 
-def name_map(recipe, names: dict[str, str]) -> dict[str, str]:
-    return names
-
-
 def cannot_express(recipe) -> list[str]:
     m = recipe.moe
     problems = softmax_moe_problems(recipe)

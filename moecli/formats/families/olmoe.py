@@ -6,12 +6,8 @@ from .qwen3_moe import EXPERT_WEIGHTS, MOE_PREFIX  # noqa: F401 (the Qwen-MoE ex
 
 MODEL_TYPE = "olmoe"
 ARCHITECTURE = "OlmoeForCausalLM"
-READ_AS = ()
 MOE = True
 WRITABLE = False
-UPCYCLE_TO = None
-ATTENTION_BIAS = False
-EXPERT_BIAS = False
 
 
 def recipe_parts(cfg: dict, model: dict, count, source: str) -> tuple[dict, dict, dict]:
@@ -24,13 +20,5 @@ def config(recipe) -> dict:
     return {}
 
 
-def name_map(recipe, names: dict[str, str]) -> dict[str, str]:
-    return names
-
-
 def cannot_express(recipe) -> list[str]:
     return ["anything: olmoe is read only"]
-
-
-def empty_tensors(recipe, i: int) -> list:
-    return []

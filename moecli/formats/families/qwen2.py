@@ -5,7 +5,6 @@ from .llama import MOE_PREFIX  # noqa: F401 (the shared parts; the rest from bas
 
 MODEL_TYPE = "qwen2"
 ARCHITECTURE = "Qwen2ForCausalLM"
-READ_AS = ()
 MOE = False
 WRITABLE = True
 UPCYCLE_TO = "qwen2_moe"

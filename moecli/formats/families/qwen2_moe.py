@@ -12,12 +12,9 @@ from .qwen3_moe import EXPERT_WEIGHTS, MOE_PREFIX, qwen_moe_config, qwen_moe_par
 
 MODEL_TYPE = "qwen2_moe"
 ARCHITECTURE = "Qwen2MoeForCausalLM"
-READ_AS = ()
 MOE = True
 WRITABLE = True
-UPCYCLE_TO = None
 ATTENTION_BIAS = True
-EXPERT_BIAS = False
 
 
 def shared_expert_parts(cfg: dict, moe: dict) -> dict:

@@ -5,11 +5,9 @@ from .llama import MOE_PREFIX, config  # noqa: F401 (the shared parts; the rest 
 
 MODEL_TYPE = "qwen3"
 ARCHITECTURE = "Qwen3ForCausalLM"
-READ_AS = ()
 MOE = False
 WRITABLE = True
 UPCYCLE_TO = "qwen3_moe"
-ATTENTION_BIAS = False
 
 
 def recipe_parts(cfg: dict, model: dict, count, source: str) -> tuple[dict, dict, dict]:

@@ -12,12 +12,8 @@ from .base import softmax_moe_problems
 
 MODEL_TYPE = "qwen3_moe"
 ARCHITECTURE = "Qwen3MoeForCausalLM"
-READ_AS = ()
 MOE = True
 WRITABLE = True
-UPCYCLE_TO = None
-ATTENTION_BIAS = False
-EXPERT_BIAS = False
 MOE_PREFIX = "mlp"
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -53,17 +49,9 @@ def config(recipe) -> dict:
     return {"attention_bias": False, **qwen_moe_config(recipe, MODEL_TYPE)}
 
 
-def name_map(recipe, names: dict[str, str]) -> dict[str, str]:
-    return names
-
-
 def cannot_express(recipe) -> list[str]:
     m, r = recipe.moe, recipe.model
     problems = softmax_moe_problems(recipe)
     if m.num_shared_experts or not r.qk_norm or r.qkv_bias:
         problems.append("shared experts" if m.num_shared_experts else "an attention layout other than Qwen3's")
     return problems
-
-
-def empty_tensors(recipe, i: int) -> list:
-    return []

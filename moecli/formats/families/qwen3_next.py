@@ -30,12 +30,9 @@ from .qwen3_moe import EXPERT_WEIGHTS, MOE_PREFIX, qwen_moe_config, qwen_moe_par
 
 MODEL_TYPE = "qwen3_next"
 ARCHITECTURE = "Qwen3NextForCausalLM"
-READ_AS = ()
 MOE = True
 WRITABLE = True
-UPCYCLE_TO = None
 ATTENTION_BIAS = True
-EXPERT_BIAS = False
 EXPRESSES = frozenset({"linear", "attention_gate", "zero_centered", "o_bias"})
 _TYPES = {"linear_attention": "linear", "full_attention": "full"}
 _LINEAR = (("in_qkvz.weight", "in_proj_qkvz.weight"), ("in_ba.weight", "in_proj_ba.weight"),
@@ -93,7 +90,3 @@ def cannot_express(recipe) -> list[str]:
         (r.attention_gate and r.qk_norm and not r.qk_norm_full,
          "full attention without its output gate and per-head q/k norm"),
         (r.qkv_bias == r.o_bias, "q/k/v biases without an o bias or the reverse")))
-
-
-def empty_tensors(recipe, i: int) -> list:
-    return []
