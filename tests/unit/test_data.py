@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from moecli.data import tokens as data_mod
+from moecli.data import corpus, tokens as data_mod
 from moecli.data.tokenizers import ByteTokenizer
 from moecli.data.tokens import encode_to_file, open_tokens, prepare_tokens
 from moecli.data.corpus import expand_data_args
@@ -31,7 +31,7 @@ def test_expand_files_dirs_globs(tmp_path):
 
 
 def test_byte_tokens_are_the_file_bytes_memory_mapped(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_mod, "CHUNK", 7)  # stream in tiny chunks
+    monkeypatch.setattr(corpus, "CHUNK", 7)  # stream in tiny chunks
     a, b = tmp_path / "a.txt", tmp_path / "b.txt"
     a.write_text("héllo wörld " * 50)
     b.write_text("second file")
@@ -56,7 +56,7 @@ class _CharTok:
 
 
 def test_chunked_text_decoding_never_splits_characters(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_mod, "CHUNK", 3)  # cuts through multi-byte characters
+    monkeypatch.setattr(corpus, "CHUNK", 3)  # cuts through multi-byte characters
     text = "añ€😀z" * 40
     p = tmp_path / "u.txt"
     p.write_text(text, encoding="utf-8")
