@@ -1,12 +1,11 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from support.paths import ROOT, SHARED_DATA  # noqa: F401 (SHARED_DATA: the fixtures' data)
+from support.paths import ROOT
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -47,13 +47,8 @@ def evaluate(checkpoint: str, data: list[str], seq_len: int | None, batch_size: 
     ckpt, torch_dtype, dev = open_to_run(checkpoint, dtype, device)
     dtype = dtype_name(torch_dtype)
     streamed = why_stream(ckpt.recipe, torch_dtype, stream)
-    if streamed:
-        model = ckpt.reader(torch_dtype, dev)
-    else:
-        model = ckpt.load_model(torch_dtype)
-    tok, directory = ckpt.tokenizer(model), ckpt.directory
-    if not streamed:
-        model.to(dev)
+    model, tok = ckpt.model_and_tokenizer(torch_dtype, dev, streamed=bool(streamed))
+    directory = ckpt.directory
     pretrained = ckpt.is_hf
     context = model.recipe.model.context
     if seq_len is not None and not 1 <= seq_len <= context:

@@ -237,9 +237,8 @@ def _load(checkpoint: str, dtype: str, texts: list[str] | None, tokens: list[int
           device: str = "cpu"):
     """(model, tokenizer, Stops) for generate and generate_prompts; the model on `device` (--device)."""
     ckpt, torch_dtype, dev = open_to_run(checkpoint, dtype, device)
-    model = ckpt.load_model(torch_dtype)
-    tok = ckpt.tokenizer(model)
-    return model.to(dev), tok, _stops(model, ckpt.config, ckpt.directory, texts, tokens, ignore_eos)
+    model, tok = ckpt.model_and_tokenizer(torch_dtype, dev)
+    return model, tok, _stops(model, ckpt.config, ckpt.directory, texts, tokens, ignore_eos)
 
 
 def _settings(temperature: float, top_k: int, top_p: float, dtype: str, stop: Stops, model) -> dict:

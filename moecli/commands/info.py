@@ -12,7 +12,7 @@ import torch
 from moecli import __version__
 from moecli.formats.checkpoint import Checkpoint, find_checkpoint_dir, is_checkpoint_file, open_checkpoint
 from moecli.formats.layerwise import stream_plan
-from moecli.formats.native import FORMAT, MODEL_FILE, check_shapes, dtype_name
+from moecli.formats.native import MODEL_FILE, check_shapes, dtype_name
 from moecli.config import list_recipes, load_recipe
 from moecli.errors import UserError
 from moecli.moe.experts import threads_from_env
@@ -43,7 +43,7 @@ def info(target: str | None) -> dict:
         recipe, cfg, directory = ckpt.recipe, ckpt.config, ckpt.directory
         model = meta_model(recipe)  # shapes only: a checkpoint of any size is described without its weights
         extra = {k: cfg[k] for k in ("step", "tokens_seen", "source") if k in cfg}
-        has_weights = cfg.get("format") == FORMAT or any(directory.glob("*.safetensors")) or \
+        has_weights = not ckpt.is_hf or any(directory.glob("*.safetensors")) or \
             (directory / "model.safetensors.index.json").is_file()
         # a Hugging Face config alone (no weights downloaded) is described too: layout, parameters, memory
         extra["weights"] = weights_summary(model, ckpt) if has_weights else None

@@ -273,13 +273,7 @@ def _open_model(checkpoint: str, o: RoutingOptions, named: dict):
                         f"({streamed})")
     if not ckpt.recipe.moe_layers():
         raise UserError(f"{checkpoint}: has no MoE layers (a dense model); nothing to inspect")
-    if streamed:
-        model = ckpt.reader(torch_dtype, dev)
-        tok = ckpt.tokenizer(model)
-    else:
-        model = ckpt.load_model(torch_dtype)
-        tok = ckpt.tokenizer(model)
-        model.to(dev)
+    model, tok = ckpt.model_and_tokenizer(torch_dtype, dev, streamed=bool(streamed))
     return model, ckpt, tok, streamed, torch_dtype, dev
 
 

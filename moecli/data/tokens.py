@@ -21,7 +21,7 @@ import torch
 
 from moecli.data.corpus import (JSONL_FIELD, default_corpus_files, expand_data_args, is_jsonl, jsonl_texts, read_chunks,
                                 text_pieces)
-from moecli.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer
+from moecli.data.tokenizers import ByteTokenizer, HFTokenizer
 from moecli.errors import UserError
 from moecli.fileio import atomic_write_json, tensor_bytes
 

@@ -16,7 +16,7 @@ from moecli.data.tokenizers import Tokenizer, check_vocab, tokenizer_from_checkp
 from moecli.errors import UserError
 from moecli.fileio import read_json_object
 from moecli.formats import hf
-from moecli.formats.layerwise import LayerReader
+from moecli.formats.layerwise import LayerReader, open_stored
 from moecli.formats.native import (CONFIG_FILE, FORMAT, MODEL_FILE, VERSION, load_into, load_state_file,
                                    model_to_load)
 from moecli.formats.st_stream import LazyTensors
@@ -72,10 +72,8 @@ class Checkpoint:
         return bool(self.config.get("quantization_config"))
 
     def tensors(self) -> LazyTensors:
-        """The stored tensors, read when asked for: moecli's names, or a Hugging Face directory's (hf.open_tensors)."""
-        if self.hf_config is None:
-            return LazyTensors([self.directory / MODEL_FILE])
-        return hf.open_tensors(self.directory, self.hf_config)
+        """The stored tensors, read when asked for (layerwise.open_stored)."""
+        return open_stored(self.directory, self.hf_config)
 
     def load_model(self, dtype: torch.dtype = torch.float32) -> Transformer:
         """The whole model with its parameters in ``dtype`` (eval mode), once they are known to fit in memory."""
@@ -94,6 +92,16 @@ class Checkpoint:
         if str(device) != "cpu":
             raise UserError(f"--device {device}: layer streaming runs on the CPU")
         return LayerReader(self.directory, self.recipe, self.hf_config, dtype)
+
+    def model_and_tokenizer(self, dtype: torch.dtype, device=torch.device("cpu"), streamed: bool = False):
+        """(the model on ``device``, or with ``streamed`` a layer reader on the CPU; the tokenizer, checked against
+        it): what eval, generate and inspect-routing run."""
+        if streamed:
+            reader = self.reader(dtype, device)
+            return reader, self.tokenizer(reader)
+        model = self.load_model(dtype)
+        tok = self.tokenizer(model)
+        return model.to(device), tok
 
     def tokenizer(self, model=None) -> Tokenizer:
         """The checkpoint's tokenizer (bytes where it names none), refused when larger than the model's
@@ -149,5 +157,5 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> tup
 def load_with_tokenizer(path: str | Path, dtype: torch.dtype = torch.float32):
     """(model, config, directory, tokenizer) for a checkpoint, refusing a tokenizer larger than the model's vocab."""
     ckpt = open_checkpoint(path)
-    model = ckpt.load_model(dtype)
-    return model, ckpt.config, ckpt.directory, ckpt.tokenizer(model)
+    model, tok = ckpt.model_and_tokenizer(dtype)
+    return model, ckpt.config, ckpt.directory, tok

@@ -28,6 +28,14 @@ from moecli.fileio import byte_view, read_exact
 from moecli.formats.st_stream import LazyTensors
 
 
+def open_stored(directory: Path, hf_config: dict | None) -> LazyTensors:
+    """A checkpoint's stored tensors, read when asked for: a moecli checkpoint's model.safetensors, or a Hugging Face
+    directory's files under its family's names (hf.open_tensors; ``hf_config``: hf.read_hf_config's)."""
+    if hf_config is None:
+        return LazyTensors([Path(directory) / MODEL_FILE])
+    return hf.open_tensors(directory, hf_config)
+
+
 class LayerReader:
     """The model of a checkpoint (formats.checkpoint.Checkpoint.reader), piece by piece, in ``dtype``: a moecli
     checkpoint's tensors under their own names, a Hugging Face directory's (``hf_config``) under its family's."""
@@ -38,9 +46,7 @@ class LayerReader:
         self.names = hf.plain_name_map(recipe, self.mt) if hf_config is not None else None
 
     def _open(self) -> LazyTensors:
-        if self.mt is None:
-            return LazyTensors([self.dir / MODEL_FILE])
-        return hf.open_tensors(self.dir, self.hf_config)
+        return open_stored(self.dir, self.hf_config)
 
     def tensors(self, ours: list[str]) -> dict[str, torch.Tensor]:
         """moecli-named tensors (a block's experts stacked as moecli holds them), through a handle of their own."""

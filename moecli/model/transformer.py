@@ -22,7 +22,7 @@ from moecli.config import Recipe
 from moecli.moe.experts import SwiGLU
 from moecli.model.loss import head_cross_entropy
 from moecli.moe.layer import MoELayer
-from moecli.model.attention import ATTENTION, FP32_ATTENTION_BELOW, attend, make_attention
+from moecli.model.attention import make_attention
 from moecli.model.norm import RMSNorm
 from moecli.model.rope import cos_sin
 

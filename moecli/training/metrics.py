@@ -1,12 +1,13 @@
-"""What a run records: each step's line of OUT/metrics.jsonl, the routing over the steps since the last
-validation pass, and the summary at the end. A new run logger (TensorBoard, W&B, CSV) reads these records."""
+"""What a run records of its routing: each step's MoE health in its line of OUT/metrics.jsonl, the routing over the
+steps since the last validation pass, and the summary's verdict per layer. The Trainer writes these records
+(train_step, evaluate); a new run logger (TensorBoard, W&B, CSV) reads them."""
 
 from __future__ import annotations
 
 import torch
 
 from moecli.moe.balance import load_health
-from moecli.parallel.collectives import all_mean, all_sum_
+from moecli.parallel.collectives import all_sum_
 
 
 class RoutingWindow:
@@ -34,18 +35,6 @@ class RoutingWindow:
             acc.zero_()
         self.steps = 0
         return rep
-
-
-def step_record(step: int, m: dict, world: int, timing: dict) -> dict:
-    """Step ``step``'s metrics line from its micro-steps' results ``m`` (training.trainer.micro_steps) and
-    ``timing``: the step's losses over every rank (ce, loss), lr, grad_norm, this rank's tokens, dt and the run's
-    tokens_seen."""
-    rec = {"step": step, "loss": timing["ce"], "total_loss": timing["loss"], "lr": timing["lr"],
-           "grad_norm": timing["grad_norm"], "tokens_per_s": timing["tokens"] * world / timing["dt"],
-           "tokens_seen": timing["tokens_seen"]}
-    if m["aux"]:
-        rec["aux"] = {k: all_mean(v) for k, v in m["aux"].items()}
-    return rec
 
 
 def add_routing_health(rec: dict, m: dict, loads: list[torch.Tensor], layers: list[tuple[int, int]]) -> None:

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from moecli.config import Recipe, apply_overrides, prepare_recipe, recipe_from_dict
-from moecli.data.tokenizers import Tokenizer, load_tokenizer
+from moecli.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_from_checkpoint
 from moecli.data.corpus import JSONL_FIELD
 from moecli.data.tokens import TokenData, prepare_tokens
 from moecli.errors import UserError
@@ -156,9 +156,7 @@ def _resumed(args: TrainArgs, out: Path | None) -> Setup:
     recipe = recipe_from_dict(cfg.get("recipe"), str(ckpt_dir / CONFIG_FILE))
     if args.overrides:
         recipe = apply_overrides(recipe, args.overrides, source="command-line overrides")
-    tcfg = cfg.get("tokenizer") or {"type": "byte"}
-    tokenizer = load_tokenizer(ckpt_dir / "tokenizer.json" if tcfg.get("type") == "hf" else None)
-    return Setup(recipe, out, tokenizer, ckpt_dir, read_train_state(ckpt_dir))
+    return Setup(recipe, out, tokenizer_from_checkpoint(ckpt_dir, cfg), ckpt_dir, read_train_state(ckpt_dir))
 
 
 def _from_init(args: TrainArgs, out: Path | None) -> Setup:
@@ -166,8 +164,7 @@ def _from_init(args: TrainArgs, out: Path | None) -> Setup:
     if args.tokenizer:
         raise UserError("--tokenizer: with --init the tokenizer is the checkpoint's own")
     ckpt = open_checkpoint(args.init)
-    init_model = ckpt.load_model()
-    tokenizer = ckpt.tokenizer(init_model)
+    init_model, tokenizer = ckpt.model_and_tokenizer(torch.float32)
     recipe, init_state = init_model.recipe, model_state(init_model)
     del init_model
     max_steps = args.overrides.get("train.max_steps", recipe.train.max_steps)

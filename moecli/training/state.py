@@ -104,11 +104,11 @@ def save_train_checkpoint(out: Path, model, opt, tokenizer, info: DistInfo, trai
             _save_model(tmp, model, sd, {"step": train_state["step"], "tokens_seen": train_state["tokens_seen"]},
                         tokenizer)
             save_safetensors(ostate["tensors"], tmp / "optimizer.safetensors")
-            ts = dict(train_state)
-            weights = ts.pop("data_weights", None)
+            weights = train_state.get("data_weights")
             atomic_write_json(tmp / "train_state.json", {
-                "step": ts["step"], "tokens_seen": ts["tokens_seen"], "param_groups": ostate["param_groups"],
-                "data": ts["data"], "early_stop": ts["early_stop"], **({"data_weights": weights} if weights else {}),
+                "step": train_state["step"], "tokens_seen": train_state["tokens_seen"],
+                "param_groups": ostate["param_groups"], "data": train_state["data"],
+                "early_stop": train_state["early_stop"], **({"data_weights": weights} if weights else {}),
             })
     barrier()
     return target

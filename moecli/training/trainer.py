@@ -30,8 +30,7 @@ from moecli.parallel.device import resolve_device, return_freed_memory
 from moecli.parallel.expert_parallel import scale_expert_gradients, shard_experts
 from moecli.parallel.launch import current, init_from_env, launched_world, local_rank, local_world, spawn
 from moecli.training.memory import current_rss, describe, lean_mode, peak_rss, training_memory
-from moecli.training.metrics import (RoutingWindow, add_routing_health, routing_record, routing_summary,
-                                     step_record)
+from moecli.training.metrics import RoutingWindow, add_routing_health, routing_record, routing_summary
 from moecli.training.optim import KeptGradients, clip_gradients, create_optimizer_state, lr_at, make_optimizer
 from moecli.training.setup import TrainArgs, check_batch_split, run_tokens, setup, train_layout
 from moecli.training.signals import EarlyStop, StopSignals
@@ -133,9 +132,10 @@ class Trainer:
         self.tokens_seen += x.numel() * info.world
         dt = time.perf_counter() - t0
         self.step_times.append(dt)
-        rec = step_record(step + 1, m, info.world, {"ce": ce_all, "loss": loss_all, "lr": lr,
-                                                    "grad_norm": float(gnorm), "tokens": x.numel(), "dt": dt,
-                                                    "tokens_seen": self.tokens_seen})
+        rec = {"step": step + 1, "loss": ce_all, "total_loss": loss_all, "lr": lr, "grad_norm": float(gnorm),
+               "tokens_per_s": x.numel() * info.world / dt, "tokens_seen": self.tokens_seen}
+        if m["aux"]:
+            rec["aux"] = {k: all_mean(v) for k, v in m["aux"].items()}
         self.window.add(loads)
         add_routing_health(rec, m, loads, self.window.layers)
         self.last_rec = rec

@@ -184,7 +184,6 @@ def test_a_signal_stops_every_rank_after_the_same_step(tmp_path, tiny_recipe, cl
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"the {i % 17} cats sat on {i % 5} mats\n" for i in range(500)))
