@@ -19,7 +19,7 @@ from moecli.moe.experts import threads_from_env
 from moecli.fileio import metrics_upto
 from moecli.model.transformer import Transformer, meta_model
 from moecli.model.params import param_counts, parameter_report, recipe_parameter_report
-from moecli.parallel.device import available_memory
+from moecli.parallel import device
 from moecli.formats.st_stream import LazyTensors
 
 
@@ -72,7 +72,7 @@ def memory_plan(recipe, cfg: dict) -> dict:
     """What running the model needs: its weights in bfloat16 and float32 against the memory available now, and
     what layer streaming (eval, inspect-routing) would need instead, at windows of 2048 tokens in bfloat16."""
     total = param_counts(recipe)[0]
-    avail = available_memory()
+    avail = device.available_memory()
     q = (cfg.get("quantization_config") or {}).get("quant_method") if isinstance(cfg.get("quantization_config"),
                                                                                 dict) else None
     plan = stream_plan(recipe, torch.bfloat16, 2048)

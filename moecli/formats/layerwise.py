@@ -23,7 +23,7 @@ from moecli.model.norm import RMSNorm
 from moecli.model.params import param_counts, recipe_parameter_report
 from moecli.model.rope import cos_sin
 from moecli.model.transformer import meta_block
-from moecli.parallel.device import available_memory
+from moecli.parallel import device
 from moecli.fileio import byte_view, read_exact
 from moecli.formats.st_stream import LazyTensors
 
@@ -178,7 +178,7 @@ def why_stream(recipe, dtype: torch.dtype, stream: bool) -> str | None:
     if stream:
         return "--stream"
     need = param_counts(recipe)[0] * dtype.itemsize
-    avail = available_memory()
+    avail = device.available_memory()
     if avail is not None and need > avail:
         return f"its {need / 2**30:,.1f} GiB of weights exceed the {avail / 2**30:,.1f} GiB of memory available"
     return None
