@@ -59,7 +59,7 @@ class Checkpoint:
     directory: Path
     config: dict  # config.json as stored
     recipe: Recipe
-    hf_config: dict | None = None  # a Hugging Face model's config as its family reads it (hf.read_hf_config)
+    hf_config: dict | None = None  # a Hugging Face model's config as its family reads it (hf.family_config)
 
     @property
     def is_hf(self) -> bool:
@@ -123,7 +123,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
                             f"version {VERSION} (a newer moecli wrote it? upgrade moecli)")
         return Checkpoint(directory, cfg, recipe_from_dict(cfg.get("recipe"), str(directory / CONFIG_FILE) + " recipe"))
     if "model_type" in cfg:
-        hc = hf.read_hf_config(directory)
+        hc = hf.family_config(cfg, directory / CONFIG_FILE)
         return Checkpoint(directory, cfg, hf.recipe_from_hf(hc, str(directory / CONFIG_FILE)), hc)
     raise UserError(f"{directory / CONFIG_FILE}: not a moecli checkpoint (no \"format\": \"{FORMAT}\")")
 

@@ -20,7 +20,7 @@ from moecli.config import Recipe, recipe_from_dict
 from moecli.formats.families import CONTAINERS, FAMILIES, READ_AS
 from moecli.formats.families.features import beyond
 from moecli.errors import UserError
-from moecli.fileio import atomic_write_json, read_json_object
+from moecli.fileio import atomic_write_json
 from moecli.formats import quant
 from moecli.formats.st_stream import LazyTensors
 
@@ -29,9 +29,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "generation_config.json", "chat_template.jinja", "added_tokens.json")
 
 
-def read_hf_config(directory: Path) -> dict:
-    p = Path(directory) / "config.json"
-    cfg = read_json_object(p, "Hugging Face config")
+def family_config(cfg: dict, p: Path) -> dict:
+    """A Hugging Face config.json (``cfg``, read from ``p``) as its family reads it: a multimodal container's
+    language model, a model_type read as another's layout (READ_AS), an unsupported model_type refused."""
     mt = cfg.get("model_type")
     if mt in CONTAINERS:  # a multimodal checkpoint (llama4): its language model's config, read as that family
         family, key = CONTAINERS[mt]
@@ -51,7 +51,7 @@ def read_hf_config(directory: Path) -> dict:
 
 
 def recipe_from_hf(cfg: dict, source: str = "config.json") -> Recipe:
-    """The recipe of a Hugging Face config (read_hf_config); a missing or malformed size is bad input naming
+    """The recipe of a Hugging Face config (family_config); a missing or malformed size is bad input naming
     the config's own key."""
     mt = cfg["model_type"]
 

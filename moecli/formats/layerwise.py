@@ -30,7 +30,7 @@ from moecli.formats.st_stream import LazyTensors
 
 def open_stored(directory: Path, hf_config: dict | None) -> LazyTensors:
     """A checkpoint's stored tensors, read when asked for: a moecli checkpoint's model.safetensors, or a Hugging Face
-    directory's files under its family's names (hf.open_tensors; ``hf_config``: hf.read_hf_config's)."""
+    directory's files under its family's names (hf.open_tensors; ``hf_config``: hf.family_config's)."""
     if hf_config is None:
         return LazyTensors([Path(directory) / MODEL_FILE])
     return hf.open_tensors(directory, hf_config)
