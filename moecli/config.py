@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from moecli.errors import UserError
+from moecli.model import rope
 
 RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 SEED_STRIDE = 1_000_003  # seeds of step (or expert) s of a run seeded n: n * SEED_STRIDE + s
@@ -41,8 +42,8 @@ class ModelConfig:
     context: int = 256  # longest sequence RoPE and generation plan for
     ffn_dim: int = 512  # hidden size of the dense SwiGLU FFN (dense layers only)
     rope_theta: float = 10000.0
-    # RoPE variants (rope.py): default | linear | dynamic | yarn | llama3. The scaling ones extend a model pretrained
-    # at rope_original_context tokens (0 -> context) by rope_factor, as Llama 3.1, YaRN and NTK configs do
+    # RoPE variants (model/rope.py): default | linear | dynamic | yarn | llama3. The scaling ones extend a model
+    # pretrained at rope_original_context tokens (0 -> context) by rope_factor, as Llama 3.1, YaRN and NTK configs do
     rope_type: str = "default"
     rope_factor: float = 1.0
     rope_original_context: int = 0
@@ -56,7 +57,7 @@ class ModelConfig:
     rope_mscale_all_dim: float = 0.0
     rope_partial: float = 1.0  # the fraction of each head's dims that rotate (GLM, partial_rotary_factor)
     rope_interleave: bool = False  # rotate dim pairs (2i, 2i+1) instead of halves (DeepSeek's checkpoints)
-    # attention variant (attention.py): gqa | mla (DeepSeek-V2/V3 multi-head latent attention, then:)
+    # attention variant (model/attention.py): gqa | mla (DeepSeek-V2/V3 multi-head latent attention, then:)
     attention: str = "gqa"
     q_lora_rank: int = 0  # mla: queries through a bottleneck of this rank with its RMSNorm (0 -> one projection)
     kv_lora_rank: int = 0  # mla: keys and values from one compressed latent of this width per token
@@ -112,8 +113,6 @@ class ModelConfig:
         else:
             _check(self.hd % 2 == 0, "head_dim", f"head dimension must be even for RoPE, got {self.hd}")
         _check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
-        from moecli.model import rope
-
         rope.validate(self, _check)
         _check(0 < self.norm_eps < 1, "norm_eps", f"must be in (0, 1), got {self.norm_eps}")
         _check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
@@ -297,7 +296,7 @@ class Recipe:
         m = self.moe
         return m.num_experts > 0 and i >= m.first_k_dense and (i - m.first_k_dense + 1) % m.moe_every_n == 0
 
-    def moe_layers(self) -> list[int]:
+    def moe_layer_indices(self) -> list[int]:
         return [i for i in range(self.model.n_layers) if self.is_moe_layer(i)]
 
     def to_dict(self) -> dict:
@@ -414,7 +413,7 @@ def _cross_validate(r: Recipe) -> None:
     if r.moe.num_experts:
         _check(r.moe.first_k_dense < r.model.n_layers, "moe.first_k_dense",
                f"leaves no MoE layer among {r.model.n_layers} layers")
-        _check(bool(r.moe_layers()), "moe.moe_every_n", "leaves no MoE layer")
+        _check(bool(r.moe_layer_indices()), "moe.moe_every_n", "leaves no MoE layer")
         _check(r.moe.num_experts % r.balance.num_devices == 0, "balance.num_devices",
                f"must divide moe.num_experts ({r.moe.num_experts}), got {r.balance.num_devices}")
 

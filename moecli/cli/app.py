@@ -239,8 +239,8 @@ def generate(
                                   "is done (its \"index\" from 0, in the order batches finish), for pipelines."),
 ):
     """Sample a continuation of a prompt, printed as it is sampled (several, --prompts or --json: at the end)."""
+    from moecli.commands.generate import Sampling, generate_prompts, parse_stops, read_prompts
     from moecli.commands.generate import generate as generate_fn
-    from moecli.commands.generate import generate_prompts, parse_stops, read_prompts
 
     if (not prompt) == (prompts is None) or (prompt or []).count("-") > 1:
         what = ("--prompt -: standard input can be read once" if prompt and prompt.count("-") > 1 else
@@ -252,21 +252,21 @@ def generate(
                           "not both")
         raise typer.Exit(2)
     texts = [sys.stdin.read() if p == "-" else p for p in prompt or []]
+
+    def sampling() -> Sampling:  # called under _run: a bad --stop is one line
+        return Sampling(max_new_tokens, temperature, top_k, seed, top_p, num_samples, parse_stops(stop),
+                        stop_token or [], ignore_eos)
+
     if prompts is not None or len(texts) > 1 or as_jsonl:
         on_result = (lambda i, r: render.json_line({"index": i, **r})) if as_jsonl else None
-        _run(lambda: generate_prompts(checkpoint, texts or read_prompts(prompts, jsonl_field), max_new_tokens,
-                                      temperature, top_k, seed, top_p, dtype, num_samples, batch_size,
-                                      source="--prompt" if texts else "--prompts", stops=parse_stops(stop),
-                                      stop_tokens=stop_token, ignore_eos=ignore_eos, on_result=on_result,
-                                      device=device),
+        _run(lambda: generate_prompts(checkpoint, texts or read_prompts(prompts, jsonl_field), sampling(), dtype,
+                                      device, batch_size, "--prompt" if texts else "--prompts", on_result),
              as_json, None if as_jsonl else render.render_generated)
         return
     text = texts[0]
     out = None if as_json else render.GenerateStream(text, streamed=num_samples == 1)
-    _run(lambda: generate_fn(checkpoint, text, max_new_tokens, temperature, top_k, seed, top_p, dtype,
-                             on_text=out.piece if out and out.streamed else None, num_samples=num_samples,
-                             stops=parse_stops(stop), stop_tokens=stop_token, ignore_eos=ignore_eos,
-                             device=device), as_json, out and out.end)
+    _run(lambda: generate_fn(checkpoint, text, sampling(), dtype, device, out.piece if out and out.streamed else None),
+         as_json, out and out.end)
 
 
 @app.command()

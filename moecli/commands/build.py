@@ -29,7 +29,7 @@ def build(recipe_arg: str, output: Path | None, overrides: dict | None = None, f
         "recipe": recipe.name,
         "description": recipe.description,
         "output": str(output) if output is not None else None,
-        "moe_layers": recipe.moe_layers(),
+        "moe_layers": recipe.moe_layer_indices(),
         "params": report,
         "config": recipe.to_dict(),
     }

@@ -20,6 +20,7 @@ from moecli.config import Recipe
 from moecli.errors import UserError
 from moecli.fileio import atomic_dir, atomic_write_json, save_safetensors
 from moecli.formats.families import DENSE_WRITABLE, FAMILIES, MOE_WRITABLE
+from moecli.formats.families.features import beyond
 from moecli.formats.st_stream import assign_shards
 from moecli.formats.hf import TOKENIZER_FILES, check_writable, expert_names, hf_config_for, plain_name_map, \
     shard_file_name, \
@@ -36,10 +37,8 @@ def pick_format(recipe: Recipe) -> str:
     layers, input-weighted experts: Llama 4; MLA: DeepSeek; qk norm: Qwen3, qkv bias: Qwen2); for an MoE model
     whose first guess cannot hold it, the first MoE family that can (else the guess, which export then refuses,
     naming what it cannot express)."""
-    from moecli.formats.families.features import beyond
-
     guess = _guess_format(recipe)
-    if not recipe.moe_layers():
+    if not recipe.moe_layer_indices():
         return guess
     for fmt in (guess, *MOE_FORMATS):
         family = FAMILIES[fmt]
@@ -49,7 +48,7 @@ def pick_format(recipe: Recipe) -> str:
 
 
 def _guess_format(recipe: Recipe) -> str:
-    r, moe = recipe.model, bool(recipe.moe_layers())
+    r, moe = recipe.model, bool(recipe.moe_layer_indices())
     if moe and (r.attention_sinks or "sliding" in r.layer_types or recipe.moe.expert_act == "clamped_swiglu"):
         return "gpt_oss"
     if moe and (recipe.moe.weight_input or r.qk_l2_norm or {"chunked", "nope"} & set(r.layer_types)):
@@ -66,7 +65,7 @@ def _guess_format(recipe: Recipe) -> str:
 
 
 def check_format(recipe: Recipe, fmt: str, model) -> None:
-    moe = bool(recipe.moe_layers())
+    moe = bool(recipe.moe_layer_indices())
     if fmt in DENSE_FORMATS:
         if moe:
             raise UserError(f"--format {fmt}: a dense architecture; this model has MoE layers "

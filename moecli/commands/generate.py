@@ -100,7 +100,7 @@ def _prefill(model, prompts: list[list[int]], n: int, capacity: int) -> tuple[KV
     values are copied to its other n - 1 rows: the same as a one-sample run's, for a fraction of the work."""
     longest = max(len(ids) for ids in prompts)
     cache = model.new_cache(len(prompts) * n, capacity)
-    pad_BC = None
+    pad_BL = None
     logits = []
     for g, ids in enumerate(prompts):
         start, first = longest - len(ids), g * n
@@ -111,14 +111,14 @@ def _prefill(model, prompts: list[list[int]], n: int, capacity: int) -> tuple[KV
                 for t in layer.state:
                     t[first + 1: first + n] = t[first]
                 continue
-            for buf in (layer.k_BHCDh, layer.v_BHCDh):
+            for buf in (layer.k_BHLDh, layer.v_BHLDh):
                 buf[first + 1: first + n, :, start:longest] = buf[first, :, start:longest]
         if start:
-            if pad_BC is None:
-                pad_BC = torch.zeros(len(prompts) * n, capacity, dtype=torch.bool,
+            if pad_BL is None:
+                pad_BL = torch.zeros(len(prompts) * n, capacity, dtype=torch.bool,
                                      device=model.output.weight.device)
-            pad_BC[first: first + n, :start] = True
-    cache.filled(longest, pad_BC)
+            pad_BL[first: first + n, :start] = True
+    cache.filled(longest, pad_BL)
     return cache, torch.cat(logits)
 
 
@@ -219,6 +219,30 @@ class Stops:
     tokens: list[int] = field(default_factory=list)
 
 
+@dataclass
+class Sampling:
+    """How ``generate`` and ``generate_prompts`` sample: the options of ``moe generate`` that do not say what
+    to load or where the prompts come from."""
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 50  # 0 = all tokens
+    seed: int = 0  # with many prompts, prompt i samples with seed + i
+    top_p: float = 1.0  # 1 = all tokens
+    num_samples: int = 1  # continuations of each prompt, sampled in one batch
+    stops: list[str] = field(default_factory=list)  # texts that end a completion (cut before them)
+    stop_tokens: list[int] = field(default_factory=list)  # token ids that end a completion (left out)
+    ignore_eos: bool = False  # do not add the model's end-of-sequence ids to stop_tokens
+
+    def check(self) -> None:
+        """Each option in range, or a UserError naming its flag."""
+        check_at_least("--max-new-tokens", self.max_new_tokens, 0)
+        check_at_least("--temperature", self.temperature, 0)
+        check_at_least("--top-k", self.top_k, 0, " (0 = all tokens)")
+        check_at_least("--num-samples", self.num_samples, 1)
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p: must be in (0, 1] (1 = all tokens), got {self.top_p}")
+
+
 def eos_tokens(directory: Path, cfg: dict) -> list[int]:
     """A Hugging Face model directory's end-of-sequence token ids: generation_config.json's eos_token_id
     where it has one, else config.json's (an id, a list of ids, or none); none for moecli checkpoints."""
@@ -233,40 +257,37 @@ def eos_tokens(directory: Path, cfg: dict) -> list[int]:
     return [int(t) for t in eos if isinstance(t, int) and not isinstance(t, bool)]
 
 
-def _load(checkpoint: str, dtype: str, texts: list[str] | None, tokens: list[int] | None, ignore_eos: bool,
-          device: str = "cpu"):
+def _load(checkpoint: str, dtype: str, sampling: Sampling, device: str = "cpu"):
     """(model, tokenizer, Stops) for generate and generate_prompts; the model on `device` (--device)."""
     ckpt, torch_dtype, dev = open_to_run(checkpoint, dtype, device)
     model, tok = ckpt.model_and_tokenizer(torch_dtype, dev)
-    return model, tok, _stops(model, ckpt.config, ckpt.directory, texts, tokens, ignore_eos)
+    return model, tok, _stops(model, ckpt.config, ckpt.directory, sampling)
 
 
-def _settings(temperature: float, top_k: int, top_p: float, dtype: str, stop: Stops, model) -> dict:
+def _settings(s: Sampling, stop: Stops, model) -> dict:
     """The sampling settings a result reports."""
     dtype = dtype_name(next(model.parameters()).dtype)  # what auto resolved to
-    return {"temperature": temperature, "top_k": top_k, "top_p": top_p, "dtype": dtype, "stop": stop.texts,
+    return {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p, "dtype": dtype, "stop": stop.texts,
             "stop_tokens": stop.tokens, "device": str(model_device(model))}
 
 
-def _stops(model, cfg: dict, directory: Path, texts: list[str] | None, tokens: list[int] | None,
-           ignore_eos: bool) -> Stops:
-    """--stop, --stop-token and, unless ignore_eos, the model's end-of-sequence tokens (``eos_tokens``)."""
+def _stops(model, cfg: dict, directory: Path, s: Sampling) -> Stops:
+    """--stop, --stop-token and, unless --ignore-eos, the model's end-of-sequence tokens (``eos_tokens``)."""
     vocab = model.recipe.model.vocab_size
-    for t in tokens or []:
+    for t in s.stop_tokens:
         if not 0 <= t < vocab:
             raise UserError(f"--stop-token: {t} is not a token id of this model (0 to {vocab - 1})")
-    ids = set(tokens or []) | (set() if ignore_eos else {t for t in eos_tokens(directory, cfg) if 0 <= t < vocab})
-    return Stops(list(texts or []), sorted(ids))
+    eos = set() if s.ignore_eos else {t for t in eos_tokens(directory, cfg) if 0 <= t < vocab}
+    return Stops(list(s.stops), sorted(set(s.stop_tokens) | eos))
 
 
-def _sample(model, tok, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int,
-            seeds: list[int], top_p: float, num_samples: int, stops: Stops,
+def _sample(model, tok, prompts: list[list[int]], seeds: list[int], s: Sampling, stops: Stops,
             on_text: Callable[[str], None] | None = None) -> list[tuple[int, str, str]]:
     """Samples every row of one batch (``stream_prompts``); per row (new tokens, completion, finish reason:
     "stop" where a stop string (the completion cut before it) or a stop token (left out) ended it, else
     "length"). on_text, when given, receives the first row's text piece by piece as it comes. A row that
     stopped takes no more tokens, and the batch ends when every row has."""
-    rows: list[list[int]] = [[] for _ in range(len(prompts) * num_samples)]
+    rows: list[list[int]] = [[] for _ in range(len(prompts) * s.num_samples)]
     watched = len(rows) if stops.texts else 1 if on_text is not None else 0  # rows decoded as they grow
     texts = [TextStream(tok) for _ in range(watched)]
     cuts = [StopText(stops.texts) for _ in range(watched)] if stops.texts else []
@@ -278,8 +299,8 @@ def _sample(model, tok, prompts: list[list[int]], max_new_tokens: int, temperatu
         if r == 0 and on_text is not None and piece:
             on_text(piece)
 
-    for tokens in stream_prompts(model, prompts, max_new_tokens, temperature, top_k, seeds, top_p,
-                                 num_samples=num_samples):
+    for tokens in stream_prompts(model, prompts, s.max_new_tokens, s.temperature, s.top_k, seeds, s.top_p,
+                                 num_samples=s.num_samples):
         for r, token in enumerate(tokens):
             if done[r]:
                 continue
@@ -300,32 +321,19 @@ def _sample(model, tok, prompts: list[list[int]], max_new_tokens: int, temperatu
             for r, row in enumerate(rows)]
 
 
-def _check_options(max_new_tokens: int, temperature: float, top_k: int, top_p: float, num_samples: int) -> None:
-    check_at_least("--max-new-tokens", max_new_tokens, 0)
-    check_at_least("--temperature", temperature, 0)
-    check_at_least("--top-k", top_k, 0, " (0 = all tokens)")
-    check_at_least("--num-samples", num_samples, 1)
-    if not 0 < top_p <= 1:
-        raise UserError(f"--top-p: must be in (0, 1] (1 = all tokens), got {top_p}")
-
-
-def generate(checkpoint: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int,
-             top_p: float = 1.0, dtype: str = "float32", on_text: Callable[[str], None] | None = None,
-             num_samples: int = 1, stops: list[str] | None = None, stop_tokens: list[int] | None = None,
-             ignore_eos: bool = False, device: str = "cpu") -> dict:
-    """Sample a completion of `prompt` (num_samples of them, in one batch: "completions"), each ending
-    before the first stop string or stop token (the model's end-of-sequence ones too, unless ignore_eos),
-    or after max_new_tokens; on_text, when given, receives the first piece by piece as its tokens come
-    (the pieces join to its "completion")."""
-    _check_options(max_new_tokens, temperature, top_k, top_p, num_samples)
-    model, tok, stop = _load(checkpoint, dtype, stops, stop_tokens, ignore_eos, device)
+def generate(checkpoint: str, prompt: str, sampling: Sampling, dtype: str = "float32", device: str = "cpu",
+             on_text: Callable[[str], None] | None = None) -> dict:
+    """Sample a completion of `prompt` (sampling.num_samples of them, in one batch: "completions"), each
+    ending before the first stop string or stop token (the model's end-of-sequence ones too, unless
+    ignore_eos), or after max_new_tokens; on_text, when given, receives the first piece by piece as its
+    tokens come (the pieces join to its "completion")."""
+    sampling.check()
+    model, tok, stop = _load(checkpoint, dtype, sampling, device)
     prompt_ids = tok.encode(prompt)
     if not prompt_ids:
         raise UserError("--prompt: empty prompt")
-    samples = _sample(model, tok, [prompt_ids], max_new_tokens, temperature, top_k, [seed], top_p, num_samples,
-                      stop, on_text)
-    return {"prompt": prompt, **_completions(samples), "seed": seed,
-            **_settings(temperature, top_k, top_p, dtype, stop, model)}
+    samples = _sample(model, tok, [prompt_ids], [sampling.seed], sampling, stop, on_text)
+    return {"prompt": prompt, **_completions(samples), "seed": sampling.seed, **_settings(sampling, stop, model)}
 
 
 def _completions(samples: list[tuple[int, str, str]]) -> dict:
@@ -356,32 +364,29 @@ def read_prompts(src: str, jsonl_field: str = JSONL_FIELD) -> list[str]:
     return prompts
 
 
-def generate_prompts(checkpoint: str, prompts: list[str], max_new_tokens: int, temperature: float, top_k: int,
-                     seed: int, top_p: float = 1.0, dtype: str = "float32", num_samples: int = 1,
-                     batch_size: int = 8, source: str = "--prompts", stops: list[str] | None = None,
-                     stop_tokens: list[int] | None = None, ignore_eos: bool = False,
-                     on_result: Callable[[int, dict], None] | None = None, device: str = "cpu") -> dict:
+def generate_prompts(checkpoint: str, prompts: list[str], sampling: Sampling, dtype: str = "float32",
+                     device: str = "cpu", batch_size: int = 8, source: str = "--prompts",
+                     on_result: Callable[[int, dict], None] | None = None) -> dict:
     """Sample completions of many prompts, batch_size prompts (of similar token counts) at a time
     (``stream_prompts``): "results" holds, in the prompts' order, what ``generate`` gives for each prompt
-    alone with seed + its index (the same tokens, beyond rounding). ``on_result(index, result)`` is called
+    alone with sampling.seed + its index (the same tokens, beyond rounding). ``on_result(index, result)`` is called
     for each prompt as soon as its batch is done (in the order batches finish, not the prompts')."""
-    _check_options(max_new_tokens, temperature, top_k, top_p, num_samples)
+    sampling.check()
     check_at_least("--batch-size", batch_size, 1)
-    model, tok, stop = _load(checkpoint, dtype, stops, stop_tokens, ignore_eos, device)
+    model, tok, stop = _load(checkpoint, dtype, sampling, device)
     ids = [tok.encode(p) for p in prompts]
     for i, p in enumerate(ids):
         if not p:
             raise UserError(f"{source}: prompt {i + 1} is empty after tokenization")
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
     results: list[dict] = [{} for _ in ids]
-    n = num_samples
+    n, seed = sampling.num_samples, sampling.seed
     for b in range(0, len(order), batch_size):
         batch = order[b: b + batch_size]
-        samples = _sample(model, tok, [ids[i] for i in batch], max_new_tokens, temperature, top_k,
-                          [seed + i for i in batch], top_p, n, stop)
+        samples = _sample(model, tok, [ids[i] for i in batch], [seed + i for i in batch], sampling, stop)
         for g, i in enumerate(batch):
             results[i] = {"prompt": prompts[i], **_completions(samples[g * n: (g + 1) * n]), "seed": seed + i}
             if on_result is not None:
                 on_result(i, results[i])
-    return {"results": results, "prompts": len(prompts), "batch_size": batch_size, "num_samples": num_samples,
-            **_settings(temperature, top_k, top_p, dtype, stop, model)}
+    return {"results": results, "prompts": len(prompts), "batch_size": batch_size, "num_samples": n,
+            **_settings(sampling, stop, model)}

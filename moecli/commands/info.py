@@ -64,7 +64,7 @@ def info(target: str | None) -> dict:
     report = parameter_report(model) if model is not None else recipe_parameter_report(recipe)
     return {
         "kind": kind, "target": target, "recipe": recipe.name, "description": recipe.description,
-        "moe_layers": recipe.moe_layers(), "params": report, "config": recipe.to_dict(), **extra,
+        "moe_layers": recipe.moe_layer_indices(), "params": report, "config": recipe.to_dict(), **extra,
     }
 
 

@@ -194,7 +194,8 @@ def run_routing_streamed(reader, stream: Stream, batch_size: int, capacity_facto
     """run_routing for a model read one layer at a time (layerwise.stream_forward): the same statistics."""
     V = reader.recipe.model.vocab_size
     m = reader.recipe.moe
-    accs = {i: LayerAcc(m.num_experts, m.top_k, V, m.score_func == "softmax") for i in reader.recipe.moe_layers()}
+    accs = {i: LayerAcc(m.num_experts, m.top_k, V, m.score_func == "softmax")
+            for i in reader.recipe.moe_layer_indices()}
     batches = list(stream.batches(batch_size))
 
     def on_moe(i, b, route):
@@ -271,7 +272,7 @@ def _open_model(checkpoint: str, o: RoutingOptions, named: dict):
     if streamed and (named or o.compare):
         raise UserError(f"{'--domain' if named else '--compare'}: not with a model read one layer at a time "
                         f"({streamed})")
-    if not ckpt.recipe.moe_layers():
+    if not ckpt.recipe.moe_layer_indices():
         raise UserError(f"{checkpoint}: has no MoE layers (a dense model); nothing to inspect")
     model, tok = ckpt.model_and_tokenizer(torch_dtype, dev, streamed=bool(streamed))
     return model, ckpt, tok, streamed, torch_dtype, dev

@@ -314,7 +314,7 @@ class Producer:
 def make_router_rows(src: DenseSource, recipe: Recipe, o: UpcycleOptions) -> dict[int, torch.Tensor]:
     E, D, g = o.num_experts, recipe.model.d_model, o.granularity
     copies = E // g
-    layers = recipe.moe_layers()
+    layers = recipe.moe_layer_indices()
     rows = {}
     if o.router_init == "prompts":
         centroids = expert_prompt_rows(src, layers, o) if o.experts else prompt_centroids(src, layers, copies, o)
@@ -452,7 +452,7 @@ def plan_hf(recipe: Recipe, mt: str, dtype: torch.dtype) -> list[tuple[str, str,
             per_layer[int(ours.split(".")[1])].append(row)
         else:
             (first if ours == "tok_embeddings.weight" else last).append(row)
-    for i in recipe.moe_layers():
+    for i in recipe.moe_layer_indices():
         for e in range(E):
             n1, n3, n2 = expert_names(mt, i, e)
             per_layer[i] += [(n1, "expert", dtype, (Fe, D), (i, e, "w1")), (n3, "expert", dtype, (Fe, D), (i, e, "w3")),
@@ -483,7 +483,7 @@ class UpcyclePlan:
         result = {
             "source": str(src.dir), "source_format": src.hf_type or "moecli",
             "output": str(output) if output else None, "format": self.fmt, "recipe": self.recipe.name,
-            "moe_layers": self.recipe.moe_layers(), "num_experts": o.num_experts, "top_k": o.top_k,
+            "moe_layers": self.recipe.moe_layer_indices(), "num_experts": o.num_experts, "top_k": o.top_k,
             "granularity": o.granularity, "shared_experts": o.shared_experts, "router_init": o.router_init,
             "tensors": len(self.tensors), "shards": len(self.shards), "input_bytes": src.tensors.total_bytes(),
             "output_bytes": out_bytes, "memory_estimate_bytes": ffn_bytes + 2 * largest,
@@ -533,7 +533,7 @@ def plan(source: str, o: UpcycleOptions) -> UpcyclePlan:
         check_writable(recipe, fmt, "write the moecli format instead (--format moecli)")
     experts = [DenseSource(x.source) for x in o.experts]
     for x in experts:
-        x.check_ffn_like(src, recipe.moe_layers())
+        x.check_ffn_like(src, recipe.moe_layer_indices())
     several = any(x.dir.resolve() != src.dir.resolve() for x in experts)  # experts not all the base's FFN
     inexact = analyse_exactness(o, fmt)
     if fmt == "moecli":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from moecli.errors import UserError
 METHODS = ("fp8", "mxfp4")
 FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
@@ -39,8 +40,6 @@ def mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Te
 
 def method(cfg: dict, source: str) -> str | None:
     """The config's quantization method (None: not quantized); one moecli cannot read is bad input."""
-    from moecli.errors import UserError
-
     q = cfg.get("quantization_config")
     if not q:
         return None

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from moecli.errors import UserError
 from moecli.fileio import byte_view, read_exact, read_json_object
+from moecli.formats.quant import fp8_dequant
 
 DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -124,8 +125,6 @@ class LazyTensors:
             raise UserError(f"tensor {name} not found in the checkpoint")
         t = self.handles[self.where[name]].get_tensor(self.stored.get(name, name))
         if self.fp8_block and t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            from moecli.formats.quant import fp8_dequant
-
             if f"{name}_scale_inv" not in self.where:
                 raise UserError(f"tensor {name}: float8 without {name}_scale_inv")
             scale = self.handles[self.where[f"{name}_scale_inv"]].get_tensor(self.stored.get(f"{name}_scale_inv",

@@ -8,8 +8,9 @@
          per token (kv_lora_rank) plus one rope key shared by all heads; queries optionally through a low-rank
          bottleneck (q_lora_rank); per-head dims qk_nope_head_dim + qk_rope_head_dim for q/k, v_head_dim for v
 
-Each is built from (ModelConfig, the layer's type) and takes (x_BSD, cos, sin, kv) and returns the block's attention output; ``kv`` (model.LayerKV) holds the keys and
-values of the tokens before these for incremental decoding. Shape legend as in model.py; L keys (>= S queries).
+Each is built from (ModelConfig, the layer's type) and takes (x_BSD, cos, sin, kv) and returns the block's attention
+output; ``kv`` (transformer.LayerKV) holds the keys and values of the tokens before these for incremental decoding.
+Shape legend as in docs/internals.md: L keys (>= S queries), Dc MLA's latent width.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moecli.config import ModelConfig
+from moecli.model.deltanet import GatedDeltaNet
 from moecli.model.norm import RMSNorm
 from moecli.model.rope import apply_rope, attention_scale
 
@@ -196,7 +198,7 @@ class MLAttention(nn.Module):
     """Multi-head latent attention (DeepSeek-V2/V3). Per token:
 
         q_BSHQ     = wq(x), or wq_b(q_norm(wq_a(x)))          Q = qk_nope_head_dim + qk_rope_head_dim
-        c_BSC, kr  = split(wkv_a(x), [C, R])                  C = kv_lora_rank, R = qk_rope_head_dim
+        c_BSDc, kr = split(wkv_a(x), [Dc, R])               Dc = kv_lora_rank, R = qk_rope_head_dim
         k_nope, v  = split(wkv_b(kv_norm(c)), [N, Dv]) per head
         k          = cat(k_nope, rope(kr) shared by all heads),  q = cat(q_nope, rope(q_rot))
 
@@ -230,8 +232,8 @@ class MLAttention(nn.Module):
         H, N, R = self.n_heads, self.nope, self.rope_dim
         q = self.wq(x_BSD) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x_BSD)))
         q_nope, q_rot = q.view(B, S, H, N + R).transpose(1, 2).split([N, R], dim=-1)
-        c_BSC, k_rot = self.wkv_a(x_BSD).split([self.kv_rank, R], dim=-1)
-        k_nope, v = self.wkv_b(self.kv_norm(c_BSC)).view(B, S, H, N + self.v_dim).transpose(1, 2).split(
+        c_BSDc, k_rot = self.wkv_a(x_BSD).split([self.kv_rank, R], dim=-1)
+        k_nope, v = self.wkv_b(self.kv_norm(c_BSDc)).view(B, S, H, N + self.v_dim).transpose(1, 2).split(
             [N, self.v_dim], dim=-1)
         q_rot = apply_rope(q_rot, cos, sin, self.interleave)
         k_rot = apply_rope(k_rot.view(B, 1, S, R), cos, sin, self.interleave)
@@ -251,7 +253,5 @@ ATTENTION = {"gqa": Attention, "mla": MLAttention}
 def make_attention(cfg: ModelConfig, layer_type: str) -> nn.Module:
     """Layer's token mixer: Gated DeltaNet for a linear layer (deltanet.py), else the recipe's attention."""
     if layer_type == "linear":
-        from moecli.model.deltanet import GatedDeltaNet
-
         return GatedDeltaNet(cfg)
     return ATTENTION[cfg.attention](cfg, layer_type)

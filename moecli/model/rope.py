@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from moecli.errors import UserError
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
@@ -155,8 +156,6 @@ def from_hf(cfg: dict, context: int, source: str) -> dict:
     """The ModelConfig rope fields (and ``context``) of a Hugging Face config: ``rope_parameters`` (transformers 5)
     or ``rope_scaling`` (4.x; it wins where both are given, as in transformers), with ``rope_theta`` and
     ``partial_rotary_factor`` inside or beside it. A variant moecli does not know is bad input naming the key."""
-    from moecli.errors import UserError
-
     key = "rope_scaling" if cfg.get("rope_scaling") else "rope_parameters"
     rp = cfg.get(key) or {}
     if not isinstance(rp, dict):

@@ -2,10 +2,10 @@
 
 RMSNorm -> grouped-query attention with RoPE (rope.py) -> RMSNorm -> FFN, pre-norm
 residual blocks; numerics follow Hugging Face's Llama/Qwen so checkpoints
-convert both ways exactly (see hf.py).
+convert both ways exactly (see formats/hf.py).
 
-Shape legend: B batch, S sequence, D model dim, H query heads, Hkv kv heads,
-Dh head dim, V vocab.
+Shape legend (docs/internals.md has the whole one): B batch, S sequence, L keys (the KV cache's slots), D model
+dim, H query heads, Hkv kv heads, Dh head dim, V vocab.
 """
 
 from __future__ import annotations
@@ -51,31 +51,31 @@ class LayerKV:
     place at slot n onwards (no copy of the earlier ones) and attends over the slots from `start` to n.
 
     A batch of prompts of different lengths (``Transformer.new_cache``) ends every prompt at the same slot:
-    a shorter one starts later, and ``pad_BC`` (shared by the layers; True: no token in that slot) keeps
+    a shorter one starts later, and ``pad_BL`` (shared by the layers; True: no token in that slot) keeps
     each row's empty slots out of its attention."""
 
     def __init__(self, capacity: int, start: int = 0):
         self.capacity, self.start, self.n = capacity, start, start
-        self.k_BHCDh = self.v_BHCDh = None  # allocated at the first forward, in its batch, dtype and device
-        self.pad_BC: torch.Tensor | None = None
+        self.k_BHLDh = self.v_BHLDh = None  # allocated at the first forward, in its batch, dtype and device
+        self.pad_BL: torch.Tensor | None = None
         self.state: tuple | None = None  # a linear (Gated DeltaNet) layer's conv and recurrent states instead
 
     def extend(self, k_BHSDh: torch.Tensor, v_BHSDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append S tokens' keys and values; returns those of every slot from start to n (views)."""
         B, H, S, _ = k_BHSDh.shape
-        if self.k_BHCDh is None:  # keys and values may differ in width (MLA)
-            self.k_BHCDh = k_BHSDh.new_empty(B, H, self.capacity, k_BHSDh.shape[-1])
-            self.v_BHCDh = v_BHSDh.new_empty(B, H, self.capacity, v_BHSDh.shape[-1])
+        if self.k_BHLDh is None:  # keys and values may differ in width (MLA)
+            self.k_BHLDh = k_BHSDh.new_empty(B, H, self.capacity, k_BHSDh.shape[-1])
+            self.v_BHLDh = v_BHSDh.new_empty(B, H, self.capacity, v_BHSDh.shape[-1])
         if self.n + S > self.capacity:
             raise ValueError(f"KV cache: {self.n} + {S} tokens exceed its capacity ({self.capacity})")
-        self.k_BHCDh[:, :, self.n: self.n + S] = k_BHSDh
-        self.v_BHCDh[:, :, self.n: self.n + S] = v_BHSDh
+        self.k_BHLDh[:, :, self.n: self.n + S] = k_BHSDh
+        self.v_BHLDh[:, :, self.n: self.n + S] = v_BHSDh
         self.n += S
-        return self.k_BHCDh[:, :, self.start: self.n], self.v_BHCDh[:, :, self.start: self.n]
+        return self.k_BHLDh[:, :, self.start: self.n], self.v_BHLDh[:, :, self.start: self.n]
 
     def pad_mask(self) -> torch.Tensor | None:
         """B x (n - start): True where a row's slot holds no token; None when every slot holds one."""
-        return None if self.pad_BC is None else self.pad_BC[:, self.start: self.n]
+        return None if self.pad_BL is None else self.pad_BL[:, self.start: self.n]
 
 
 @dataclass
@@ -99,16 +99,16 @@ class KVCache:
             if layer.state is not None:  # a linear layer: its rows of the states, updated in place
                 view.state = tuple(t[first:end] for t in layer.state)
             else:
-                view.k_BHCDh, view.v_BHCDh = layer.k_BHCDh[first:end], layer.v_BHCDh[first:end]
+                view.k_BHLDh, view.v_BHLDh = layer.k_BHLDh[first:end], layer.v_BHLDh[first:end]
             views.append(view)
         return KVCache(views, pos=start)
 
-    def filled(self, n: int, pad_BC: torch.Tensor | None) -> None:
-        """After prefilling rows through ``rows`` views: every row's tokens end at slot n; pad_BC (True:
+    def filled(self, n: int, pad_BL: torch.Tensor | None) -> None:
+        """After prefilling rows through ``rows`` views: every row's tokens end at slot n; pad_BL (True:
         a slot before a shorter prompt's start) is left out of every later attention."""
         self.pos = n
         for layer in self.layers:
-            layer.n, layer.pad_BC = n, pad_BC
+            layer.n, layer.pad_BL = n, pad_BL
 
 
 @dataclass
@@ -169,7 +169,7 @@ class Transformer(nn.Module):
                 layer.state = block.attention.new_state(batch, w)
                 continue
             H, Dk, Dv = block.attention.kv_shape()
-            layer.k_BHCDh, layer.v_BHCDh = w.new_zeros(batch, H, capacity, Dk), w.new_zeros(batch, H, capacity, Dv)
+            layer.k_BHLDh, layer.v_BHLDh = w.new_zeros(batch, H, capacity, Dk), w.new_zeros(batch, H, capacity, Dv)
         return cache
 
     def rope(self, start: int, S: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """The router: which k experts each token goes to, and with what weight.
 
-Shape legend (used in names across moecli):
+Shape legend (the MoE letters of the one in docs/internals.md):
     B batch, S sequence, T tokens (= B*S), D model dim, E routed experts,
     K experts per token (top_k), G expert groups, F expert hidden dim, V vocab.
 

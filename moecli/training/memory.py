@@ -7,7 +7,7 @@ the figures it prints.
   each forward holds), all-gathered whole under FSDP one block at a time.
 * Activations of one micro-batch (batch_size / processes / grad_accum sequences): what autograd keeps for the
   backward, counted per token per layer from the layer's kind (below), the embedding's output, and the head's
-  chunked loss (loss.py). With activation checkpointing each block keeps only its input, and one block at a time
+  chunked loss (model/loss.py). With activation checkpointing each block keeps only its input, and one block at a time
   is recomputed with its full activations.
 
 The per-layer counts are of the tensors this code's forward saves: an upper bound, since autograd frees early

@@ -11,14 +11,14 @@ from typing import Callable
 
 import torch
 
-from moecli.config import Recipe, apply_overrides, prepare_recipe, recipe_from_dict
-from moecli.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_from_checkpoint
+from moecli.config import Recipe, apply_overrides, prepare_recipe
+from moecli.data.tokenizers import Tokenizer, load_tokenizer
 from moecli.data.corpus import JSONL_FIELD
 from moecli.data.tokens import TokenData, prepare_tokens
 from moecli.errors import UserError
 from moecli.fileio import check_output
 from moecli.formats.native import CONFIG_FILE, model_state
-from moecli.formats.checkpoint import open_checkpoint, read_config
+from moecli.formats.checkpoint import open_checkpoint
 from moecli.parallel.device import resolve_device
 from moecli.parallel.launch import launched_world, local_world
 from moecli.training.memory import Layout, check_training_fits
@@ -151,12 +151,14 @@ def _resumed(args: TrainArgs, out: Path | None) -> Setup:
     if args.init:
         raise UserError("--init starts a new run from a checkpoint's weights; --resume continues this run: "
                         "pass one of them")
-    ckpt_dir = find_resume_dir(out)
-    cfg = read_config(ckpt_dir)
-    recipe = recipe_from_dict(cfg.get("recipe"), str(ckpt_dir / CONFIG_FILE))
+    ckpt = open_checkpoint(find_resume_dir(out))  # its format version checked, as every reader does
+    if ckpt.is_hf:
+        raise UserError(f"{ckpt.directory / CONFIG_FILE}: a Hugging Face model, not a moecli run's checkpoint; "
+                        "to train from it, use --init")
+    recipe = ckpt.recipe
     if args.overrides:
         recipe = apply_overrides(recipe, args.overrides, source="command-line overrides")
-    return Setup(recipe, out, tokenizer_from_checkpoint(ckpt_dir, cfg), ckpt_dir, read_train_state(ckpt_dir))
+    return Setup(recipe, out, ckpt.tokenizer(), ckpt.directory, read_train_state(ckpt.directory))
 
 
 def _from_init(args: TrainArgs, out: Path | None) -> Setup:

@@ -348,7 +348,7 @@ def micro_steps(model, x_BS: torch.Tensor, y_BS: torch.Tensor, accum: int, preci
            "dropped": 0, "assignments": 0}
     for x, y in zip(x_BS.chunk(accum), y_BS.chunk(accum)):
         with autocast(model, precision):
-            res = model(x, targets_BS=y)  # the loss in chunks of tokens, without the batch's logits (loss.py)
+            res = model(x, targets_BS=y)  # the loss in chunks of tokens, without the batch's logits (model/loss.py)
         ce = res.ce
         loss = ce + res.balance_loss
         (loss / accum).backward()

@@ -29,7 +29,7 @@ def evaluate_loss(model, tokens: torch.Tensor, seq_len: int, starts: list[int], 
         mine = starts[i: i + batch_size][info.rank::info.world]
         weight = 1.0 if mine else 0.0
         xy = torch.stack([tokens[s: s + seq_len + 1].long() for s in (mine or starts[i: i + 1])]).to(device)
-        with autocast(model, precision):  # the loss in chunks of tokens, without the batch's logits (loss.py)
+        with autocast(model, precision):  # the loss in chunks of tokens, without the batch's logits (model/loss.py)
             ce = model(xy[:, :-1], targets_BS=xy[:, 1:]).ce
         total += weight * float(ce) * xy[:, 1:].numel()
         count += int(weight) * xy[:, 1:].numel()

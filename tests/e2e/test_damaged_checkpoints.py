@@ -86,6 +86,8 @@ def _alien_key(sd):
 
 
 RESUME = [
+    (edit_json("config.json", lambda c: {**c, "version": 2}),
+     "config.json: version: 2; this moecli reads checkpoint format version 1"),
     (edit_json("train_state.json", lambda ts: [1, 2]), "train_state.json: expected a JSON object, got list"),
     (edit_json("train_state.json", lambda ts: {**ts, "step": "3"}),
      "train_state.json: step: must be a whole number >= 0, got '3'"),

@@ -168,10 +168,10 @@ def test_prompts_of_different_lengths_in_one_batch(name):
     assert len({tuple(r) for r in batch(1.0, 20)}) == 6  # the rows are sampled apart
     with torch.no_grad():  # masked prefill and one cached step, against each prompt's own window
         cache, logits = _prefill(model, prompts, 1, 30)
-        assert cache.pos == 20 and cache.layers[0].pad_BC[:, :16].sum(1).tolist() == [15, 0, 9]
+        assert cache.pos == 20 and cache.layers[0].pad_BL[:, :16].sum(1).tolist() == [15, 0, 9]
         twice, logits2 = _prefill(model, prompts, 2, 30)  # each prompt runs once; its second row is a copy
         assert torch.equal(logits2[::2], logits) and torch.equal(logits2[1::2], logits)
-        assert all(torch.equal(a.k_BHCDh[::2], b.k_BHCDh) and torch.equal(a.v_BHCDh[1::2], b.v_BHCDh)
+        assert all(torch.equal(a.k_BHLDh[::2], b.k_BHLDh) and torch.equal(a.v_BHLDh[1::2], b.v_BHLDh)
                    for a, b in zip(twice.layers, cache.layers))
         step = model(torch.tensor([[7], [7], [7]]), cache).logits_BSV[:, -1]
         for i, ids in enumerate(prompts):
@@ -186,7 +186,7 @@ def test_generate_many_prompts(tmp_path, cli):
     bad lists are refused in one line."""
     import json
 
-    from moecli.commands.generate import generate, generate_prompts, read_prompts
+    from moecli.commands.generate import Sampling, generate, generate_prompts, read_prompts
 
     run = tmp_path / "m"
     assert cli("build", "mixtral", "-o", run, "--set", "model.n_layers=1", "--json").returncode == 0
@@ -196,7 +196,7 @@ def test_generate_many_prompts(tmp_path, cli):
     res = json.loads(cli(*args, "--prompts", tmp_path / "p.txt", "--batch-size", "2", "--json").stdout)
     assert res["prompts"] == 3 and [r["prompt"] for r in res["results"]] == prompts
     for i, (p, r) in enumerate(zip(prompts, res["results"])):  # --prompt's defaults: temperature 0.8, top-k 50
-        single = generate(str(run), p, 12, 0.8, 50, 5 + i, top_p=0.9)
+        single = generate(str(run), p, Sampling(12, 0.8, 50, 5 + i, top_p=0.9))
         assert (r["completion"], r["new_tokens"], r["seed"]) == (single["completion"], 12, 5 + i)
     flags = json.loads(cli(*args, "-p", prompts[0], "-p", prompts[1], "--json").stdout)  # -p twice: batched too
     assert [r["completion"] for r in flags["results"]] == [r["completion"] for r in res["results"][:2]]
@@ -220,7 +220,7 @@ def test_generate_many_prompts(tmp_path, cli):
     with pytest.raises(UserError, match="missing.txt: cannot read"):
         read_prompts(str(tmp_path / "missing.txt"))
     with pytest.raises(UserError, match="--batch-size: must be >= 1"):
-        generate_prompts(str(run), prompts, 12, 0.8, 50, 5, batch_size=0)
+        generate_prompts(str(run), prompts, Sampling(12, 0.8, 50, 5), batch_size=0)
 
 
 def test_stop_text_cuts_before_the_stop_and_holds_back_what_may_begin_one():
@@ -250,11 +250,11 @@ def test_generate_stops_at_a_stop_string(tmp_path, cli):
     sample and every prompt of a batch is cut on its own."""
     import json
 
-    from moecli.commands.generate import generate, generate_prompts
+    from moecli.commands.generate import Sampling, generate, generate_prompts
 
     run = tmp_path / "m"
     assert cli("build", "mixtral", "-o", run, "--set", "model.n_layers=1", "--json").returncode == 0
-    whole = generate(str(run), "Once", 40, 0.0, 50, 2)
+    whole = generate(str(run), "Once", Sampling(40, 0.0, 50, 2))
     text = whole["completion"]
     assert whole["finish_reason"] == "length" and len(text) > 12
     stop = printable_pair(text)
@@ -264,16 +264,16 @@ def test_generate_stops_at_a_stop_string(tmp_path, cli):
     assert cut["new_tokens"] < 40 and cut["stop"] == [stop, "never sampled"]
     printed = cli(*args, "--stop", stop)
     assert printed.returncode == 0 and printed.stdout == "Once" + cut["completion"] + "\n", printed.stderr
-    same = generate(str(run), "Once", 40, 0.0, 50, 2, stops=["never sampled"])
+    same = generate(str(run), "Once", Sampling(40, 0.0, 50, 2, stops=["never sampled"]))
     assert (same["completion"], same["finish_reason"]) == (text, "length")
-    free = generate(str(run), "Once", 30, 0.8, 50, 5, num_samples=3)["completions"]
+    free = generate(str(run), "Once", Sampling(30, 0.8, 50, 5, num_samples=3))["completions"]
     stop = printable_pair(free[0])
-    res = generate(str(run), "Once", 30, 0.8, 50, 5, num_samples=3, stops=[stop])
+    res = generate(str(run), "Once", Sampling(30, 0.8, 50, 5, num_samples=3, stops=[stop]))
     for full, got, reason in zip(free, res["completions"], res["finish_reasons"]):
         assert (got, reason) == ((full[: full.find(stop)], "stop") if stop in full else (full, "length"))
-    many = generate_prompts(str(run), ["Once", "The cat"], 30, 0.8, 50, 5, stops=[stop])["results"]
+    many = generate_prompts(str(run), ["Once", "The cat"], Sampling(30, 0.8, 50, 5, stops=[stop]))["results"]
     for i, r in enumerate(many):
-        alone = generate(str(run), r["prompt"], 30, 0.8, 50, 5 + i, stops=[stop])
+        alone = generate(str(run), r["prompt"], Sampling(30, 0.8, 50, 5 + i, stops=[stop]))
         assert (r["completion"], r["finish_reason"]) == (alone["completion"], alone["finish_reason"])
 
 
@@ -284,7 +284,7 @@ def test_stop_tokens_and_end_of_sequence(tmp_path, cli):
     import json
 
     from moecli.formats.checkpoint import load_with_tokenizer
-    from moecli.commands.generate import _stops, eos_tokens, generate
+    from moecli.commands.generate import Sampling, _stops, eos_tokens, generate
 
     assert eos_tokens(tmp_path, {"eos_token_id": 2}) == [2]
     assert eos_tokens(tmp_path, {"eos_token_id": [2, 7]}) == [2, 7]
@@ -297,13 +297,13 @@ def test_stop_tokens_and_end_of_sequence(tmp_path, cli):
     greedy = sample(model, tok.encode("Once"), 40, 0.0, 0, seed=2)
     stop_id = greedy[12]
     k = greedy.index(stop_id)
-    res = generate(str(run), "Once", 40, 0.0, 0, 2, stop_tokens=[stop_id])
+    res = generate(str(run), "Once", Sampling(40, 0.0, 0, 2, stop_tokens=[stop_id]))
     assert (res["new_tokens"], res["finish_reason"], res["stop_tokens"]) == (k, "stop", [stop_id])
     assert res["completion"] == tok.decode(greedy[:k])
-    assert generate(str(run), "Once", 40, 0.0, 0, 2)["completion"] == tok.decode(greedy)
+    assert generate(str(run), "Once", Sampling(40, 0.0, 0, 2))["completion"] == tok.decode(greedy)
     hf_like = {"eos_token_id": [stop_id, 10**6]}  # an end-of-sequence id past the vocabulary is ignored
-    assert _stops(model, hf_like, tmp_path / "none", None, None, False).tokens == [stop_id]
-    assert _stops(model, hf_like, tmp_path / "none", None, [3], True).tokens == [3]
+    assert _stops(model, hf_like, tmp_path / "none", Sampling()).tokens == [stop_id]
+    assert _stops(model, hf_like, tmp_path / "none", Sampling(stop_tokens=[3], ignore_eos=True)).tokens == [3]
     args = ("generate", run, "-p", "Once", "-n", "40", "--seed", "2", "-t", "0", "--json")
     got = json.loads(cli(*args, "--stop-token", str(stop_id)).stdout)
     assert (got["completion"], got["finish_reason"]) == (res["completion"], "stop")

@@ -44,17 +44,17 @@ def test_active_params_hand_count():
     rep = parameter_report(build_model(r))
     D, F, E, K = r.model.d_model, r.moe.expert_ffn, r.moe.num_experts, r.moe.top_k
     inactive_per_layer = 3 * D * F * (E - K)
-    assert rep["total"] - rep["active"] == inactive_per_layer * len(r.moe_layers())
+    assert rep["total"] - rep["active"] == inactive_per_layer * len(r.moe_layer_indices())
 
 
 def test_layer_placement():
     glam = load_recipe("glam")
-    assert glam.moe_layers() == [1, 3]
+    assert glam.moe_layer_indices() == [1, 3]
     v3 = load_recipe("deepseek-v3")
-    assert v3.moe_layers() == [1, 2, 3]
+    assert v3.moe_layer_indices() == [1, 2, 3]
     glm = load_recipe("glm-4.5")
-    assert glm.moe_layers() == [2, 3]
-    assert load_recipe("dense").moe_layers() == []
+    assert glm.moe_layer_indices() == [2, 3]
+    assert load_recipe("dense").moe_layer_indices() == []
 
 
 def test_same_seed_same_weights():

@@ -1,4 +1,4 @@
-"""RoPE variants (rope.py) against transformers: tiny random Llama / Qwen2 checkpoints with each rope_type, logits
+"""RoPE variants (model/rope.py) against transformers: tiny random Llama / Qwen2 checkpoints with each rope_type, logits
 past the original context, cached greedy tokens, and a Llama 3 upcycled to Mixtral keeping the dense logits."""
 
 import json

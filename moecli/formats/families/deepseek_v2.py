@@ -15,6 +15,7 @@ expert, MoE every n-th layer, GQA attention, partial rotary, non-interleaved RoP
 
 from __future__ import annotations
 
+from moecli.errors import UserError
 from .deepseek_v3 import (EXPERT_WEIGHTS, empty_tensors, mla_config, mla_names, mla_parts,  # noqa: F401 (re-exported)
                           mla_problems, moe_names, moe_problems)
 
@@ -27,8 +28,6 @@ MOE_PREFIX = "mlp"
 
 
 def recipe_parts(cfg: dict, model: dict, count, source: str) -> tuple[dict, dict, dict]:
-    from moecli.errors import UserError
-
     method = cfg.get("topk_method", "greedy")
     if method not in ("greedy", "group_limited_greedy"):
         raise UserError(f"{source}: topk_method: {method!r} is not supported (greedy, group_limited_greedy)")

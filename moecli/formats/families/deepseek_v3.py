@@ -4,7 +4,7 @@ checkpoints, which use this layout).
 Architecture, against the Llama body hf.py shares:
     attention  multi-head latent attention (attention.MLAttention): q_lora_rank (null: one q projection),
                kv_lora_rank, qk_nope_head_dim / qk_rope_head_dim / v_head_dim, the shared rope key, rope_interleave,
-               attention_bias on q_a/kv_a/o; YaRN with mscale / mscale_all_dim (rope.py)
+               attention_bias on q_a/kv_a/o; YaRN with mscale / mscale_all_dim (model/rope.py)
     MoE        sigmoid scores, e_score_correction_bias added for selection only (moecli's expert_bias), n_group /
                topk_group (a group scores the sum of its top-2), norm_topk_prob, routed_scaling_factor;
                n_shared_experts x moe_intermediate_size always on
@@ -61,7 +61,7 @@ def moe_config(recipe) -> dict:
 
 def moe_names(recipe, names: dict[str, str], expert_bias: bool = True) -> dict[str, str]:
     """hf.py's names with the router bias (unless ``expert_bias`` is False: DeepSeek-V2) and the shared experts."""
-    for i in recipe.moe_layers():
+    for i in recipe.moe_layer_indices():
         P = f"model.layers.{i}.mlp"
         if expert_bias:
             names[f"layers.{i}.moe.router.expert_bias"] = f"{P}.gate.e_score_correction_bias"

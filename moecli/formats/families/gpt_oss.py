@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 
 from moecli.errors import UserError
+from moecli.formats.quant import mxfp4_dequant
+from moecli.model import rope
 from .base import softmax_moe_problems
 from .features import shortest_pattern, unmet
 
@@ -44,8 +46,6 @@ _DEFAULT_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_s
 
 def recipe_parts(cfg: dict, model: dict, count, source: str) -> tuple[dict, dict, dict]:
     if not cfg.get("rope_parameters") and not cfg.get("rope_scaling"):
-        from moecli.model import rope
-
         model = {**model, **rope.from_hf({**cfg, "rope_parameters": {**_DEFAULT_ROPE,
                                                                      "rope_theta": cfg.get("rope_theta", 150000.0)}},
                                          model["context"], source)}
@@ -76,7 +76,7 @@ def config(recipe) -> dict:
 
 
 def name_map(recipe, names: dict[str, str]) -> dict[str, str]:
-    for i in recipe.moe_layers():
+    for i in recipe.moe_layer_indices():
         P = f"model.layers.{i}.mlp"
         names[f"layers.{i}.moe.router.gate.weight"] = f"{P}.router.weight"
         names[f"layers.{i}.moe.router.gate.bias"] = f"{P}.router.bias"
@@ -87,8 +87,6 @@ def _weight(src, name: str, dtype) -> torch.Tensor:
     """An expert weight as transformers' module holds it, (E, in, out): stored so, or as MXFP4 ``name_blocks`` /
     ``name_scales`` of (E, out, in) (the released checkpoints), dequantized and transposed."""
     if f"{name}_blocks" in src:
-        from moecli.formats.quant import mxfp4_dequant
-
         try:
             return mxfp4_dequant(src.get(f"{name}_blocks"), src.get(f"{name}_scales"), dtype).transpose(1, 2)
         except ValueError as e:

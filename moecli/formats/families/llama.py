@@ -1,7 +1,7 @@
 """Llama and Mistral (model_type llama, and mistral read as it): the dense body the other families build on.
 
 Everything is hf.py's shared mapping: GQA without biases or q/k norm, a SwiGLU FFN per layer, RMSNorm, RoPE of any
-variant (rope.py). Upcycled to Mixtral. Mistral's sliding_window is kept in configs moecli writes from it, not
+variant (model/rope.py). Upcycled to Mixtral. Mistral's sliding_window is kept in configs moecli writes from it, not
 applied (moecli's context is the model's max_position_embeddings). Cannot express: q/k norm, q/k/v biases, MoE layers.
 """
 

@@ -80,7 +80,7 @@ def config(recipe) -> dict:
     types = [r.layer_type(i) for i in range(r.n_layers)]
     return {"attention_bias": r.qkv_bias, "num_local_experts": m.num_experts, "num_experts_per_tok": m.top_k,
             "intermediate_size": m.expert_ffn, "intermediate_size_mlp": r.ffn_dim,
-            "interleave_moe_layer_step": m.moe_every_n, "moe_layers": recipe.moe_layers(),
+            "interleave_moe_layer_step": m.moe_every_n, "moe_layers": recipe.moe_layer_indices(),
             "no_rope_layers": [int(t != "nope") for t in types],
             "attention_chunk_size": r.attention_chunk or None,
             "layer_types": ["chunked_attention" if t == "chunked" else "full_attention" for t in types],
@@ -91,7 +91,7 @@ def config(recipe) -> dict:
 
 def name_map(recipe, names: dict[str, str]) -> dict[str, str]:
     out = {k: v.replace(".mlp.", ".feed_forward.") for k, v in names.items()}
-    for i in recipe.moe_layers():
+    for i in recipe.moe_layer_indices():
         L, P = f"layers.{i}.moe", f"model.layers.{i}.feed_forward"
         out[f"{L}.router.gate.weight"] = f"{P}.router.weight"
         for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):

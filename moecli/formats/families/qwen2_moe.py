@@ -37,7 +37,7 @@ def config(recipe) -> dict:
 
 
 def name_map(recipe, names: dict[str, str]) -> dict[str, str]:
-    for i in recipe.moe_layers():
+    for i in recipe.moe_layer_indices():
         P = f"model.layers.{i}.mlp"
         if recipe.moe.num_shared_experts:
             for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):

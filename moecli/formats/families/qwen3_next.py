@@ -23,6 +23,7 @@ attention without the output gate or q/k norm.
 
 from __future__ import annotations
 
+from moecli.errors import UserError
 from .features import shortest_pattern, unmet
 from .base import softmax_moe_problems
 from .qwen2_moe import name_map as shared_names, shared_expert_parts
@@ -41,8 +42,6 @@ _LINEAR = (("in_qkvz.weight", "in_proj_qkvz.weight"), ("in_ba.weight", "in_proj_
 
 
 def recipe_parts(cfg: dict, model: dict, count, source: str) -> tuple[dict, dict, dict]:
-    from moecli.errors import UserError
-
     n = model["n_layers"]
     interval = cfg.get("full_attention_interval") or 4
     types = cfg.get("layer_types") or ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(n)]
