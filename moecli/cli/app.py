@@ -147,6 +147,10 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its checkpoint."),
     init: Optional[str] = typer.Option(None, "--init", help="Start from this checkpoint's weights, recipe and "
                                        "tokenizer (a moecli or Hugging Face directory, e.g. an upcycled model)."),
+    train_experts: Optional[str] = typer.Option(None, "--train-experts", help="With --init: train only these routed "
+                                                "experts, the rest frozen (ESFT): top-p:P (per MoE layer, the experts "
+                                                "with the largest gate share on DATA up to P in all) or "
+                                                "LAYER:E,E;LAYER:E."),
     nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes (torch.distributed; gloo on CPU)."),
     expert_parallel: bool = typer.Option(False, "--expert-parallel", help="With --nproc: shard experts over ranks."),
     fsdp: bool = typer.Option(False, "--fsdp", help="With --nproc: shard parameters, gradients and optimizer state "
@@ -177,7 +181,7 @@ def train(
         return train_fn(TrainArgs(recipe_arg, files, output, ov, resume, force, tokenizer, quiet, nproc,
                                   expert_parallel, init=init, val_data=list(val_data or []), jsonl_field=jsonl_field,
                                   epochs=epochs, data_weights=parse_data_weights(data_weights), device=device,
-                                  fsdp=fsdp, progress=render.TrainProgress))
+                                  fsdp=fsdp, train_experts=train_experts, progress=render.TrainProgress))
 
     _run(go, as_json and main_rank, render.render_train if main_rank else None)
 
@@ -371,6 +375,41 @@ def inspect_routing(
         return res
 
     _run(go, as_json, lambda r: render.render_routing(r, None if layer is None else str(layer)))
+
+
+@app.command()
+def prune(
+    checkpoint: str = typer.Argument(..., help="An MoE checkpoint: moecli's, or a Hugging Face MoE directory."),
+    data: Optional[List[str]] = typer.Argument(None, help="Calibration text: files, globs, directories, or - for "
+                                               "stdin; its last --holdout share is held out for the loss."),
+    output: Optional[Path] = OUT_OPT,
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Share of each MoE layer's routed experts to drop "
+                                          "(0.5: half)."),
+    keep: Optional[int] = typer.Option(None, "--keep", help="Or: routed experts to keep in every MoE layer."),
+    method: str = typer.Option("reap", "--method", help="reap (router-weighted output norm) | ean (output norm) | "
+                               "frequency (tokens routed) | random."),
+    seed: int = typer.Option(0, "--seed", help="The draw of --method random."),
+    max_tokens: int = typer.Option(65536, "--max-tokens", help="Read at most this many tokens of DATA."),
+    holdout: float = typer.Option(0.1, "--holdout", help="Share of those tokens held out for the loss before and "
+                                  "after (0: none)."),
+    scores: Optional[str] = typer.Option(None, "--scores", help="prune_scores.json of an earlier prune of this "
+                                         "model: prune again without a calibration pass."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length (default: as moe eval's)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per forward."),
+    dtype: str = typer.Option("auto", "--dtype", help="float32 | bfloat16 for the calibration pass; auto: float32, "
+                              "bfloat16 for FP8/MXFP4 checkpoints. The weights are written as stored."),
+    stream: bool = STREAM_OPT,
+    jsonl_field: str = JSONL_OPT,
+    force: bool = FORCE_OPT,
+    as_json: bool = JSON_OPT,
+):
+    """Drop the experts routing on DATA ranks lowest (REAP and baselines); writes the format it read."""
+    from moecli.commands.prune import PruneOptions, prune as prune_fn
+
+    opts = PruneOptions(ratio=ratio, keep=keep, method=method, seed=seed, max_tokens=max_tokens, holdout=holdout,
+                        seq_len=seq_len, batch_size=batch_size, scores=scores, dtype=dtype, jsonl_field=jsonl_field,
+                        stream=stream, force=force)
+    _run(lambda: prune_fn(checkpoint, data or [], output, opts), as_json, render.render_prune)
 
 
 @app.command()

@@ -255,6 +255,10 @@ def render_train(res: dict) -> None:
         ft = res["finetune_defaults"]
         rows.append(("fine-tuning defaults", ", ".join(f"{k} {v:g}" for k, v in ft.items())
                      + " (--init; set with --lr or --set train.FIELD=...)"))
+    if res.get("train_experts"):  # --train-experts: what trained
+        chosen = res["train_experts"]
+        rows.append(("trained experts", "; ".join(f"layer {i}: {', '.join(map(str, v))}" for i, v in chosen.items())
+                     + f" ({res['trainable_parameters']:,} parameters; the rest frozen)"))
     if res.get("stopped_early"):
         rows.append(("stopped early", early_stop_text(res["stopped_early"])))
     if res.get("best"):
@@ -285,6 +289,27 @@ def render_eval(res: dict) -> None:
             t.add_row(escape(f["data"]), f"{f['loss']:.4f}", f"{f['perplexity']:.3f}", f"{f['tokens']:,}",
                       f"{f['windows']} x {f['seq_len']}")
         out.print(t)
+
+
+def render_prune(res: dict) -> None:
+    cal = res["calibration"]
+    where = (f"scores from {escape(cal['scores'])}" if "scores" in cal else
+             f"calibrated on {cal['tokens']:,} tokens in {cal['seconds']:.1f} s")
+    out.print(f"pruned {escape(res['checkpoint'])} -> {escape(res['output'])}: {res['keep']} of {res['experts']} "
+              f"routed experts kept per MoE layer by {res['method']} ({where}; {res['dtype']}"
+              + (f"; streamed: {escape(res['streamed'])}" if res.get("streamed") else "") + ")")
+    t = Table(title="experts per layer (score: the method's; REAP for reference)", title_justify="left")
+    for col in ("layer", "kept", "dropped (score)", "lowest kept score"):
+        t.add_column(col, justify="right" if col == "layer" else "left")
+    for name, L in res["layers"].items():
+        s = L["scores"]
+        dropped = ", ".join(f"{e} ({s[e]:.3g})" for e in L["dropped"])
+        low = min(L["kept"], key=lambda e: s[e])
+        t.add_row(name, ", ".join(map(str, L["kept"])), dropped, f"{low}: {s[low]:.3g}")
+    out.print(t)
+    if "loss_before" in res:
+        out.print(f"held-out loss ({res['heldout_tokens']:,} tokens, windows of {res['seq_len']}): "
+                  f"{res['loss_before']:.4f} before, {res['loss_after']:.4f} after ({res['loss_increase']:+.4f})")
 
 
 class GenerateStream:
@@ -448,12 +473,14 @@ def routing_tables(res: dict, detail_layer: str | None = None) -> list:
         raise KeyError(detail_layer)
     L = res["layers"][detail_layer]
     d = Table(title=f"experts of layer {detail_layer}", title_justify="left")
-    for col in ("expert", "share", "load", "mean gate", "vocab spec.", "top tokens (P(expert|token))"):
+    for col in ("expert", "share", "load", "mean gate", "REAP", "vocab spec.", "top tokens (P(expert|token))"):
         d.add_column(col, justify="left" if col.startswith("top") else "right")
+    reap_rank = {e["expert"]: r for r, e in enumerate(sorted(L["experts"], key=lambda e: -e.get("reap", 0.0)))}
     for e in L["experts"]:
         toks = ", ".join(f"{t['text']!r} {t['p_expert_given_token']:.2f}" for t in e["top_tokens"])
+        reap = f"{e['reap']:.3g} #{reap_rank[e['expert']] + 1}" if "reap" in e else "-"
         d.add_row(str(e["expert"]), f"{100 * e['share']:.1f}%", f"[{_load_style(e['load_rel'])}]{e['load_rel']:.2f}x[/]",
-                  f"{e['mean_gate']:.3f}", f"{e['vocab_specialization']:.2f}", toks)
+                  f"{e['mean_gate']:.3f}", reap, f"{e['vocab_specialization']:.2f}", toks)
     items.append(d)
     if L.get("top_coactivation"):
         c = Table(title=f"most frequent co-activations in layer {detail_layer} (all pairs ranked)", title_justify="left")

@@ -34,10 +34,11 @@ from moecli.moe.balance import load_health
 from moecli.formats.native import dtype_name
 from moecli.formats.checkpoint import load_checkpoint, open_to_run
 from moecli.formats.layerwise import stream_forward, stream_plan, why_stream
-from moecli.data.corpus import JSONL_FIELD, expand_data_args, text_pieces
-from moecli.data.tokens import default_batch, default_window, run_val_split
+from moecli.data.corpus import JSONL_FIELD
+from moecli.data.tokens import default_batch, default_window, read_tokens, run_val_split
 from moecli.errors import UserError, check_at_least
 from moecli.moe.layer import expert_capacity
+from moecli.moe.saliency import ExpertSaliency
 
 
 class LayerAcc:
@@ -54,6 +55,7 @@ class LayerAcc:
         self.z_max = torch.tensor(-math.inf)
         self.tokens = 0
         self.dropped = 0
+        self.saliency = ExpertSaliency(E)  # REAP's and EAN's sums, added by the forward (MoELayer.saliency)
 
     def add(self, route, token_ids_T: torch.Tensor, capacity_factor: float) -> None:
         """Count one batch's routing (``route``: CPU tensors, ``RouterOutput.detached_cpu``)."""
@@ -109,6 +111,9 @@ def layer_report(acc: LayerAcc, tok, top_tokens: int, near_dead: float, capacity
             "top_tokens": [{"id": v, "text": tok.decode([v]), "count": int(col[v]), "p_expert_given_token":
                             float(p_e_given_v[v, e])} for v in top],
         })
+    reap = acc.saliency.scores("reap").tolist()
+    for e, row in enumerate(experts):  # what moe prune ranks experts by
+        row["reap"], row["ean"] = reap[e], float(acc.saliency.sums_4E[2, e])
     health = load_health(acc.load, K)
     rep = {
         "experts_n": E, "top_k": K, "tokens": acc.tokens, "assignments": n,
@@ -150,19 +155,6 @@ class Stream:
             yield x[i: i + batch_size]
 
 
-def read_tokens(args: list[str], tok, max_tokens: int, jsonl_field: str = JSONL_FIELD) -> torch.Tensor:
-    """The first max_tokens tokens of the inputs, read chunk by chunk (a large file is not read whole)."""
-    ids: list[int] = []
-    for i, src in enumerate(expand_data_args(args)):
-        if i:  # sources joined by a newline, as encode_to_file joins them
-            ids.extend(tok.encode("\n"))
-        for text in text_pieces(src, jsonl_field):
-            ids.extend(tok.encode(text))
-            if len(ids) >= max_tokens:
-                return torch.tensor(ids[:max_tokens], dtype=torch.long)
-    return torch.tensor(ids, dtype=torch.long)
-
-
 @torch.no_grad()
 def run_routing(model, stream: Stream, batch_size: int, capacity_factor: float, keep_idx: bool = False):
     """Forward the stream; returns {layer: LayerAcc} (and {layer: [idx_TK ...]} with keep_idx)."""
@@ -171,8 +163,8 @@ def run_routing(model, stream: Stream, batch_size: int, capacity_factor: float, 
     accs = {i: LayerAcc(m.cfg.num_experts, m.cfg.top_k, V, m.cfg.score_func == "softmax") for i, m in moe_layers}
     kept: dict[int, list[torch.Tensor]] = {i: [] for i, _ in moe_layers}
     model.eval()
-    for _, m in moe_layers:
-        m.capture = True
+    for i, m in moe_layers:
+        m.capture, m.saliency = True, accs[i].saliency
     try:
         for x in stream.batches(batch_size):
             model(x)
@@ -184,7 +176,7 @@ def run_routing(model, stream: Stream, batch_size: int, capacity_factor: float, 
                     kept[i].append(route.idx_TK.clone())
     finally:
         for _, m in moe_layers:
-            m.capture = False
+            m.capture, m.saliency = False, None
             m.last_route = None
     return accs, kept
 
@@ -202,7 +194,7 @@ def run_routing_streamed(reader, stream: Stream, batch_size: int, capacity_facto
         accs[i].add(route.detached_cpu(), batches[b].reshape(-1), capacity_factor)
 
     with tempfile.TemporaryDirectory(prefix="moe-routing-") as tmp:
-        for _ in stream_forward(reader, batches, Path(tmp), on_moe):
+        for _ in stream_forward(reader, batches, Path(tmp), on_moe, {i: a.saliency for i, a in accs.items()}):
             pass
     return accs, {}
 

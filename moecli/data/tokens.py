@@ -278,6 +278,19 @@ def sample_mixed(streams: list[torch.Tensor], weights: list[float], batch_size: 
     return xy[:, :-1], xy[:, 1:]
 
 
+def read_tokens(args: list[str], tok, max_tokens: int, jsonl_field: str = JSONL_FIELD) -> torch.Tensor:
+    """The first max_tokens tokens of the inputs, read chunk by chunk (a large file is not read whole)."""
+    ids: list[int] = []
+    for i, src in enumerate(expand_data_args(args)):
+        if i:  # sources joined by a newline, as encode_to_file joins them
+            ids.extend(tok.encode("\n"))
+        for text in text_pieces(src, jsonl_field):
+            ids.extend(tok.encode(text))
+            if len(ids) >= max_tokens:
+                return torch.tensor(ids[:max_tokens], dtype=torch.long)
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def eval_windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> list[int]:
     """Start offsets of non-overlapping windows covering ``tokens`` (evenly thinned to max_windows)."""
     n_windows = (tokens.numel() - 1) // seq_len

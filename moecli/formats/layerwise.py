@@ -23,6 +23,7 @@ from moecli.model.norm import RMSNorm
 from moecli.model.params import param_counts, recipe_parameter_report
 from moecli.model.rope import cos_sin
 from moecli.model.transformer import meta_block
+from moecli.moe.saliency import ExpertSaliency
 from moecli.parallel import device
 from moecli.fileio import byte_view, read_exact
 from moecli.formats.st_stream import LazyTensors
@@ -142,10 +143,12 @@ PROCESS_BYTES = 400 * 2**20  # python, torch and moecli themselves, measured at 
 
 
 @torch.no_grad()
-def stream_forward(reader: LayerReader, batches: list[torch.Tensor], tmp: Path, on_moe=None):
+def stream_forward(reader: LayerReader, batches: list[torch.Tensor], tmp: Path, on_moe=None,
+                   saliency: dict[int, ExpertSaliency] | None = None):
     """Logits of each batch (B x S token ids, one S for all), computed layer by layer: each decoder block is read
     once, every batch's hidden states (kept in a file under ``tmp``) pass through it, and it is freed before the
-    next. ``on_moe(layer, b, route)`` sees each MoE layer's routing of batch b. Yields (b, logits_BSV)."""
+    next. ``on_moe(layer, b, route)`` sees each MoE layer's routing of batch b; ``saliency[layer]``, where given,
+    sums its experts' saliency (MoELayer.saliency). Yields (b, logits_BSV)."""
     S = batches[0].shape[1]
     D = reader.recipe.model.d_model
     store = HiddenStore(Path(tmp) / "hidden.bin", [(x.shape[0], S, D) for x in batches])
@@ -158,7 +161,8 @@ def stream_forward(reader: LayerReader, batches: list[torch.Tensor], tmp: Path, 
         for i in range(reader.recipe.model.n_layers):
             blk = reader.block(i)
             if blk.is_moe:
-                blk.moe.capture = True
+                blk.moe.capture = on_moe is not None
+                blk.moe.saliency = None if saliency is None else saliency[i]
             for b in range(len(batches)):
                 h = blk(store.get(b).to(reader.dtype), cos, sin)
                 if blk.is_moe and on_moe is not None:

@@ -92,6 +92,32 @@ class GroupedExperts(nn.Module):
             self.b1_EF = nn.Parameter(torch.zeros(num_experts, hidden))
             self.b3_EF = nn.Parameter(torch.zeros(num_experts, hidden))
             self.b2_ED = nn.Parameter(torch.zeros(num_experts, d_model))
+        self.register_buffer("trained_E", None, persistent=False)  # train_only's experts (None: all train)
+
+    def weight_names(self) -> tuple[str, ...]:
+        return ("w1_EDF", "w3_EDF", "w2_EFD") + (("b1_EF", "b3_EF", "b2_ED") if self.b1_EF is not None else ())
+
+    def train_only(self, experts: list[int]) -> None:
+        """Fine-tune only these experts (ESFT): the stored weights are frozen, and the chosen experts' rows train
+        as parameters of their own (``trained_<name>``), merged into the stored ones by ``weights`` in the forward
+        and by state_dict(), whose names and shapes stay as they were. Only those rows get gradients and AdamW
+        state; each forward makes one merged copy of the layer's expert weights (what its backward keeps)."""
+        idx = torch.tensor(sorted(experts), dtype=torch.long, device=self.w1_EDF.device)
+        for name in self.weight_names():
+            stored = getattr(self, name)
+            stored.requires_grad_(False)
+            self.register_parameter(f"trained_{name}", nn.Parameter(stored.detach()[idx].clone()))
+        self.trained_E = idx
+        self.register_state_dict_post_hook(_merged_state)
+
+    def weights(self) -> tuple:
+        """(w1_EDF, w3_EDF, w2_EFD, b1_EF, b3_EF, b2_ED) as the forward uses them (biases None where there are
+        none): the parameters, or under train_only the stored weights with the trained rows put in."""
+        ws = tuple(getattr(self, n) for n in self.weight_names())
+        if self.trained_E is not None:
+            ws = tuple(w.index_copy(0, self.trained_E, getattr(self, f"trained_{n}").to(w.dtype))
+                       for n, w in zip(self.weight_names(), ws))
+        return ws if len(ws) == 6 else ws + (None, None, None)
 
     def biases(self) -> tuple:
         return self.b1_EF, self.b3_EF, self.b2_ED
@@ -101,29 +127,29 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, w_N: torch.Tensor | None = None) -> torch.Tensor:
         """y_ND for x_ND sorted by expert; with w_N (one combine weight per row), y_ND * w_N."""
-        dtype = use_grouped_mm(x_ND, self.w1_EDF)
+        w1_EDF, w3_EDF, w2_EFD, *bias = ws = self.weights()
+        dtype = use_grouped_mm(x_ND, w1_EDF)
         if dtype is not None:
             self.last_path = "grouped_mm"
-            return self._grouped(x_ND, counts_E, w_N, dtype)
+            return self._grouped(x_ND, counts_E, w_N, dtype, ws)
         counts = counts_E.tolist()
-        pad = pad_rows(x_ND, self.w1_EDF)
-        dtype = use_threads(x_ND, self.w1_EDF)
-        serial = dtype is None and use_serial(x_ND, self.w1_EDF)
+        pad = pad_rows(x_ND, w1_EDF)
+        dtype = use_threads(x_ND, w1_EDF)
+        serial = dtype is None and use_serial(x_ND, w1_EDF)
         if serial:
             dtype = torch.float32
         self.last_path = "serial" if serial else "loop" if dtype is None else "threaded"
         if dtype is not None:
             # the weights are cast (a no-op unless autocast) inside, and again in the backward
-            bs = [None if b is None else b.to(dtype) for b in self.biases()]
+            bs = [None if b is None else b.to(dtype) for b in bias]
             w_N1 = None if w_N is None else w_N.to(dtype).unsqueeze(-1)
             with torch.autocast("cpu", enabled=False):
-                return _ThreadedSwiGLU.apply(x_ND, self.w1_EDF, self.w3_EDF, self.w2_EFD, w_N1, counts, pad, *bs,
-                                             self.act, serial, dtype)
+                return _ThreadedSwiGLU.apply(x_ND, w1_EDF, w3_EDF, w2_EFD, w_N1, counts, pad, *bs, self.act, serial,
+                                             dtype)
         # unbind once (not w[e] per expert): its backward stacks the per-expert
         # gradients in one go instead of writing a full zero gradient per expert.
-        w1s, w3s, w2s = self.w1_EDF.unbind(0), self.w3_EDF.unbind(0), self.w2_EFD.unbind(0)
-        b1s, b3s, b2s = (None,) * 3 if self.b1_EF is None else (self.b1_EF.unbind(0), self.b3_EF.unbind(0),
-                                                                 self.b2_ED.unbind(0))
+        w1s, w3s, w2s = w1_EDF.unbind(0), w3_EDF.unbind(0), w2_EFD.unbind(0)
+        b1s, b3s, b2s = (None,) * 3 if bias[0] is None else tuple(b.unbind(0) for b in bias)
 
         def expert(e: int, x_mD: torch.Tensor) -> torch.Tensor:
             a_mF, b_mF = x_mD @ w1s[e], x_mD @ w3s[e]
@@ -148,28 +174,37 @@ class GroupedExperts(nn.Module):
         return y_ND if w_N is None else y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
 
     def _grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor, w_N: torch.Tensor | None,
-                 dtype: torch.dtype) -> torch.Tensor:
+                 dtype: torch.dtype, ws: tuple) -> torch.Tensor:
         """All experts in three grouped GEMMs (torch._grouped_mm: expert e's rows end at offs[e]); no copy of the
         counts to the host, so no sync. Products in ``dtype`` (bf16), autograd does the backward."""
         N = x_ND.shape[0]
+        w1_EDF, w3_EDF, w2_EFD, b1_EF, b3_EF, b2_ED = ws
         offs = torch.cumsum(counts_E.to(x_ND.device), 0, dtype=torch.int32)
         with torch.autocast(x_ND.device.type, enabled=False):
             x = x_ND.to(dtype)
-            a_NF = torch._grouped_mm(x, self.w1_EDF.to(dtype), offs=offs)
-            b_NF = torch._grouped_mm(x, self.w3_EDF.to(dtype), offs=offs)
-            bias = self.b1_EF is not None  # GPT-OSS: all three projections have them, or none does
+            a_NF = torch._grouped_mm(x, w1_EDF.to(dtype), offs=offs)
+            b_NF = torch._grouped_mm(x, w3_EDF.to(dtype), offs=offs)
+            bias = b1_EF is not None  # GPT-OSS: all three projections have them, or none does
             if bias:  # each row's expert's biases, gathered in fp32 so that their gradients (index's backward, a
                 # sum over the expert's rows) accumulate in fp32; the sums in the dtype the loop's would be (fp32
                 # for fp32 biases under autocast), where the clamps then decide
                 e_N = torch.repeat_interleave(torch.arange(self.num_experts, device=x.device), counts_E.to(x.device),
                                               output_size=N)
-                out = torch.promote_types(dtype, self.b1_EF.dtype)
-                a_NF = (a_NF + self.b1_EF.float()[e_N]).to(out)
-                b_NF = (b_NF + self.b3_EF.float()[e_N]).to(out)
-            y_ND = torch._grouped_mm(self._h(a_NF, b_NF).to(dtype).contiguous(), self.w2_EFD.to(dtype), offs=offs)
+                out = torch.promote_types(dtype, b1_EF.dtype)
+                a_NF = (a_NF + b1_EF.float()[e_N]).to(out)
+                b_NF = (b_NF + b3_EF.float()[e_N]).to(out)
+            y_ND = torch._grouped_mm(self._h(a_NF, b_NF).to(dtype).contiguous(), w2_EFD.to(dtype), offs=offs)
             if bias:
-                y_ND = (y_ND + self.b2_ED.float()[e_N]).to(out)
+                y_ND = (y_ND + b2_ED.float()[e_N]).to(out)
             return y_ND if w_N is None else y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
+
+
+def _merged_state(module: GroupedExperts, state_dict: dict, prefix: str, local_metadata) -> None:
+    """state_dict() of experts under train_only: the stored names with the trained rows put in, as a checkpoint
+    holds them (nothing of the split is saved)."""
+    for name, w in zip(module.weight_names(), module.weights()):
+        state_dict[prefix + name] = w.detach()
+        state_dict.pop(f"{prefix}trained_{name}", None)
 
 
 # None: the grouped GEMM for bf16 compute on a CUDA GPU of compute capability 8.0 or later (where torch has its

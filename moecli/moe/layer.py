@@ -25,6 +25,7 @@ from moecli.parallel.collectives import global_mean_load
 from moecli.parallel.expert_parallel import expert_parallel_ffn
 from moecli.moe.experts import GroupedExperts, SwiGLU
 from moecli.moe.router import Router, RouterOutput
+from moecli.moe.saliency import ExpertSaliency
 
 
 @dataclass
@@ -71,7 +72,8 @@ class MoELayer(nn.Module):
     After each forward, ``self.aux`` holds the unweighted balance losses of that
     forward and ``self.stats`` detached routing statistics (load per expert,
     dropped assignments). Set ``capture = True`` to keep the RouterOutput in
-    ``self.last_route`` (used by inspect-routing).
+    ``self.last_route`` (used by inspect-routing), and ``saliency`` to an
+    ExpertSaliency to add each forward's routed rows to it (moe prune).
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig, bal: BalanceConfig):
@@ -86,6 +88,7 @@ class MoELayer(nn.Module):
         self.stats: dict[str, torch.Tensor | int] = {}
         self.capture = False
         self.last_route: RouterOutput | None = None
+        self.saliency: ExpertSaliency | None = None
         self.ep_world = 1  # > 1: experts sharded over ranks (distributed.shard_experts)
         # > 1: data-parallel ranks; the balance losses then use the expert loads of the
         # global batch (all-reduced), so their averaged gradient is the global-batch one.
@@ -108,6 +111,10 @@ class MoELayer(nn.Module):
             x_ND, w_N = x_ND * w_N.to(x_ND.dtype).unsqueeze(-1), None
         if self.ep_world > 1:
             y_ND = expert_parallel_ffn(self.experts, x_ND, d.counts_E, self.ep_world)
+            y_ND = y_ND if w_N is None else y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
+        elif self.saliency is not None:  # each expert's own output, then weighted: the saliency needs its norm
+            y_ND = self.experts(x_ND, d.counts_E)
+            self.saliency.add(route.scores_TE, route.idx_TK, d.token_N, d.choice_N, y_ND)
             y_ND = y_ND if w_N is None else y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
         else:
             y_ND = self.experts(x_ND, d.counts_E, w_N)  # weighted: y * w per row

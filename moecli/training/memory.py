@@ -41,6 +41,7 @@ class Layout:
     procs: int = 1
     expert_parallel: bool = False
     fsdp: bool = False
+    trainable: int | None = None  # parameters that train (--train-experts); None: all of them
 
 
 def _attention_elems(r, i: int) -> int:
@@ -92,7 +93,11 @@ def training_memory(r, layout: Layout = Layout()) -> dict:
     if layout.fsdp and n > 1:  # everything 1/N: experts split by expert parallelism, or sharded by FSDP
         held = total / n
     states = int(held * STATE_BYTES)
-    copies = 0
+    copies = merged = 0
+    if layout.trainable is not None:  # the rest frozen: weights only, no gradient or AdamW state; each MoE layer's
+        # experts merged with their trained rows once per forward, kept for its backward (GroupedExperts.weights)
+        states = int(held * 4 + layout.trainable * (STATE_BYTES - 4))
+        merged = int(4 * experts)
     if r.train.precision == "bf16-mixed":
         # the forward's bf16 weights: every layer's until the backward has used them; under FSDP only the
         # layer being computed is whole (its own copy), the rest shards
@@ -100,8 +105,8 @@ def training_memory(r, layout: Layout = Layout()) -> dict:
     micro = r.train.batch_size // max(1, n) // max(1, r.train.grad_accum)
     kept = activation_bytes(r, micro * r.train.seq_len)
     acts = int(kept * (1 + ALLOCATOR_SLACK))
-    return {"states": states, "bf16_copies": copies, "activations": acts, "peak": states + copies + acts,
-            "saved_for_backward": kept, "micro_batch": micro, "tokens_per_micro_batch": micro * r.train.seq_len}
+    return {"states": states, "bf16_copies": copies, "merged_experts": merged, "activations": acts,
+            "peak": states + copies + merged + acts, "saved_for_backward": kept, "micro_batch": micro, "tokens_per_micro_batch": micro * r.train.seq_len}
 
 
 def proc_status_bytes(field: str) -> int:
@@ -133,6 +138,8 @@ def _size(n: float) -> str:
 def describe(mem: dict) -> str:
     """One line: what the estimate is made of."""
     extra = f" + {_size(mem['bf16_copies'])} bf16 weight copies" if mem["bf16_copies"] else ""
+    if mem.get("merged_experts"):
+        extra += f" + {_size(mem['merged_experts'])} experts merged with their trained rows"
     return (f"{_size(mem['peak'])} per process: {_size(mem['states'])} weights, gradients and AdamW "
             f"state{extra} + {_size(mem['activations'])} activations ({mem['micro_batch']} x "
             f"{mem['tokens_per_micro_batch'] // max(1, mem['micro_batch'])} tokens per micro-batch)")

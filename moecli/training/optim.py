@@ -29,8 +29,9 @@ def lr_at(step: int, t) -> float:
 
 
 def make_optimizer(model: Transformer, t) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    trained = [p for p in model.parameters() if p.requires_grad]  # frozen ones (--train-experts) get no state
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=t.lr, betas=(t.beta1, t.beta2), **_fused_kwargs(model),

@@ -14,13 +14,14 @@ import torch
 from moecli.config import Recipe, apply_overrides, prepare_recipe
 from moecli.data.tokenizers import Tokenizer, load_tokenizer
 from moecli.data.corpus import JSONL_FIELD
-from moecli.data.tokens import TokenData, prepare_tokens
+from moecli.data.tokens import TokenData, prepare_tokens, read_tokens
 from moecli.errors import UserError
 from moecli.fileio import check_output
 from moecli.formats.native import CONFIG_FILE, model_state
 from moecli.formats.checkpoint import open_checkpoint
 from moecli.parallel.device import resolve_device
 from moecli.parallel.launch import launched_world, local_world
+from moecli.training import esft
 from moecli.training.memory import Layout, check_training_fits
 from moecli.training.state import find_resume_dir, foreign_entry, read_train_state
 
@@ -47,6 +48,7 @@ class TrainArgs:
     data_weights: list[float] | None = None
     device: str = "cpu"  # --device: where the model trains (cpu, cuda, cuda:N, auto); one process only off the CPU
     fsdp: bool = False  # --fsdp: shard parameters, gradients and AdamW state over the processes (FSDP2)
+    train_experts: str | None = None  # --train-experts SPEC (training/esft.py): only those experts train
     # how the main rank shows its steps: progress(enabled=...) -> a context manager with update(record, total)
     # (the CLI passes its renderer; a module-level class, so --nproc's ranks can be given it)
     progress: Callable | None = None
@@ -76,6 +78,7 @@ class Setup:
     init_state: dict | None = None  # ... and those weights
     device: torch.device = torch.device("cpu")  # --device, resolved
     finetune: dict | None = None  # --init: the fine-tuning defaults applied (those the command line did not set)
+    train_experts: dict[int, list[int]] | None = None  # the experts that train (esft.py); None: everything
 
 
 # --init starts from trained weights: a fine-tune's settings, not a pretraining recipe's (its lr 3e-3 raised an
@@ -109,8 +112,11 @@ def procs(args: TrainArgs) -> int:
     return max(args.nproc, launched_world())
 
 
-def train_layout(args: TrainArgs) -> Layout:
-    return Layout(procs(args), args.expert_parallel, args.fsdp)
+def train_layout(args: TrainArgs, st: Setup | None = None) -> Layout:
+    trainable = None
+    if st is not None and st.train_experts is not None:
+        trainable = esft.trainable_parameters(st.recipe, st.train_experts)
+    return Layout(procs(args), args.expert_parallel, args.fsdp, trainable)
 
 
 def check_batch_split(batch_size: int, world: int, grad_accum: int, what: str = "the number of processes") -> None:
@@ -140,7 +146,7 @@ def setup(args: TrainArgs) -> Setup:
     _check_output(args, st.out)
     st.device = _check_layout(args, st.recipe)
     if st.device.type == "cpu":
-        check_training_fits(st.recipe, train_layout(args), local_world(procs(args)))
+        check_training_fits(st.recipe, train_layout(args, st), local_world(procs(args)))
     return st
 
 
@@ -151,6 +157,9 @@ def _resumed(args: TrainArgs, out: Path | None) -> Setup:
     if args.init:
         raise UserError("--init starts a new run from a checkpoint's weights; --resume continues this run: "
                         "pass one of them")
+    if args.train_experts:
+        raise UserError("--train-experts: a resumed run trains the experts it chose at its start (kept in its "
+                        "checkpoint); start a new run (--init) to choose others")
     ckpt = open_checkpoint(find_resume_dir(out))  # its format version checked, as every reader does
     if ckpt.is_hf:
         raise UserError(f"{ckpt.directory / CONFIG_FILE}: a Hugging Face model, not a moecli run's checkpoint; "
@@ -158,7 +167,15 @@ def _resumed(args: TrainArgs, out: Path | None) -> Setup:
     recipe = ckpt.recipe
     if args.overrides:
         recipe = apply_overrides(recipe, args.overrides, source="command-line overrides")
-    return Setup(recipe, out, ckpt.tokenizer(), ckpt.directory, read_train_state(ckpt.directory))
+    st = Setup(recipe, out, ckpt.tokenizer(), ckpt.directory, read_train_state(ckpt.directory))
+    kept = ckpt.config.get("train_experts")
+    if kept is not None:
+        try:
+            st.train_experts = esft.parse_spec(esft.to_spec({int(k): v for k, v in kept.items()}), recipe)
+        except (UserError, AttributeError, TypeError, ValueError):
+            raise UserError(f"{ckpt.directory / CONFIG_FILE}: train_experts: must map MoE layers to lists of their "
+                            f"experts, got {kept!r}") from None
+    return st
 
 
 def _from_init(args: TrainArgs, out: Path | None) -> Setup:
@@ -168,14 +185,33 @@ def _from_init(args: TrainArgs, out: Path | None) -> Setup:
     ckpt = open_checkpoint(args.init)
     init_model, tokenizer = ckpt.model_and_tokenizer(torch.float32)
     recipe, init_state = init_model.recipe, model_state(init_model)
-    del init_model
     max_steps = args.overrides.get("train.max_steps", recipe.train.max_steps)
     finetune = {k: v for k, v in finetune_defaults(max_steps).items() if k not in args.overrides}
     recipe = apply_overrides(recipe, {**finetune, **args.overrides}, source="command-line overrides")
     out = out or Path("runs") / recipe.name
     if Path(ckpt.directory).resolve() == (out / "checkpoint").resolve():
         raise UserError(f"--init {args.init}: is this run's own checkpoint; use --resume to continue it")
-    return Setup(recipe, out, tokenizer, None, {}, ckpt.directory, init_state, finetune=finetune)
+    chosen = _chosen_experts(args, init_model, tokenizer, recipe) if args.train_experts else None
+    del init_model
+    return Setup(recipe, out, tokenizer, None, {}, ckpt.directory, init_state, finetune=finetune,
+                 train_experts=chosen)
+
+
+def _chosen_experts(args: TrainArgs, model, tokenizer, recipe: Recipe) -> dict[int, list[int]]:
+    """--train-experts: the experts each MoE layer trains (a top-p SPEC: from a routing pass over DATA's first
+    tokens, with the model as --init loaded it)."""
+    if args.expert_parallel or args.fsdp:
+        raise UserError(f"--train-experts: not with {'--expert-parallel' if args.expert_parallel else '--fsdp'} "
+                        "(each process holds every expert; use --nproc alone)")
+    if not recipe.moe_layer_indices():
+        raise UserError(f"--train-experts: {args.init} has no MoE layers (a dense model)")
+    if args.train_experts.startswith("top-p:"):
+        esft.parse_spec(args.train_experts, recipe)  # a bad P before the data is read
+        if not args.data:
+            raise UserError(f"--train-experts {args.train_experts}: the routing pass needs DATA")
+        tokens = read_tokens(args.data, tokenizer, esft.SELECTION_TOKENS, args.jsonl_field)
+        return esft.select(args.train_experts, model, tokens, recipe.train.seq_len)
+    return esft.select(args.train_experts, model, torch.zeros(0), recipe.train.seq_len)
 
 
 def _from_recipe(args: TrainArgs, out: Path | None) -> Setup:
@@ -183,6 +219,8 @@ def _from_recipe(args: TrainArgs, out: Path | None) -> Setup:
     stdin), with --tokenizer's vocabulary where it is larger than the recipe's."""
     if args.recipe is None:
         raise UserError("RECIPE: missing (a recipe file or bundled name, e.g. `moe train mixtral`)")
+    if args.train_experts:
+        raise UserError("--train-experts: fine-tunes the experts of a trained model; start from it with --init")
     if isinstance(args.recipe, str):
         check_recipe_source(args)
     recipe = args.recipe if isinstance(args.recipe, Recipe) else prepare_recipe(args.recipe, args.overrides)

@@ -101,8 +101,10 @@ def save_train_checkpoint(out: Path, model, opt, tokenizer, info: DistInfo, trai
     sd, ostate = _full_state(model, opt, info)  # every rank takes part in the gathers
     if info.is_main:
         with atomic_dir(target, overwrite=True) as tmp:
-            _save_model(tmp, model, sd, {"step": train_state["step"], "tokens_seen": train_state["tokens_seen"]},
-                        tokenizer)
+            chosen = train_state.get("train_experts")  # --train-experts: taken up again by --resume
+            _save_model(tmp, model, sd, {"step": train_state["step"], "tokens_seen": train_state["tokens_seen"],
+                                         **({"train_experts": {str(i): v for i, v in chosen.items()}}
+                                            if chosen else {})}, tokenizer)
             save_safetensors(ostate["tensors"], tmp / "optimizer.safetensors")
             weights = train_state.get("data_weights")
             atomic_write_json(tmp / "train_state.json", {

@@ -33,6 +33,7 @@ from moecli.training.memory import current_rss, describe, lean_mode, peak_rss, t
 from moecli.training.metrics import RoutingWindow, add_routing_health, routing_record, routing_summary
 from moecli.training.optim import KeptGradients, clip_gradients, create_optimizer_state, lr_at, make_optimizer
 from moecli.training.setup import TrainArgs, check_batch_split, run_tokens, setup, train_layout
+from moecli.training import esft
 from moecli.training.signals import EarlyStop, StopSignals
 from moecli.training.state import (best_val_loss, load_optimizer_state, save_best, save_train_checkpoint,
                                    trim_metrics)
@@ -49,7 +50,10 @@ def train(args: TrainArgs) -> dict:
         st.out.mkdir(parents=True, exist_ok=True)
         data = run_tokens(args, st)
         rank_args = dataclasses.replace(args, data=[], val_data=[], data_fingerprint=data.fingerprint, output=st.out,
-                                        recipe=st.recipe if args.recipe is not None else None)
+                                        recipe=st.recipe if args.recipe is not None else None,
+                                        # chosen once, here: the ranks take the list
+                                        train_experts=(esft.to_spec(st.train_experts) if st.train_experts
+                                                       else args.train_experts))
         return spawn(args.nproc, rank_main, rank_args)
     return _run(args, is_main=True)
 
@@ -190,7 +194,7 @@ class Trainer:
         data = self.data
         self.last_ckpt = save_train_checkpoint(self.out, self.model, self.opt, self.tokenizer, self.info, {
             "step": step, "tokens_seen": self.tokens_seen, "data": data.fingerprint, "early_stop": self.early.state(),
-            "data_weights": data.weights if data.sources else None})
+            "data_weights": data.weights if data.sources else None, "train_experts": self.st.train_experts})
         self.last_ckpt_step = step
         rec["checkpoint"] = str(self.last_ckpt)
 
@@ -208,7 +212,7 @@ class Trainer:
         st = self.st = setup(args)
         self.recipe, self.out, self.tokenizer, self.t = st.recipe, st.out, st.tokenizer, st.recipe.train
         t = self.t
-        self.memory = training_memory(self.recipe, train_layout(args))
+        self.memory = training_memory(self.recipe, train_layout(args, st))
         self.lean = lean_mode(self.memory, st.device, local_world(info.world))
         if self.lean:  # large freed tensors back to the system at once, gradients freed each step (device.py)
             return_freed_memory()
@@ -220,6 +224,9 @@ class Trainer:
             lean_note = ("; close to the memory available, so gradients are freed each step (lower peak, slower)"
                          if self.lean else "")
             print(f"memory: about {describe(self.memory)}{lean_note}", file=sys.stderr, flush=True)
+            if st.train_experts is not None:
+                print(f"training only these experts (--train-experts): "
+                      f"{esft.describe(st.train_experts, self.recipe.moe.num_experts)}", file=sys.stderr, flush=True)
         self.model = self.place_model()
         self.opt = make_optimizer(self.model, t)
         self.resume_or_start()
@@ -257,6 +264,8 @@ class Trainer:
             st.init_state = None  # copied: its file's mapped pages (counted in RSS) go
         if self.args.resume:
             load_into(model, load_state_file(st.ckpt_dir / "model.safetensors"), st.ckpt_dir / "model.safetensors")
+        if st.train_experts is not None:  # --train-experts: the rest frozen, before the optimizer sees it
+            esft.train_only(model, st.train_experts)
         device = st.device
         if device.type == "cuda" and info.world > 1:  # this rank's own GPU
             device = torch.device("cuda", local_rank())
@@ -319,6 +328,9 @@ class Trainer:
             "low_memory_mode": self.lean,
             "init": str(st.init_dir) if st.init_dir is not None else None,
             "finetune_defaults": {k.split(".", 1)[1]: v for k, v in st.finetune.items()} if st.finetune else None,
+            "train_experts": ({str(i): v for i, v in st.train_experts.items()}
+                              if st.train_experts is not None else None),
+            "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             "final_step": rec["step"] if self.stopped else t.max_steps, "tokens_seen": self.tokens_seen,
             # passes' worth of the training tokens seen (--epochs): windows are drawn at random
             "epochs": self.tokens_seen / max(1, data.n_train),

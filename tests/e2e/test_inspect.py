@@ -230,7 +230,7 @@ def test_read_tokens_joins_sources_as_training_does(tmp_path):
     """inspect-routing's reader: the sources joined by a newline, as encode_to_file (train, eval) joins them."""
     from moecli.data.tokenizers import ByteTokenizer
     from moecli.data.tokens import encode_to_file, open_tokens
-    from moecli.commands.inspect_routing import read_tokens
+    from moecli.data.tokens import read_tokens
 
     a, b = tmp_path / "a.txt", tmp_path / "b.jsonl"
     a.write_text("alpha beta")

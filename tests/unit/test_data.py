@@ -156,7 +156,7 @@ def test_jsonl_field_names_another_text_field(tmp_path, tiny_recipe, cli):
     refuses to resume on another (its token cache records the field); --prompts reads that field too."""
     from moecli.commands.evaluate import evaluate
     from moecli.commands.generate import read_prompts
-    from moecli.commands.inspect_routing import read_tokens
+    from moecli.data.tokens import read_tokens
     from moecli.training.setup import TrainArgs
     from moecli.training.trainer import train
 

@@ -407,3 +407,46 @@ def test_grouped_mm_path_equals_the_loop(kind, autocast):
     assert out[True][3][1].abs().max() == 0  # the expert without rows: a zero gradient
     X.GROUPED_MM = None
     assert X.use_grouped_mm(x, ex.w1_EDF) is None  # chosen by itself only on a GPU
+
+
+@pytest.mark.parametrize("path", ["loop", "threaded", "grouped_mm"])
+@pytest.mark.parametrize("biased", [False, True])
+def test_train_only_gives_the_chosen_experts_the_full_gradient_and_the_rest_none(path, biased):
+    """GroupedExperts.train_only (--train-experts): on every path the output is the plain experts', the trained
+    rows' gradients are the plain experts' gradients of those rows, the stored weights get none, and state_dict()
+    holds the stored names with the trained rows put in."""
+    import copy
+
+    torch.manual_seed(1)
+    counts = torch.tensor([9, 0, 14, 5, 11])
+    ex = X.GroupedExperts(len(counts), 16, 24, bias=biased)
+    if biased:
+        with torch.no_grad():
+            for b in ex.biases():
+                b.normal_(0, 0.5)
+    if path == "grouped_mm":
+        ex = ex.to(torch.bfloat16)
+    dtype = next(ex.parameters()).dtype
+    esft = copy.deepcopy(ex)
+    esft.train_only([1, 3])
+    x = torch.randn(int(counts.sum()), 16, dtype=dtype)
+    w = torch.rand(len(x))
+    g = torch.randn(len(x), 16, dtype=dtype)
+    try:
+        X.THREADED, X.GROUPED_MM = path == "threaded", path == "grouped_mm"
+        plain = ex(x, counts, w)
+        plain.backward(g)
+        y = esft(x, counts, w)
+        y.backward(g)
+        assert esft.last_path == path
+    finally:
+        X.THREADED = X.GROUPED_MM = None
+    torch.testing.assert_close(y, plain.detach(), rtol=0, atol=0)
+    for name in esft.weight_names():
+        assert getattr(esft, name).grad is None and not getattr(esft, name).requires_grad
+        torch.testing.assert_close(getattr(esft, f"trained_{name}").grad, getattr(ex, name).grad[[1, 3]])
+    with torch.no_grad():
+        esft.trained_w1_EDF.add_(1.0)
+    sd = esft.state_dict()
+    assert set(sd) == set(ex.state_dict())  # the stored names only
+    assert torch.equal(sd["w1_EDF"][[1, 3]], esft.trained_w1_EDF) and torch.equal(sd["w1_EDF"][0], ex.w1_EDF[0])

@@ -70,7 +70,9 @@ def write_pair(tmp_path, quantized: dict, dequantized: dict, quantization: dict)
     assert_same(tmp_path / "q", tmp_path / "deq", torch.randint(0, 256, (1, 60), generator=torch.Generator().manual_seed(2)))
 
 
-def test_fp8_block_scaled_deepseek_v3_reads_as_its_dequantized_weights(tmp_path, cli):
+def fp8_pair(tmp_path):
+    """tmp_path/q: a tiny DeepSeek-V3 with block-scaled FP8 attention, shared and routed experts; tmp_path/deq:
+    the same with the dequantized weights."""
     make("deepseek_v3", tmp_path / "src", vocab_size=256)
     sd = load_file(tmp_path / "src" / "model.safetensors")
     block = (16, 16)  # the tiny dims (24, 32, 48, ...) give whole and partial blocks
@@ -84,6 +86,10 @@ def test_fp8_block_scaled_deepseek_v3_reads_as_its_dequantized_weights(tmp_path,
     assert sum(v.dtype == torch.float8_e4m3fn for v in quantized.values()) > 20
     write_pair(tmp_path, quantized, dequantized, {"quant_method": "fp8", "weight_block_size": list(block),
                                                   "activation_scheme": "dynamic"})
+
+
+def test_fp8_block_scaled_deepseek_v3_reads_as_its_dequantized_weights(tmp_path, cli):
+    fp8_pair(tmp_path)
     r = cli("info", tmp_path / "q", "--json")
     assert r.returncode == 0, r.stderr
     assert "float8_e4m3fn" in json.loads(r.stdout)["weights"]["dtypes"]
@@ -94,7 +100,8 @@ def test_fp8_block_scaled_deepseek_v3_reads_as_its_dequantized_weights(tmp_path,
         assert r.returncode == 0 and json.loads(r.stdout)["dtype"] == dtype, r.stderr
 
 
-def test_mxfp4_gpt_oss_experts_read_as_their_dequantized_weights(tmp_path, cli):
+def mxfp4_pair(tmp_path):
+    """tmp_path/q: a tiny GPT-OSS with MXFP4 experts; tmp_path/deq: the same with the dequantized weights."""
     make("gpt_oss", tmp_path / "src", vocab_size=256, intermediate_size=32)  # FP4 blocks of 32 along D and F
     sd = load_file(tmp_path / "src" / "model.safetensors")
     quantized, dequantized = {}, {}
@@ -106,6 +113,10 @@ def test_mxfp4_gpt_oss_experts_read_as_their_dequantized_weights(tmp_path, cli):
         else:
             quantized[k] = dequantized[k] = v
     write_pair(tmp_path, quantized, dequantized, {"quant_method": "mxfp4"})
+
+
+def test_mxfp4_gpt_oss_experts_read_as_their_dequantized_weights(tmp_path, cli):
+    mxfp4_pair(tmp_path)
     text = tmp_path / "t.txt"
     text.write_text("packed four-bit experts, scaled by powers of two\n" * 20)
     r = cli("inspect-routing", tmp_path / "q", text, "--json")
@@ -132,3 +143,33 @@ def test_mxfp4_dequantization_equals_transformers():
     scales = torch.randint(120, 134, (3, 8, 2), generator=g, dtype=torch.uint8)
     theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # (E, in, out)
     assert torch.equal(mxfp4_dequant(blocks, scales, torch.float32).transpose(1, 2), theirs)
+
+
+@pytest.mark.parametrize("kind", ["fp8", "mxfp4"])
+def test_pruned_quantized_experts_stay_quantized_and_read_as_the_pruned_dequantized_ones(tmp_path, kind):
+    """moe prune slices whole experts: the FP8 blocks and scales, the MXFP4 blocks and scales of the kept experts
+    are written as stored, and read as the same pruned model as the dequantized checkpoint pruned alike (the
+    dequantized one calibrated; its scores reused: the routers, not quantized, give both one fingerprint)."""
+    from moecli.commands.prune import PruneOptions, prune
+
+    if kind == "fp8":
+        fp8_pair(tmp_path)
+        keep, quantized_dtype = 4, torch.float8_e4m3fn
+    else:
+        mxfp4_pair(tmp_path)
+        keep, quantized_dtype = 6, torch.uint8
+    (tmp_path / "c.txt").write_text("a calibration text for the pruned experts, line after line\n" * 40)
+    prune(str(tmp_path / "deq"), [str(tmp_path / "c.txt")], tmp_path / "deq-p",
+          PruneOptions(keep=keep, seq_len=32, holdout=0))
+    res = prune(str(tmp_path / "q"), [], tmp_path / "q-p", PruneOptions(keep=keep, scores=str(tmp_path / "deq-p" /
+                                                                                                "prune_scores.json")))
+    assert res["keep"] == keep and "loss_before" not in res
+    before, after = load_file(tmp_path / "q" / "model.safetensors"), load_file(tmp_path / "q-p" / "model.safetensors")
+
+    def quantized_expert_numel(sd):  # the routed experts' quantized bytes (not the shared experts')
+        return sum(v.numel() for k, v in sd.items() if v.dtype == quantized_dtype and ".experts." in k)
+
+    assert quantized_expert_numel(after) * 8 == quantized_expert_numel(before) * keep > 0  # 8 experts -> keep
+    assert_same(tmp_path / "q-p", tmp_path / "deq-p", torch.randint(0, 256, (1, 60),
+                                                                    generator=torch.Generator().manual_seed(5)))
+
