@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from support.hf_models import make
 
@@ -87,3 +87,29 @@ def test_keeping_every_expert_is_the_identity(tmp_path, family):
     for f in (tmp_path / "src").glob("*.safetensors"):  # every stored tensor as it was, under its name
         a, b = load_file(f), load_file(tmp_path / "out" / f.name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+def test_a_multimodal_llama4_keeps_its_container_and_its_other_towers(tmp_path):
+    """Llama4ForConditionalGeneration as the hub holds it: text_config's expert count is the one cut, the language
+    model's experts under language_model.model.* are sliced, the vision tower is copied as it was."""
+    make("llama4_text", tmp_path / "text", vocab_size=256)
+    text_cfg = json.loads((tmp_path / "text" / "config.json").read_text())
+    d = tmp_path / "mm"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama4", "architectures": [
+        "Llama4ForConditionalGeneration"], "text_config": text_cfg, "vision_config": {"hidden_size": 8}}))
+    sd = {("language_model.model." + k[len("model."):] if k.startswith("model.") else "language_model." + k): v
+          for k, v in load_file(tmp_path / "text" / "model.safetensors").items()}
+    sd["vision_model.patch_embedding.linear.weight"] = torch.arange(64.0).view(8, 8)
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "t.txt").write_text(TEXT)
+    res = prune(str(d), [str(tmp_path / "t.txt")], tmp_path / "out", PruneOptions(keep=2, seq_len=32, holdout=0))
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "llama4" and cfg["text_config"]["num_local_experts"] == 2
+    assert cfg["vision_config"] == {"hidden_size": 8}
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(out["vision_model.patch_embedding.linear.weight"], sd["vision_model.patch_embedding.linear.weight"])
+    x = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(2))
+    _, whole = moecli_logits(d, x)
+    _, pruned = moecli_logits(tmp_path / "out", x)
+    assert_holds_the_kept_experts(whole, pruned, {int(i): L["kept"] for i, L in res["layers"].items()})
