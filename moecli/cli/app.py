@@ -151,6 +151,14 @@ def train(
                                                 "experts, the rest frozen (ESFT): top-p:P (per MoE layer, the experts "
                                                 "with the largest gate share on DATA up to P in all) or "
                                                 "LAYER:E,E;LAYER:E."),
+    lora: Optional[int] = typer.Option(None, "--lora", help="With --init: train LoRA adapters of this rank, the rest "
+                                       "frozen (learning rate 2e-4 unless --lr)."),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="The adapters' scale is alpha / rank "
+                                               "(default alpha: 2 x rank)."),
+    lora_targets: Optional[str] = typer.Option(None, "--lora-targets", help="Comma-separated: attention, experts, "
+                                               "shared, dense, router (default: all but router)."),
+    base_dtype: str = typer.Option("auto", "--base-dtype", help="With --lora: the frozen base's dtype, float32 | "
+                                   "bfloat16 | auto (bfloat16 under --precision bf16-mixed)."),
     nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes (torch.distributed; gloo on CPU)."),
     expert_parallel: bool = typer.Option(False, "--expert-parallel", help="With --nproc: shard experts over ranks."),
     fsdp: bool = typer.Option(False, "--fsdp", help="With --nproc: shard parameters, gradients and optimizer state "
@@ -181,7 +189,8 @@ def train(
         return train_fn(TrainArgs(recipe_arg, files, output, ov, resume, force, tokenizer, quiet, nproc,
                                   expert_parallel, init=init, val_data=list(val_data or []), jsonl_field=jsonl_field,
                                   epochs=epochs, data_weights=parse_data_weights(data_weights), device=device,
-                                  fsdp=fsdp, train_experts=train_experts, progress=render.TrainProgress))
+                                  fsdp=fsdp, train_experts=train_experts, lora=lora, lora_alpha=lora_alpha,
+                                  lora_targets=lora_targets, base_dtype=base_dtype, progress=render.TrainProgress))
 
     _run(go, as_json and main_rank, render.render_train if main_rank else None)
 

@@ -255,6 +255,10 @@ def render_train(res: dict) -> None:
         ft = res["finetune_defaults"]
         rows.append(("fine-tuning defaults", ", ".join(f"{k} {v:g}" for k, v in ft.items())
                      + " (--init; set with --lr or --set train.FIELD=...)"))
+    if res.get("lora"):  # --lora: the adapters and what they sit on
+        lo = res["lora"]
+        rows.append(("LoRA", f"rank {lo['rank']}, alpha {lo['alpha']:g} on {', '.join(lo['targets'])} "
+                     f"({res['trainable_parameters']:,} parameters; the base frozen in {lo['base_dtype']})"))
     if res.get("train_experts"):  # --train-experts: what trained
         chosen = res["train_experts"]
         rows.append(("trained experts", "; ".join(f"layer {i}: {', '.join(map(str, v))}" for i, v in chosen.items())

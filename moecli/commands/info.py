@@ -21,6 +21,7 @@ from moecli.model.transformer import Transformer, meta_model
 from moecli.model.params import param_counts, parameter_report, recipe_parameter_report
 from moecli.parallel import device
 from moecli.formats.st_stream import LazyTensors
+from moecli.model.lora import ADAPTER_FILE
 
 
 def info(target: str | None) -> dict:
@@ -42,7 +43,7 @@ def info(target: str | None) -> dict:
         ckpt = open_checkpoint(p)
         recipe, cfg, directory = ckpt.recipe, ckpt.config, ckpt.directory
         model = meta_model(recipe)  # shapes only: a checkpoint of any size is described without its weights
-        extra = {k: cfg[k] for k in ("step", "tokens_seen", "source") if k in cfg}
+        extra = {k: cfg[k] for k in ("step", "tokens_seen", "source", "lora", "train_experts") if k in cfg}
         has_weights = not ckpt.is_hf or any(directory.glob("*.safetensors")) or \
             (directory / "model.safetensors.index.json").is_file()
         # a Hugging Face config alone (no weights downloaded) is described too: layout, parameters, memory
@@ -86,6 +87,12 @@ def weights_summary(model: Transformer, ckpt: Checkpoint) -> dict:
     """Files, bytes, tensors and dtypes of a checkpoint's weights, read from the safetensors headers only.
     A moecli checkpoint's tensor names and shapes are checked against its config, as loading it would."""
     moecli, directory = not ckpt.is_hf, ckpt.directory
+    if ckpt.lora is not None:  # a LoRA run holds its adapters alone
+        src = LazyTensors([directory / ADAPTER_FILE])
+        metas = {k: src.meta(k) for k in src.keys()}
+        return {"files": 1, "bytes": src.total_bytes(), "tensors": len(metas), "adapters": True,
+                "dtypes": {dtype_name(d): sum(math.prod(s) for dd, s in metas.values() if dd == d)
+                           for d in {dd for dd, _ in metas.values()}}}
     if moecli and not (directory / MODEL_FILE).is_file():
         raise UserError(f"{directory / MODEL_FILE}: missing")
     src = LazyTensors([directory / MODEL_FILE]) if moecli else LazyTensors.from_dir(directory)

@@ -111,6 +111,8 @@ def prune(checkpoint: str, data: list[str], output: Path | None, o: PruneOptions
     recipe = ckpt.recipe
     if not recipe.moe_layer_indices():
         raise UserError(f"{checkpoint}: has no MoE layers (a dense model); nothing to prune")
+    if ckpt.lora is not None:
+        raise UserError(f"{checkpoint}: a LoRA run (adapters on a base); export it (moe export) and prune that")
     keep = experts_to_keep(recipe, o)
     if output is None:
         raise UserError("-o/--output: required (the directory the pruned model is written to)")
@@ -415,4 +417,3 @@ def _copy_beside(src: Path, dst: Path, files) -> None:
     for f in files:
         if (src / f).is_file():
             shutil.copyfile(src / f, dst / f)
-

@@ -17,6 +17,7 @@ from moecli.errors import UserError
 from moecli.fileio import read_json_object
 from moecli.formats import hf
 from moecli.formats.layerwise import LayerReader, open_stored
+from moecli.model.lora import ADAPTER_FILE, LoRAConfig, add_lora, load_adapters, merge
 from moecli.formats.native import (CONFIG_FILE, FORMAT, MODEL_FILE, VERSION, load_into, load_state_file,
                                    model_to_load)
 from moecli.formats.st_stream import LazyTensors
@@ -75,8 +76,17 @@ class Checkpoint:
         """The stored tensors, read when asked for (layerwise.open_stored)."""
         return open_stored(self.directory, self.hf_config)
 
+    @property
+    def lora(self) -> LoRAConfig | None:
+        """A LoRA run's adapters (config.json "lora": its rank, alpha, targets and base), or None."""
+        d = None if self.is_hf else self.config.get("lora")
+        return None if d is None else LoRAConfig.from_dict(d, str(self.directory / CONFIG_FILE))
+
     def load_model(self, dtype: torch.dtype = torch.float32) -> Transformer:
-        """The whole model with its parameters in ``dtype`` (eval mode), once they are known to fit in memory."""
+        """The whole model with its parameters in ``dtype`` (eval mode), once they are known to fit in memory; a
+        LoRA run's: its base as stored (float32), the adapters merged in, then ``dtype``."""
+        if self.lora is not None:
+            return self._merged_lora(self.lora, dtype)
         model = model_to_load(self.recipe, self.directory, dtype)
         if self.hf_config is None:
             load_into(model, load_state_file(self.directory / MODEL_FILE, dtype), self.directory / MODEL_FILE,
@@ -87,8 +97,22 @@ class Checkpoint:
         model.eval()
         return model
 
+    def _merged_lora(self, cfg: LoRAConfig, dtype: torch.dtype) -> Transformer:
+        base_dir = Path(cfg.base)
+        if not (base_dir / CONFIG_FILE).is_file():
+            raise UserError(f"{self.directory / CONFIG_FILE}: lora.base: {base_dir}: the base model these adapters "
+                            "apply to is not there (moved? give it back, or export the run where it is)")
+        model = open_checkpoint(base_dir).load_model(torch.float32)
+        add_lora(model, cfg, 0)
+        load_adapters(model, load_state_file(self.directory / ADAPTER_FILE), self.directory / ADAPTER_FILE)
+        merge(model)
+        return model.to(dtype).eval()
+
     def reader(self, dtype: torch.dtype = torch.float32, device="cpu") -> LayerReader:
         """The model one piece at a time (layer streaming, CPU only)."""
+        if self.lora is not None:
+            raise UserError(f"{self.directory}: a LoRA run is read whole (its adapters merged into its base), not one "
+                            "layer at a time; export it (moe export) to stream the merged model")
         if str(device) != "cpu":
             raise UserError(f"--device {device}: layer streaming runs on the CPU")
         return LayerReader(self.directory, self.recipe, self.hf_config, dtype)

@@ -16,6 +16,7 @@ each run on one core, forward and backward (``_ThreadedSwiGLU``). See ``use_thre
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -93,6 +94,7 @@ class GroupedExperts(nn.Module):
             self.b3_EF = nn.Parameter(torch.zeros(num_experts, hidden))
             self.b2_ED = nn.Parameter(torch.zeros(num_experts, d_model))
         self.register_buffer("trained_E", None, persistent=False)  # train_only's experts (None: all train)
+        self.lora: ExpertLoRA | None = None  # LoRA on every expert (model/lora.py), added in weights()
 
     def weight_names(self) -> tuple[str, ...]:
         return ("w1_EDF", "w3_EDF", "w2_EFD") + (("b1_EF", "b3_EF", "b2_ED") if self.b1_EF is not None else ())
@@ -117,6 +119,8 @@ class GroupedExperts(nn.Module):
         if self.trained_E is not None:
             ws = tuple(w.index_copy(0, self.trained_E, getattr(self, f"trained_{n}").to(w.dtype))
                        for n, w in zip(self.weight_names(), ws))
+        if self.lora is not None:  # W + A B x scale per expert, in the adapters' dtype (fp32) at least
+            ws = tuple(w + d for w, d in zip(ws, self.lora.deltas())) + ws[3:]
         return ws if len(ws) == 6 else ws + (None, None, None)
 
     def biases(self) -> tuple:
@@ -197,6 +201,26 @@ class GroupedExperts(nn.Module):
             if bias:
                 y_ND = (y_ND + b2_ED.float()[e_N]).to(out)
             return y_ND if w_N is None else y_ND * w_N.to(y_ND.dtype).unsqueeze(-1)
+
+
+class ExpertLoRA(nn.Module):
+    """LoRA on each of E experts, as peft's ``target_parameters`` puts it on fused expert weights: one low-rank pair
+    over the gate and up projections together (D -> 2F) and one over the down projection (F -> D), per expert:
+    delta_e = A_e @ B_e x scale, A (E, in, r) uniform in +-1/sqrt(in) (peft's default for lora_A), B (E, r, out)
+    zeros, so training starts from the base model. r is the rank."""
+
+    def __init__(self, E: int, D: int, F: int, r: int, scale: float, generator: torch.Generator | None = None):
+        super().__init__()
+        self.F, self.scale = F, scale
+        self.gate_up_A_EDr = nn.Parameter((torch.rand(E, D, r, generator=generator) * 2 - 1) / math.sqrt(D))
+        self.gate_up_B_Er2F = nn.Parameter(torch.zeros(E, r, 2 * F))
+        self.down_A_EFr = nn.Parameter((torch.rand(E, F, r, generator=generator) * 2 - 1) / math.sqrt(F))
+        self.down_B_ErD = nn.Parameter(torch.zeros(E, r, D))
+
+    def deltas(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(delta w1_EDF, delta w3_EDF, delta w2_EFD): what the adapters add to the experts' weights."""
+        gu = torch.bmm(self.gate_up_A_EDr, self.gate_up_B_Er2F) * self.scale
+        return gu[..., : self.F], gu[..., self.F:], torch.bmm(self.down_A_EFr, self.down_B_ErD) * self.scale
 
 
 def _merged_state(module: GroupedExperts, state_dict: dict, prefix: str, local_metadata) -> None:

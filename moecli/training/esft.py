@@ -50,7 +50,8 @@ def parse_spec(spec: str, recipe) -> float | dict[int, list[int]]:
         if i in selection:
             raise UserError(f"{where}: layer {i} is named twice")
         if chosen[0] < 0 or chosen[-1] >= E:
-            raise UserError(f"{where}: layer {i}: experts are 0 to {E - 1}, got {chosen[-1] if chosen[-1] >= E else chosen[0]}")
+            bad = chosen[-1] if chosen[-1] >= E else chosen[0]
+            raise UserError(f"{where}: layer {i}: experts are 0 to {E - 1}, got {bad}")
         selection[i] = chosen
     if not selection:
         raise UserError(f"{where}: names no expert")

@@ -41,7 +41,9 @@ class Layout:
     procs: int = 1
     expert_parallel: bool = False
     fsdp: bool = False
-    trainable: int | None = None  # parameters that train (--train-experts); None: all of them
+    trainable: int | None = None  # parameters that train (--train-experts, --lora); None: all of them
+    base_bytes: int = 4  # bytes per frozen parameter (--lora --base-dtype bfloat16: 2)
+    adapters: bool = False  # --lora: the trainable parameters come on top of the frozen ones
 
 
 def _attention_elems(r, i: int) -> int:
@@ -95,8 +97,10 @@ def training_memory(r, layout: Layout = Layout()) -> dict:
     states = int(held * STATE_BYTES)
     copies = merged = 0
     if layout.trainable is not None:  # the rest frozen: weights only, no gradient or AdamW state; each MoE layer's
-        # experts merged with their trained rows once per forward, kept for its backward (GroupedExperts.weights)
-        states = int(held * 4 + layout.trainable * (STATE_BYTES - 4))
+        # experts merged with their trained rows (or adapters) once per forward, kept for its backward
+        # (GroupedExperts.weights)
+        trained = STATE_BYTES if layout.adapters else STATE_BYTES - 4  # adapters: their fp32 weights too
+        states = int(held * layout.base_bytes + layout.trainable * trained)
         merged = int(4 * experts)
     if r.train.precision == "bf16-mixed":
         # the forward's bf16 weights: every layer's until the backward has used them; under FSDP only the
@@ -106,7 +110,8 @@ def training_memory(r, layout: Layout = Layout()) -> dict:
     kept = activation_bytes(r, micro * r.train.seq_len)
     acts = int(kept * (1 + ALLOCATOR_SLACK))
     return {"states": states, "bf16_copies": copies, "merged_experts": merged, "activations": acts,
-            "peak": states + copies + merged + acts, "saved_for_backward": kept, "micro_batch": micro, "tokens_per_micro_batch": micro * r.train.seq_len}
+            "peak": states + copies + merged + acts, "saved_for_backward": kept, "micro_batch": micro,
+            "tokens_per_micro_batch": micro * r.train.seq_len}
 
 
 def proc_status_bytes(field: str) -> int:

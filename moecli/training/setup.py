@@ -21,6 +21,7 @@ from moecli.formats.native import CONFIG_FILE, model_state
 from moecli.formats.checkpoint import open_checkpoint
 from moecli.parallel.device import resolve_device
 from moecli.parallel.launch import launched_world, local_world
+from moecli.model.lora import LORA_LR, LoRAConfig, check_rank, lora_parameters, parse_targets
 from moecli.training import esft
 from moecli.training.memory import Layout, check_training_fits
 from moecli.training.state import find_resume_dir, foreign_entry, read_train_state
@@ -49,6 +50,10 @@ class TrainArgs:
     device: str = "cpu"  # --device: where the model trains (cpu, cuda, cuda:N, auto); one process only off the CPU
     fsdp: bool = False  # --fsdp: shard parameters, gradients and AdamW state over the processes (FSDP2)
     train_experts: str | None = None  # --train-experts SPEC (training/esft.py): only those experts train
+    lora: int | None = None  # --lora R: train low-rank adapters of rank R, the rest frozen (model/lora.py)
+    lora_alpha: float | None = None  # --lora-alpha (None: 2 x R)
+    lora_targets: str | None = None  # --lora-targets (None: attention, experts, shared, dense)
+    base_dtype: str = "auto"  # --base-dtype of the frozen base under --lora: float32 | bfloat16 | auto
     # how the main rank shows its steps: progress(enabled=...) -> a context manager with update(record, total)
     # (the CLI passes its renderer; a module-level class, so --nproc's ranks can be given it)
     progress: Callable | None = None
@@ -79,6 +84,8 @@ class Setup:
     device: torch.device = torch.device("cpu")  # --device, resolved
     finetune: dict | None = None  # --init: the fine-tuning defaults applied (those the command line did not set)
     train_experts: dict[int, list[int]] | None = None  # the experts that train (esft.py); None: everything
+    lora: LoRAConfig | None = None  # --lora: the adapters (and the base they apply to)
+    base_dtype: torch.dtype = torch.float32  # --lora: the frozen base's dtype
 
 
 # --init starts from trained weights: a fine-tune's settings, not a pretraining recipe's (its lr 3e-3 raised an
@@ -113,10 +120,13 @@ def procs(args: TrainArgs) -> int:
 
 
 def train_layout(args: TrainArgs, st: Setup | None = None) -> Layout:
-    trainable = None
+    trainable, base_bytes = None, 4
     if st is not None and st.train_experts is not None:
         trainable = esft.trainable_parameters(st.recipe, st.train_experts)
-    return Layout(procs(args), args.expert_parallel, args.fsdp, trainable)
+    if st is not None and st.lora is not None:
+        trainable, base_bytes = lora_parameters(st.recipe, st.lora), st.base_dtype.itemsize
+    return Layout(procs(args), args.expert_parallel, args.fsdp, trainable, base_bytes,
+                  st is not None and st.lora is not None)
 
 
 def check_batch_split(batch_size: int, world: int, grad_accum: int, what: str = "the number of processes") -> None:
@@ -160,6 +170,8 @@ def _resumed(args: TrainArgs, out: Path | None) -> Setup:
     if args.train_experts:
         raise UserError("--train-experts: a resumed run trains the experts it chose at its start (kept in its "
                         "checkpoint); start a new run (--init) to choose others")
+    if args.lora is not None or args.lora_alpha is not None or args.lora_targets is not None:
+        raise UserError("--lora: a resumed run keeps the adapters it started with (kept in its checkpoint)")
     ckpt = open_checkpoint(find_resume_dir(out))  # its format version checked, as every reader does
     if ckpt.is_hf:
         raise UserError(f"{ckpt.directory / CONFIG_FILE}: a Hugging Face model, not a moecli run's checkpoint; "
@@ -168,6 +180,11 @@ def _resumed(args: TrainArgs, out: Path | None) -> Setup:
     if args.overrides:
         recipe = apply_overrides(recipe, args.overrides, source="command-line overrides")
     st = Setup(recipe, out, ckpt.tokenizer(), ckpt.directory, read_train_state(ckpt.directory))
+    if ckpt.config.get("lora") is not None:  # the adapters train on: their base is read again, whole
+        st.lora = LoRAConfig.from_dict(ckpt.config["lora"], str(ckpt.directory / CONFIG_FILE))
+        base = open_checkpoint(st.lora.base)
+        st.init_dir, st.init_state = base.directory, model_state(base.load_model(torch.float32))
+        st.base_dtype = _base_dtype(args, recipe, ckpt.config.get("base_dtype", "float32"))
     kept = ckpt.config.get("train_experts")
     if kept is not None:
         try:
@@ -186,15 +203,46 @@ def _from_init(args: TrainArgs, out: Path | None) -> Setup:
     init_model, tokenizer = ckpt.model_and_tokenizer(torch.float32)
     recipe, init_state = init_model.recipe, model_state(init_model)
     max_steps = args.overrides.get("train.max_steps", recipe.train.max_steps)
-    finetune = {k: v for k, v in finetune_defaults(max_steps).items() if k not in args.overrides}
+    defaults = finetune_defaults(max_steps) | ({"train.lr": LORA_LR} if args.lora is not None else {})
+    finetune = {k: v for k, v in defaults.items() if k not in args.overrides}
     recipe = apply_overrides(recipe, {**finetune, **args.overrides}, source="command-line overrides")
     out = out or Path("runs") / recipe.name
     if Path(ckpt.directory).resolve() == (out / "checkpoint").resolve():
         raise UserError(f"--init {args.init}: is this run's own checkpoint; use --resume to continue it")
     chosen = _chosen_experts(args, init_model, tokenizer, recipe) if args.train_experts else None
+    lora = _lora(args, init_model, ckpt.directory) if args.lora is not None else None
     del init_model
     return Setup(recipe, out, tokenizer, None, {}, ckpt.directory, init_state, finetune=finetune,
-                 train_experts=chosen)
+                 train_experts=chosen, lora=lora, base_dtype=_base_dtype(args, recipe) if lora else torch.float32)
+
+
+def _lora(args: TrainArgs, model, base: Path) -> LoRAConfig:
+    """--lora R with its alpha and targets, checked against the model --init loaded."""
+    if args.train_experts:
+        raise UserError("--lora with --train-experts: not yet; give one of them")
+    if args.expert_parallel or args.fsdp:
+        raise UserError(f"--lora: not with {'--expert-parallel' if args.expert_parallel else '--fsdp'} (the frozen "
+                        "base is held by every process; use --nproc alone)")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        raise UserError(f"--lora-alpha: must be > 0, got {args.lora_alpha}")
+    cfg = LoRAConfig(args.lora, args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora,
+                     parse_targets(args.lora_targets), str(Path(base).resolve()))
+    check_rank(model, cfg)
+    return cfg
+
+
+def _base_dtype(args: TrainArgs, recipe: Recipe, default: str | None = None) -> torch.dtype:
+    """--base-dtype: the frozen base's dtype under --lora; auto: bfloat16 under bf16-mixed (it halves the base's
+    memory and autocast computes in bf16 anyway), float32 under fp32."""
+    name = args.base_dtype if args.base_dtype != "auto" or default is None else default
+    if name == "auto":
+        name = "bfloat16" if recipe.train.precision == "bf16-mixed" else "float32"
+    if name not in ("float32", "bfloat16"):
+        raise UserError(f"--base-dtype: one of float32, bfloat16, auto; got {name!r}")
+    if name == "bfloat16" and recipe.train.precision != "bf16-mixed":
+        raise UserError("--base-dtype bfloat16: needs --precision bf16-mixed (an fp32 step cannot multiply bf16 "
+                        "weights)")
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
 
 
 def _chosen_experts(args: TrainArgs, model, tokenizer, recipe: Recipe) -> dict[int, list[int]]:
@@ -221,6 +269,8 @@ def _from_recipe(args: TrainArgs, out: Path | None) -> Setup:
         raise UserError("RECIPE: missing (a recipe file or bundled name, e.g. `moe train mixtral`)")
     if args.train_experts:
         raise UserError("--train-experts: fine-tunes the experts of a trained model; start from it with --init")
+    if args.lora is not None:
+        raise UserError("--lora: fine-tunes a trained model through adapters; start from it with --init")
     if isinstance(args.recipe, str):
         check_recipe_source(args)
     recipe = args.recipe if isinstance(args.recipe, Recipe) else prepare_recipe(args.recipe, args.overrides)

@@ -23,7 +23,9 @@ import torch
 from moecli.errors import UserError
 from moecli.fileio import atomic_dir, atomic_write_json, atomic_write_text, metrics_upto, read_json_object, \
     save_safetensors
-from moecli.formats.native import CONFIG_FILE, check_values, load_state_file, model_state, save_checkpoint
+from moecli.formats.native import (CONFIG_FILE, FORMAT, VERSION, check_values, dtype_name, load_state_file,
+                                   model_state, save_checkpoint)
+from moecli.model.lora import ADAPTER_FILE, LoRAConfig, adapter_state
 from moecli.parallel.collectives import barrier
 from moecli.parallel.data_parallel import full_tensor, is_dtensor, shard_like
 from moecli.parallel.expert_parallel import expert_params, gather_experts
@@ -48,9 +50,10 @@ def _full_model_state(model, info: DistInfo) -> dict:
     return {k: v for k, v in sd.items() if v is not None}
 
 
-def _full_state(model, opt, info: DistInfo) -> tuple[dict, dict]:
-    """Model state and flat optimizer state, whole (gathered from every rank under EP and FSDP)."""
-    sd = _full_model_state(model, info)
+def _full_state(model, opt, info: DistInfo, with_model: bool = True) -> tuple[dict, dict]:
+    """Model state (unless not ``with_model``: a LoRA run saves its adapters alone) and flat optimizer state, whole
+    (gathered from every rank under EP and FSDP)."""
+    sd = _full_model_state(model, info) if with_model else {}
     state = opt.state_dict()
     own = _expert_indices(model, opt) if info.expert_parallel and info.world > 1 else set()
     tensors = {}
@@ -68,17 +71,29 @@ def _expert_indices(model, opt) -> set[int]:
     return {i for i, p in enumerate(order) if id(p) in experts}
 
 
+def lora_extra(lora: LoRAConfig | None, base_dtype: torch.dtype) -> dict:
+    """What config.json says of a LoRA run's adapters (none without --lora)."""
+    return {"lora": lora.to_dict(), "base_dtype": dtype_name(base_dtype)} if lora is not None else {}
+
+
 def _save_model(tmp: Path, model, sd: dict, extra: dict, tokenizer) -> None:
-    """config.json (with extra and the tokenizer's config), model.safetensors and tokenizer.json into tmp."""
-    save_checkpoint(model, tmp, {**extra, "tokenizer": tokenizer.to_config()}, state=sd)
+    """config.json (with extra and the tokenizer's config), model.safetensors and tokenizer.json into tmp; with
+    extra's "lora", the adapters alone in adapter.safetensors instead of the model (its base is named there)."""
+    if "lora" in extra:
+        save_safetensors(adapter_state(model), tmp / ADAPTER_FILE, metadata={"format": "pt"})
+        config = {"format": FORMAT, "version": VERSION, "recipe": model.recipe.to_dict(), **extra,
+                  "tokenizer": tokenizer.to_config()}
+        atomic_write_json(tmp / CONFIG_FILE, config)
+    else:
+        save_checkpoint(model, tmp, {**extra, "tokenizer": tokenizer.to_config()}, state=sd)
     if tokenizer.kind == "hf":
         shutil.copyfile(tokenizer.path, tmp / "tokenizer.json")
 
 
 def save_best(out: Path, model, tokenizer, info: DistInfo, position: dict) -> None:
-    """OUT/best (train.keep_best): the model alone, with ``position`` (its step, tokens seen, data and
-    validation loss) in config.json."""
-    sd = _full_model_state(model, info)
+    """OUT/best (train.keep_best): the model alone (a LoRA run's adapters alone: ``position``'s lora), with
+    ``position`` (its step, tokens seen, data and validation loss) in config.json."""
+    sd = {} if "lora" in position else _full_model_state(model, info)
     if info.is_main:
         with atomic_dir(out / "best", overwrite=True) as tmp:
             _save_model(tmp, model, sd, position, tokenizer)
@@ -98,13 +113,15 @@ def save_train_checkpoint(out: Path, model, opt, tokenizer, info: DistInfo, trai
     data_weights where given, and early_stop: the lowest validation loss so far and the passes since, so --resume
     counts on: ``signals.EarlyStop``) with the optimizer's param_groups."""
     target = out / "checkpoint"
-    sd, ostate = _full_state(model, opt, info)  # every rank takes part in the gathers
+    sd, ostate = _full_state(model, opt, info, with_model="lora" not in train_state or not train_state["lora"])
     if info.is_main:
         with atomic_dir(target, overwrite=True) as tmp:
             chosen = train_state.get("train_experts")  # --train-experts: taken up again by --resume
             _save_model(tmp, model, sd, {"step": train_state["step"], "tokens_seen": train_state["tokens_seen"],
                                          **({"train_experts": {str(i): v for i, v in chosen.items()}}
-                                            if chosen else {})}, tokenizer)
+                                            if chosen else {}),
+                                         **lora_extra(train_state.get("lora"), train_state.get("base_dtype"))},
+                        tokenizer)
             save_safetensors(ostate["tensors"], tmp / "optimizer.safetensors")
             weights = train_state.get("data_weights")
             atomic_write_json(tmp / "train_state.json", {

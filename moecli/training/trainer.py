@@ -22,7 +22,7 @@ import torch
 from moecli.config import SEED_STRIDE
 from moecli.data.tokens import eval_windows, sample_mixed
 from moecli.errors import Interrupted, RunFailed, UserError
-from moecli.formats.native import load_into, load_state_file
+from moecli.formats.native import dtype_name, load_into, load_state_file
 from moecli.model.transformer import autocast, build_model
 from moecli.parallel.collectives import all_gather_int, all_mean, all_sum_, barrier
 from moecli.parallel.data_parallel import replicate_model, shard_model, state_bytes
@@ -33,9 +33,10 @@ from moecli.training.memory import current_rss, describe, lean_mode, peak_rss, t
 from moecli.training.metrics import RoutingWindow, add_routing_health, routing_record, routing_summary
 from moecli.training.optim import KeptGradients, clip_gradients, create_optimizer_state, lr_at, make_optimizer
 from moecli.training.setup import TrainArgs, check_batch_split, run_tokens, setup, train_layout
+from moecli.model.lora import ADAPTER_FILE, add_lora, load_adapters
 from moecli.training import esft
 from moecli.training.signals import EarlyStop, StopSignals
-from moecli.training.state import (best_val_loss, load_optimizer_state, save_best, save_train_checkpoint,
+from moecli.training.state import (best_val_loss, lora_extra, load_optimizer_state, save_best, save_train_checkpoint,
                                    trim_metrics)
 from moecli.training.validation import validate
 
@@ -182,7 +183,7 @@ class Trainer:
             self.best = self.val_loss
             save_best(self.out, self.model, self.tokenizer, info, {
                 "step": step, "tokens_seen": self.tokens_seen, "val_loss": self.val_loss,
-                "data": self.data.fingerprint})
+                "data": self.data.fingerprint, **lora_extra(self.st.lora, self.st.base_dtype)})
             rec["best"] = True
         if self.window.layers:  # the routing since the last validation pass
             self.routing = self.window.report()
@@ -194,7 +195,8 @@ class Trainer:
         data = self.data
         self.last_ckpt = save_train_checkpoint(self.out, self.model, self.opt, self.tokenizer, self.info, {
             "step": step, "tokens_seen": self.tokens_seen, "data": data.fingerprint, "early_stop": self.early.state(),
-            "data_weights": data.weights if data.sources else None, "train_experts": self.st.train_experts})
+            "data_weights": data.weights if data.sources else None, "train_experts": self.st.train_experts,
+            "lora": self.st.lora, "base_dtype": self.st.base_dtype})
         self.last_ckpt_step = step
         rec["checkpoint"] = str(self.last_ckpt)
 
@@ -262,8 +264,15 @@ class Trainer:
         if st.init_dir is not None:  # weights only: a new run (fresh optimizer, step 0)
             load_into(model, st.init_state, st.init_dir)
             st.init_state = None  # copied: its file's mapped pages (counted in RSS) go
-        if self.args.resume:
+        if self.args.resume and st.lora is None:
             load_into(model, load_state_file(st.ckpt_dir / "model.safetensors"), st.ckpt_dir / "model.safetensors")
+        if st.lora is not None:  # --lora: adapters on the frozen base (held in --base-dtype)
+            add_lora(model, st.lora, self.t.seed)
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(st.base_dtype)
+            if self.args.resume:
+                load_adapters(model, load_state_file(st.ckpt_dir / ADAPTER_FILE), st.ckpt_dir / ADAPTER_FILE)
         if st.train_experts is not None:  # --train-experts: the rest frozen, before the optimizer sees it
             esft.train_only(model, st.train_experts)
         device = st.device
@@ -331,6 +340,8 @@ class Trainer:
             "train_experts": ({str(i): v for i, v in st.train_experts.items()}
                               if st.train_experts is not None else None),
             "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            "lora": ({**st.lora.to_dict(), "base_dtype": dtype_name(st.base_dtype)} if st.lora is not None
+                     else None),
             "final_step": rec["step"] if self.stopped else t.max_steps, "tokens_seen": self.tokens_seen,
             # passes' worth of the training tokens seen (--epochs): windows are drawn at random
             "epochs": self.tokens_seen / max(1, data.n_train),
