@@ -333,10 +333,17 @@ def export(
                                                    "deepseek_v2 | gpt_oss | llama4_text | llama | qwen3 | qwen2"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
     shard_size_mb: float = typer.Option(2000.0, "--shard-size-mb", help="Largest weights file; more: an index."),
+    adapter: bool = typer.Option(False, "--adapter", help="A LoRA run: write its adapters as a PEFT adapter "
+                                 "directory for its base, not the merged model."),
     force: bool = FORCE_OPT,
     as_json: bool = JSON_OPT,
 ):
     """Write a checkpoint as a Hugging Face model directory (transformers loads it); checked on a probe."""
+    if adapter:
+        from moecli.commands.adapter import export_adapter
+
+        _run(lambda: export_adapter(checkpoint, output, force), as_json, render.render_adapter)
+        return
     from moecli.commands.export import export as export_fn
 
     _run(lambda: export_fn(checkpoint, output, fmt, dtype, force, shard_size_mb), as_json, render.render_export)

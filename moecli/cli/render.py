@@ -295,6 +295,14 @@ def render_eval(res: dict) -> None:
         out.print(t)
 
 
+def render_adapter(res: dict) -> None:
+    base = (f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({res['base']!r}), {res['output']!r})"
+            if res["base_is_hf"] else f"the {res['family']} export of {res['base']} (moe export), then PeftModel")
+    out.print(f"wrote a PEFT LoRA adapter (rank {res['rank']}, alpha {res['alpha']:g}; {res['target_modules']} "
+              f"modules" + (f", experts through {', '.join(res['target_parameters'])}" if res["target_parameters"]
+                           else "") + f") to {escape(res['output'])}; load it with {escape(base)}", highlight=False)
+
+
 def render_prune(res: dict) -> None:
     cal = res["calibration"]
     where = (f"scores from {escape(cal['scores'])}" if "scores" in cal else
