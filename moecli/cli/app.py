@@ -23,6 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable result on stdout.")
@@ -439,13 +440,18 @@ def info(
     _run(lambda: info_fn(target), as_json, render.render_info)
 
 
-@app.callback()
-def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
-    if version:
+def _print_version(value: bool) -> None:
+    if value:  # eager: before click asks for a command
         from moecli import __version__
 
-        print(__version__)
+        print(f"moecli {__version__}")
         raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                       callback=_print_version)):
+    pass
 
 
 def _is(e: BaseException, name: str) -> bool:

@@ -136,6 +136,13 @@ def test_no_arguments_prints_the_help_and_help_exits_0(cli):
     assert r.returncode == 2 and "Usage" in r.stdout and "train" in r.stdout
     h = cli("train", "--help")
     assert h.returncode == 0 and "--val-data" in h.stdout and h.stderr == ""
+    short = cli("train", "-h")
+    assert short.returncode == 0 and short.stdout == h.stdout
+    assert cli("-h").returncode == 0 and "inspect-routing" in cli("-h").stdout
+    from moecli import __version__
+
+    v = cli("--version")
+    assert v.returncode == 0 and v.stdout == f"moecli {__version__}\n" and v.stderr == ""
 
 
 @pytest.mark.parametrize("args", [["info"], ["info", "--json"], ["generate", "{ckpt}", "-p", "hi", "-n", "300"],
