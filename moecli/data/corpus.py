@@ -1,12 +1,17 @@
 """Where text comes from: DATA arguments (files, globs, directories, pipes, stdin) expanded into sources, each
 read in chunks or as a .jsonl file's documents, and the embedded default corpus (the Python standard library's own
-source, on every machine that runs moecli)."""
+source, on every machine that runs moecli). A file ending in .gz, .bz2 or .xz (the standard library's codecs) or
+.zst (the zstandard package, an optional extra) is read decompressed, as it streams: x.jsonl.gz is JSON Lines."""
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import glob
+import gzip
+import io
 import json
+import lzma
 import sys
 import sysconfig
 from pathlib import Path
@@ -64,6 +69,38 @@ def expand_data_args(args: list[str]) -> list[str | Path]:
     return out
 
 
+COMPRESSED = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstandard"}
+
+
+def compression(src) -> str | None:
+    """The codec a source's name says it is compressed with (None: plain)."""
+    return None if src == "-" else COMPRESSED.get(Path(src).suffix.lower())
+
+
+def open_binary(src: str | Path):
+    """A file opened for reading its (decompressed) bytes."""
+    codec = compression(src)
+    if codec == "gzip":
+        return gzip.open(src, "rb")
+    if codec == "bzip2":
+        return bz2.open(src, "rb")
+    if codec == "xz":
+        return lzma.open(src, "rb")
+    if codec == "zstandard":
+        try:
+            import zstandard
+        except ImportError:
+            raise UserError(f"{src}: a .zst file needs the zstandard package: pip install zstandard") from None
+        return zstandard.ZstdDecompressor().stream_reader(open(src, "rb"), closefd=True)
+    return open(src, "rb")
+
+
+def _bad_stream(src, e: Exception) -> UserError:
+    if isinstance(e, OSError) and e.strerror:
+        return UserError(f"{src}: cannot read: {e.strerror}")
+    return UserError(f"{src}: not a readable {compression(src) or 'text'} file ({e or type(e).__name__})")
+
+
 def read_chunks(src: str | Path):
     if src == "-":
         stream = sys.stdin.buffer
@@ -71,11 +108,13 @@ def read_chunks(src: str | Path):
             yield chunk
         return
     try:
-        with open(src, "rb") as f:
+        with open_binary(src) as f:
             while chunk := f.read(CHUNK):
                 yield chunk
-    except OSError as e:
-        raise UserError(f"{src}: cannot read: {e.strerror}") from None
+    except UserError:
+        raise
+    except (OSError, EOFError, lzma.LZMAError, ValueError) as e:
+        raise _bad_stream(src, e) from None
 
 
 def text_pieces(src, jsonl_field: str = JSONL_FIELD):
@@ -91,7 +130,11 @@ def text_pieces(src, jsonl_field: str = JSONL_FIELD):
 
 
 def is_jsonl(src) -> bool:
-    return src != "-" and Path(src).suffix.lower() == ".jsonl"
+    """A .jsonl file, compressed or not (x.jsonl.gz)."""
+    if src == "-":
+        return False
+    p = Path(src)
+    return (p.with_suffix("") if compression(p) else p).suffix.lower() == ".jsonl"
 
 
 def jsonl_texts(src, field: str = JSONL_FIELD):
@@ -104,7 +147,7 @@ def jsonl_docs(src, field: str = JSONL_FIELD):
     """The `field` string of each line of a .jsonl file; blank lines are skipped, and a line that is not a
     JSON object with that string is bad input naming the file and line."""
     try:
-        with open(src, encoding="utf-8", errors="replace") as f:
+        with io.TextIOWrapper(open_binary(src), encoding="utf-8", errors="replace") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -125,5 +168,7 @@ def jsonl_docs(src, field: str = JSONL_FIELD):
                         if doc else ""
                     raise UserError(f"{src}:{n}: no \"{field}\" string field in this line's JSON object{keys}")
                 yield text
-    except OSError as e:
-        raise UserError(f"{src}: cannot read: {e.strerror}") from None
+    except UserError:
+        raise
+    except (OSError, EOFError, lzma.LZMAError, ValueError) as e:
+        raise _bad_stream(src, e) from None

@@ -269,3 +269,32 @@ def test_a_pipe_is_data_read_once(tmp_path, tiny_recipe, cli):
     assert piped.returncode == 0, piped.stderr
     from_file = cli("eval", ckpt, tmp_path / "c.txt", "--json")
     assert json.loads(piped.stdout)["loss"] == json.loads(from_file.stdout)["loss"]
+
+
+def test_compressed_text_reads_as_the_plain_text(tmp_path):
+    """.gz, .bz2 and .xz sources (and .jsonl.gz as JSON Lines) give the plain file's tokens; a damaged one is one
+    line naming it; .zst without the zstandard package names the install that fixes it."""
+    import bz2
+    import gzip
+    import lzma
+
+    from moecli.data.corpus import text_pieces
+    from moecli.errors import UserError
+
+    text = "".join(f"compressed line {i} \u00e9\u4e2d\n" for i in range(3000))
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    for name, codec in (("a.txt.gz", gzip), ("a.txt.bz2", bz2), ("a.txt.xz", lzma)):
+        (tmp_path / name).write_bytes(codec.compress(text.encode()))
+        assert "".join(text_pieces(tmp_path / name)) == text, name
+    docs = "".join(json.dumps({"text": t}) + "\n" for t in ("first doc", "second doc"))
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(docs.encode()))
+    assert "".join(text_pieces(tmp_path / "d.jsonl.gz")) == "first doc\nsecond doc"
+    (tmp_path / "bad.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match="bad.gz: not a readable gzip file"):
+        "".join(text_pieces(tmp_path / "bad.gz"))
+    try:
+        import zstandard  # noqa: F401
+    except ImportError:
+        (tmp_path / "a.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+        with pytest.raises(UserError, match="pip install zstandard"):
+            "".join(text_pieces(tmp_path / "a.zst"))
