@@ -265,6 +265,8 @@ def render_train(res: dict) -> None:
                      + f" ({res['trainable_parameters']:,} parameters; the rest frozen)"))
     if res.get("stopped_early"):
         rows.append(("stopped early", early_stop_text(res["stopped_early"])))
+    for note in res.get("notes") or []:  # --resume: nothing left to train, a changed schedule
+        rows.append(("note", escape(note)))
     if res.get("best"):
         rows.append(("best model", f"{res['best']['checkpoint']} (val loss {res['best']['val_loss']:.4f})"))
     if res.get("routing"):

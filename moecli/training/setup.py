@@ -86,6 +86,7 @@ class Setup:
     train_experts: dict[int, list[int]] | None = None  # the experts that train (esft.py); None: everything
     lora: LoRAConfig | None = None  # --lora: the adapters (and the base they apply to)
     base_dtype: torch.dtype = torch.float32  # --lora: the frozen base's dtype
+    resumed_train: object | None = None  # --resume: the run's train section as its checkpoint holds it
 
 
 # --init starts from trained weights: a fine-tune's settings, not a pretraining recipe's (its lr 3e-3 raised an
@@ -180,6 +181,7 @@ def _resumed(args: TrainArgs, out: Path | None) -> Setup:
     if args.overrides:
         recipe = apply_overrides(recipe, args.overrides, source="command-line overrides")
     st = Setup(recipe, out, ckpt.tokenizer(), ckpt.directory, read_train_state(ckpt.directory))
+    st.resumed_train = ckpt.recipe.train
     if ckpt.config.get("lora") is not None:  # the adapters train on: their base is read again, whole
         st.lora = LoRAConfig.from_dict(ckpt.config["lora"], str(ckpt.directory / CONFIG_FILE))
         base = open_checkpoint(st.lora.base)

@@ -10,12 +10,14 @@ an uninterrupted run does (on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,6 +43,23 @@ from moecli.training.state import (best_val_loss, lora_extra, load_optimizer_sta
 from moecli.training.validation import validate
 
 
+@contextlib.contextmanager
+def made_for_the_run(out: Path | None):
+    """Make the run directory (None: another rank makes it); if it was not there before and what follows fails (a
+    missing data file, a bad tokenizer), remove it again: a failed start leaves nothing behind."""
+    if out is None:
+        yield
+        return
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
 def train(args: TrainArgs) -> dict:
     """Run training; returns a summary dict. Under --nproc this process tokenises the data once and starts the
     ranks; under torchrun each process is a rank."""
@@ -48,8 +67,8 @@ def train(args: TrainArgs) -> dict:
         return rank_main(args)
     if args.nproc > 1 and not current().world > 1:
         st = setup(args)  # validate and tokenise once, here, before starting the ranks
-        st.out.mkdir(parents=True, exist_ok=True)
-        data = run_tokens(args, st)
+        with made_for_the_run(st.out):
+            data = run_tokens(args, st)
         rank_args = dataclasses.replace(args, data=[], val_data=[], data_fingerprint=data.fingerprint, output=st.out,
                                         recipe=st.recipe if args.recipe is not None else None,
                                         # chosen once, here: the ranks take the list
@@ -219,8 +238,8 @@ class Trainer:
         if self.lean:  # large freed tensors back to the system at once, gradients freed each step (device.py)
             return_freed_memory()
         check_batch_split(t.batch_size, info.world, t.grad_accum)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.data = self.load_data()
+        with made_for_the_run(self.out if info.is_main else None):
+            self.data = self.load_data()
         self.rss_at_start = current_rss()  # before the model: what the estimate adds to
         if info.is_main and not args.quiet:
             lean_note = ("; close to the memory available, so gradients are freed each step (lower peak, slower)"
@@ -232,6 +251,10 @@ class Trainer:
         self.model = self.place_model()
         self.opt = make_optimizer(self.model, t)
         self.resume_or_start()
+        self.notes = self.resume_notes()
+        if info.is_main and not args.quiet:
+            for note in self.notes:
+                print(f"note: {note}", file=sys.stderr, flush=True)
         for g in self.opt.param_groups:  # resumed runs may extend max_steps / change lr
             g["betas"] = (t.beta1, t.beta2)
         self.kept = None if self.lean or (info.fsdp and info.world > 1) else KeptGradients(self.model)
@@ -290,6 +313,24 @@ class Trainer:
             moe.dp_world = info.world
         self.device = device
         return model
+
+    def resume_notes(self) -> list[str]:
+        """What a --resume changes or leaves to do, said: nothing left to train; a learning-rate schedule that the
+        new train.max_steps (or lr, warmup, schedule) makes differ from the one the run started on."""
+        old, t, s = self.st.resumed_train, self.t, self.start_step
+        if old is None:
+            return []
+        notes = []
+        if s >= t.max_steps:
+            notes.append(f"the checkpoint is at step {s}, train.max_steps is {t.max_steps}: nothing to train (give "
+                         f"--max-steps above {s} to continue)")
+        elif any(getattr(old, k) != getattr(t, k) for k in ("max_steps", "lr", "warmup_steps", "lr_schedule",
+                                                             "min_lr_ratio", "decay_fraction")):
+            last, now = lr_at(max(0, s - 1), old), lr_at(s, t)
+            notes.append(f"the learning-rate schedule is recomputed: {t.lr_schedule} over {t.max_steps} steps, lr "
+                         f"{t.lr:g} (the run so far: {old.lr_schedule} over {old.max_steps} steps, lr {old.lr:g}); step "
+                         f"{s} trained at lr {last:.3g}, step {s + 1} trains at {now:.3g}")
+        return notes
 
     def resume_or_start(self) -> None:
         """A resumed run's optimizer state, step, tokens seen and early-stopping count (its metrics cut back to the
@@ -356,6 +397,8 @@ class Trainer:
             "best": ({"checkpoint": str(self.out / "best"), "val_loss": self.best}
                      if t.keep_best and math.isfinite(self.best) else None),
             "routing": routing_summary(self.routing),
+            "notes": self.notes or None,
+            "nothing_trained": self.start_step >= t.max_steps,
         }
 
 

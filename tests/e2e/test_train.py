@@ -925,3 +925,27 @@ def test_rms_norm_keeps_less_for_its_backward_and_gives_autograds_gradients():
     assert torch.allclose(gx, rx, rtol=1e-5, atol=1e-6) and torch.allclose(gw, rw, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert torch.equal(norm(x), y_ref)
+
+
+def test_a_failed_start_leaves_nothing_and_a_resume_says_what_it_changes(tmp_path, corpus, tiny_recipe):
+    """A run that fails before training (a bad line of a .jsonl file) removes the directory it made (one that was
+    there stays); a resume with nothing left to train says so; one that stretches the schedule says how."""
+    from moecli.errors import UserError
+
+    recipe = str(tiny_recipe())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(UserError, match="bad.jsonl:2: not JSON"):
+        train(TrainArgs(recipe, [str(bad)], tmp_path / "new", {}, quiet=True))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(UserError):
+        train(TrainArgs(recipe, [str(bad)], tmp_path / "kept", {}, quiet=True))
+    assert (tmp_path / "kept").is_dir()
+    run = tmp_path / "run"
+    train(TrainArgs(recipe, [str(corpus)], run, {"train.max_steps": 4}, quiet=True))
+    again = train(TrainArgs(None, [], run, {}, resume=True, quiet=True))
+    assert again["nothing_trained"] and "nothing to train" in again["notes"][0]
+    longer = train(TrainArgs(None, [], run, {"train.max_steps": 6}, resume=True, quiet=True))
+    assert not longer["nothing_trained"] and "schedule is recomputed: cosine over 6 steps" in longer["notes"][0]
+    assert train(TrainArgs(None, [], run, {"train.max_steps": 8}, resume=True, quiet=True))["final_step"] == 8
