@@ -127,7 +127,7 @@ def atomic_dir(target: Path, overwrite: bool = False):
     target = Path(target)
     check_output(target, directory=True)
     full = target.resolve()  # "." and ".." have no name of their own to make a temporary name from
-    filled = target.exists() and any(target.iterdir())
+    filled = target.exists() and any(e.name != LOCK_NAME for e in target.iterdir())  # output_lock's own file
     if filled and not overwrite:
         raise UserError(f"{target}: output directory exists and is not empty (choose another -o, or pass --force)")
     if filled and Path.cwd().resolve().is_relative_to(full):
@@ -187,3 +187,56 @@ def read_exact(fd: int, view: memoryview, offset: int) -> bool:
             return False
         done += got
     return True
+
+
+LOCK_NAME = ".moe.lock"  # the lock of an output that holds the working directory (-o .)
+
+
+def lock_path(target: Path) -> Path:
+    """Where the lock of an output lives: beside it (.NAME.lock), or inside it when it is or holds the working
+    directory (whose parent is not the user's to write in)."""
+    full = Path(target).resolve()
+    if Path.cwd().resolve().is_relative_to(full):
+        return full / LOCK_NAME
+    return full.parent / f".{full.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(target: Path):
+    """Hold the advisory lock (flock) of an output for the writer's life: a second writer is refused in one line
+    naming the holder's pid; the kernel lets go of a dead process's lock, so the next writer takes it over. The lock
+    file is removed when the writer is done."""
+    import fcntl
+
+    check_output(Path(target), directory=True)  # a file in the way, a place this process cannot write in
+    path = lock_path(target)
+    for _ in range(10):  # the file may be removed by the holder between our open and our lock: open it again
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"{target}: cannot write there ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(f"{target}: another moe process (pid {holder}) is writing there; wait for it to end, "
+                            "or choose another -o") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:
+        raise UserError(f"{path}: could not take the output's lock (it keeps being replaced)")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)

@@ -21,7 +21,7 @@ import torch
 
 from moecli.commands.export import pick_format
 from moecli.errors import UserError
-from moecli.fileio import atomic_dir, atomic_write_json, save_safetensors
+from moecli.fileio import atomic_dir, output_lock, atomic_write_json, save_safetensors
 from moecli.formats import hf
 from moecli.formats.checkpoint import open_checkpoint
 from moecli.formats.families import FAMILIES
@@ -72,7 +72,7 @@ def export_adapter(checkpoint: str, output: Path, force: bool = False) -> dict:
               "use_dora": False, "init_lora_weights": True, "inference_mode": True, "rank_pattern": {},
               "alpha_pattern": {}, "modules_to_save": None,
               "base_model_name_or_path": str(base.directory) if base.is_hf else None}
-    with atomic_dir(output, overwrite=force) as tmp:
+    with output_lock(Path(output)), atomic_dir(output, overwrite=force) as tmp:
         save_safetensors(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         atomic_write_json(tmp / "adapter_config.json", config)
     return {"source": str(ckpt.directory), "output": str(output), "format": "peft", "family": mt,

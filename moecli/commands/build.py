@@ -7,7 +7,7 @@ from pathlib import Path
 from moecli.formats.native import save_checkpoint
 from moecli.config import prepare_recipe
 from moecli.parallel.device import check_fits
-from moecli.fileio import atomic_dir
+from moecli.fileio import atomic_dir, output_lock
 from moecli.model.transformer import build_model
 from moecli.model.params import param_counts, parameter_report, recipe_parameter_report
 
@@ -23,7 +23,7 @@ def build(recipe_arg: str, output: Path | None, overrides: dict | None = None, f
                    "without -o, moe build reports the parameters without allocating them")
         model = build_model(recipe)
         report = parameter_report(model)
-        with atomic_dir(Path(output), overwrite=force) as tmp:
+        with output_lock(Path(output)), atomic_dir(Path(output), overwrite=force) as tmp:
             save_checkpoint(model, tmp, {"params": {k: v for k, v in report.items() if k != "layers"}})
     return {
         "recipe": recipe.name,

@@ -18,7 +18,7 @@ from moecli.formats.checkpoint import load_checkpoint, open_checkpoint
 from moecli.formats.native import model_state
 from moecli.config import Recipe
 from moecli.errors import UserError
-from moecli.fileio import atomic_dir, atomic_write_json, save_safetensors
+from moecli.fileio import atomic_dir, output_lock, atomic_write_json, save_safetensors
 from moecli.formats.families import DENSE_WRITABLE, FAMILIES, MOE_WRITABLE
 from moecli.formats.families.features import beyond
 from moecli.formats.st_stream import assign_shards
@@ -130,7 +130,7 @@ def export(checkpoint: str, output: Path, fmt: str = "auto", dtype: str = "float
     names = list(tensors)
     sizes = [t.numel() * t.element_size() for t in tensors.values()]
     shards = assign_shards(names, sizes, int(shard_size_mb * 2**20))
-    with atomic_dir(output, overwrite=force) as tmp:
+    with output_lock(Path(output)), atomic_dir(output, overwrite=force) as tmp:
         weight_map = {}
         for k, shard in enumerate(shards):
             fname = shard_file_name(k, len(shards))

@@ -30,7 +30,7 @@ from moecli.config import recipe_from_dict
 from moecli.data.corpus import JSONL_FIELD
 from moecli.data.tokens import default_batch, default_window, eval_windows, read_tokens
 from moecli.errors import RunFailed, UserError, check_at_least
-from moecli.fileio import atomic_dir, atomic_write_json, read_json_object
+from moecli.fileio import atomic_dir, output_lock, atomic_write_json, read_json_object
 from moecli.formats import hf
 from moecli.formats.checkpoint import Checkpoint, open_checkpoint, open_to_run
 from moecli.formats.families import CONTAINERS, FAMILIES
@@ -146,7 +146,7 @@ def prune(checkpoint: str, data: list[str], output: Path | None, o: PruneOptions
             res["loss_before"] = heldout_loss(model, bool(streamed), tail, seq_len, batch, Path(scratch))
         del model
         kept = select(sal, o.method, keep, recipe.moe.n_groups, o.seed)
-        with atomic_dir(output, overwrite=o.force) as tmp:
+        with output_lock(Path(output)), atomic_dir(output, overwrite=o.force) as tmp:
             write_pruned(ckpt, tmp, kept, {"method": o.method, "seed": o.seed})
             write_scores(tmp / SCORES_FILE, ckpt, fp, sal, kept, o, seq_len)
             pruned = open_checkpoint(tmp)

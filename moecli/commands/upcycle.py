@@ -42,7 +42,7 @@ from moecli.config import SEED_STRIDE, FieldError, Recipe, read_yaml, recipe_fro
 from moecli.formats.checkpoint import load_with_tokenizer, open_checkpoint
 from moecli.formats.native import CONFIG_FILE, FORMAT, MODEL_FILE, VERSION, dtype_name, model_state
 from moecli.errors import RunFailed, UserError
-from moecli.fileio import atomic_dir, atomic_write_json
+from moecli.fileio import atomic_dir, output_lock, atomic_write_json
 from moecli.formats.families import FAMILIES
 from moecli.formats.hf import (TOKENIZER_FILES, check_writable, expert_names, hf_config_for, plain_name_map,
                                shard_file_name, write_shard_index)
@@ -512,7 +512,7 @@ def upcycle(source: str, output: Path | None, o: UpcycleOptions, dry_run: bool =
         raise UserError(f"{output}: must not be the input checkpoint or inside it")
     prod = Producer(p.src, p.recipe, o, make_router_rows(p.src, p.recipe, o), p.experts)
     t0 = time.perf_counter()
-    with atomic_dir(output, overwrite=force) as tmp:
+    with output_lock(Path(output)), atomic_dir(output, overwrite=force) as tmp:
         write(p, prod, o, tmp, progress)
         result["seconds"] = time.perf_counter() - t0
         if verify:

@@ -36,6 +36,7 @@ from moecli.training.metrics import RoutingWindow, add_routing_health, routing_r
 from moecli.training.optim import KeptGradients, clip_gradients, create_optimizer_state, lr_at, make_optimizer
 from moecli.training.setup import TrainArgs, check_batch_split, run_tokens, setup, train_layout
 from moecli.model.lora import ADAPTER_FILE, add_lora, load_adapters
+from moecli.fileio import output_lock
 from moecli.training import esft
 from moecli.training.signals import EarlyStop, StopSignals
 from moecli.training.state import (best_val_loss, lora_extra, load_optimizer_state, save_best, save_train_checkpoint,
@@ -67,14 +68,15 @@ def train(args: TrainArgs) -> dict:
         return rank_main(args)
     if args.nproc > 1 and not current().world > 1:
         st = setup(args)  # validate and tokenise once, here, before starting the ranks
-        with made_for_the_run(st.out):
-            data = run_tokens(args, st)
-        rank_args = dataclasses.replace(args, data=[], val_data=[], data_fingerprint=data.fingerprint, output=st.out,
-                                        recipe=st.recipe if args.recipe is not None else None,
-                                        # chosen once, here: the ranks take the list
-                                        train_experts=(esft.to_spec(st.train_experts) if st.train_experts
-                                                       else args.train_experts))
-        return spawn(args.nproc, rank_main, rank_args)
+        with output_lock(st.out):  # held while the ranks run (they take none of their own)
+            with made_for_the_run(st.out):
+                data = run_tokens(args, st)
+            rank_args = dataclasses.replace(args, data=[], val_data=[], data_fingerprint=data.fingerprint,
+                                            output=st.out, recipe=st.recipe if args.recipe is not None else None,
+                                            # chosen once, here: the ranks take the list
+                                            train_experts=(esft.to_spec(st.train_experts) if st.train_experts
+                                                           else args.train_experts))
+            return spawn(args.nproc, rank_main, rank_args)
     return _run(args, is_main=True)
 
 
@@ -101,6 +103,10 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def run(self) -> dict:
+        with contextlib.ExitStack() as self.held:  # the output's lock (prepare takes it), let go when the run ends
+            return self.loop()
+
+    def loop(self) -> dict:
         self.prepare()
         t, info = self.t, self.info
         signals = StopSignals()
@@ -231,6 +237,8 @@ class Trainer:
         device and spread over the ranks, the optimizer and its state (resumed, or made before the first step)."""
         args, info = self.args, self.info
         st = self.st = setup(args)
+        if info.is_main and args.data_fingerprint is None:  # --nproc's launcher holds it for its ranks
+            self.held.enter_context(output_lock(st.out))
         self.recipe, self.out, self.tokenizer, self.t = st.recipe, st.out, st.tokenizer, st.recipe.train
         t = self.t
         self.memory = training_memory(self.recipe, train_layout(args, st))

@@ -214,3 +214,57 @@ def test_a_memory_cgroups_limit_is_what_is_available(tmp_path, monkeypatch):
                                             r"0.0 GiB available to this process; without -o"):
             build("mixtral", tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+def test_one_writer_per_output_and_a_dead_writers_lock_is_taken_over(tmp_path, tiny_recipe, cli):
+    """An output held by a live moe process is refused to a second writer, naming the holder's pid (train, and the
+    commands that write a directory); a killed holder's lock is taken over; the lock file goes with its writer."""
+    import signal
+    import subprocess
+    import sys
+
+    from moecli.fileio import lock_path
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from moecli.fileio import output_lock\n"
+        f"with output_lock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(120)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        recipe = tiny_recipe()
+        line = one_line(cli("train", recipe, "-o", out, "--max-steps", "2"))
+        assert line == (f"error: {out}: another moe process (pid {holder.pid}) is writing there; wait for it to end, "
+                        "or choose another -o")
+        assert "another moe process" in one_line(cli("build", recipe, "-o", out))
+        assert not out.exists()  # nothing written by the refused commands
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert lock_path(out).exists()  # left by the killed holder ...
+    r = cli("train", tiny_recipe(), "-o", out, "--max-steps", "2", "-q")
+    assert r.returncode == 0, r.stderr  # ... and taken over
+    assert not lock_path(out).exists() and (out / "checkpoint").is_dir()
+
+
+def test_two_trainings_started_together_on_one_output(tmp_path, tiny_recipe):
+    """Two `moe train -o SAME` at once: one trains, the other is refused (exit 2); metrics.jsonl is one run's."""
+    import json
+    import subprocess
+    import sys
+
+    from support.paths import ROOT
+
+    recipe = tiny_recipe()
+    text = tmp_path / "t.txt"
+    text.write_text("two writers, one output\n" * 400)
+    cmd = [sys.executable, "-m", "moecli.cli", "train", str(recipe), str(text), "-o", str(tmp_path / "run"),
+           "--max-steps", "6", "-q"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 2], results
+    assert any("another moe process" in err for rc, err in results if rc == 2)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
