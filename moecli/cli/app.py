@@ -27,6 +27,11 @@ app = typer.Typer(
 )
 
 JSON_OPT = typer.Option(False, "--json", help="Print a machine-readable result on stdout.")
+# the options inspect-routing and prune share: how much of DATA, in what windows, in what dtype
+MAX_TOKENS_OPT = typer.Option(65536, "--max-tokens", help="Read at most this many tokens of DATA.")
+WINDOW_OPT = typer.Option(None, "--seq-len", help="Window length (default: as moe eval's).")
+RUN_DTYPE_OPT = typer.Option("auto", "--dtype", help="float32 | bfloat16 (weights and compute; router in fp32); "
+                             "auto: float32, bfloat16 for FP8/MXFP4 checkpoints.")
 OUT_OPT = typer.Option(None, "-o", "--output", help="Output directory.")
 FORCE_OPT = typer.Option(False, "--force", help="Replace a non-empty output directory.")
 SET_OPT = typer.Option(None, "--set", help="Override a recipe field, e.g. --set moe.top_k=1 (repeatable).")
@@ -355,8 +360,8 @@ def inspect_routing(
     checkpoint: str = typer.Argument(..., help="moecli checkpoint, or a Hugging Face MoE directory."),
     data: Optional[List[str]] = typer.Argument(
         None, help="Text files, globs, directories, or - for stdin; none: the training run's validation split."),
-    max_tokens: int = typer.Option(65536, "--max-tokens", help="Read at most this many tokens."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length (default: as moe eval's)."),
+    max_tokens: int = MAX_TOKENS_OPT,
+    seq_len: Optional[int] = WINDOW_OPT,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per forward (default: about "
                                              "2048 tokens' worth, at most 8)."),
     capacity_factor: float = typer.Option(1.25, "--capacity-factor", help="For the dropped-token fraction."),
@@ -366,8 +371,7 @@ def inspect_routing(
     compare: Optional[str] = typer.Option(None, "--compare", help="Another checkpoint of the run: router saturation."),
     layer: Optional[int] = typer.Option(None, "--layer", help="Layer for the per-expert table (default: worst)."),
     svg: Optional[Path] = typer.Option(None, "--svg", help="Also save the report as an SVG picture."),
-    dtype: str = typer.Option("auto", "--dtype", help="float32 | bfloat16 (weights and compute; router in fp32); "
-                              "auto: float32, bfloat16 for FP8/MXFP4 checkpoints."),
+    dtype: str = RUN_DTYPE_OPT,
     stream: bool = STREAM_OPT,
     jsonl_field: str = JSONL_OPT,
     device: str = DEVICE_OPT,
@@ -406,15 +410,14 @@ def prune(
     method: str = typer.Option("reap", "--method", help="reap (router-weighted output norm) | ean (output norm) | "
                                "frequency (tokens routed) | random."),
     seed: int = typer.Option(0, "--seed", help="The draw of --method random."),
-    max_tokens: int = typer.Option(65536, "--max-tokens", help="Read at most this many tokens of DATA."),
+    max_tokens: int = MAX_TOKENS_OPT,
     holdout: float = typer.Option(0.1, "--holdout", help="Share of those tokens held out for the loss before and "
                                   "after (0: none)."),
     scores: Optional[str] = typer.Option(None, "--scores", help="prune_scores.json of an earlier prune of this "
                                          "model: prune again without a calibration pass."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Window length (default: as moe eval's)."),
+    seq_len: Optional[int] = WINDOW_OPT,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per forward."),
-    dtype: str = typer.Option("auto", "--dtype", help="float32 | bfloat16 for the calibration pass; auto: float32, "
-                              "bfloat16 for FP8/MXFP4 checkpoints. The weights are written as stored."),
+    dtype: str = RUN_DTYPE_OPT,
     stream: bool = STREAM_OPT,
     jsonl_field: str = JSONL_OPT,
     force: bool = FORCE_OPT,

@@ -38,6 +38,7 @@ from moecli.formats.layerwise import stream_forward, why_stream
 from moecli.formats.native import CONFIG_FILE, MODEL_FILE, dtype_name
 from moecli.formats.st_stream import LazyTensors, SafetensorsWriter
 from moecli.moe.saliency import METHODS, ExpertSaliency, keep_best
+from moecli.training.esft import saliency_pass
 from moecli.training.validation import evaluate_loss
 
 SCORES_FILE = "prune_scores.json"
@@ -193,24 +194,12 @@ def calibrate(model, streamed: bool, tokens: torch.Tensor, seq_len: int, batch: 
     """{MoE layer: ExpertSaliency} summed over the windows of ``tokens``, from the model's own forward (whole, or a
     layer reader's blocks one at a time)."""
     n = tokens.numel() // seq_len
-    windows = tokens[: n * seq_len].view(n, seq_len).long()
-    batches = list(windows.split(batch))
-    recipe = model.recipe
-    sal = {i: ExpertSaliency(recipe.moe.num_experts) for i in recipe.moe_layer_indices()}
-    if streamed:
-        for _ in stream_forward(model, batches, tmp, saliency=sal):
-            pass
-        return sal
-    device = next(model.parameters()).device
-    layers = dict(model.moe_layers)
-    try:
-        for i, layer in layers.items():
-            layer.saliency = sal[i]
-        for x in batches:
-            model(x.to(device))
-    finally:
-        for layer in layers.values():
-            layer.saliency = None
+    batches = list(tokens[: n * seq_len].view(n, seq_len).long().split(batch))
+    if not streamed:
+        return saliency_pass(model, batches)
+    sal = {i: ExpertSaliency(model.recipe.moe.num_experts) for i in model.recipe.moe_layer_indices()}
+    for _ in stream_forward(model, batches, tmp, saliency=sal):
+        pass
     return sal
 
 
