@@ -90,6 +90,7 @@ SLOW = {
     "test_outputs.py::test_one_writer_per_output_and_a_dead_writers_lock_is_taken_over",
     "test_outputs.py::test_two_trainings_started_together_on_one_output",
     "test_lora.py::test_resume_is_exact_and_the_run_reads_as_its_merged_model",
+    "test_lora.py::test_lora_under_two_processes_matches_one",
 }
 
 

@@ -120,3 +120,17 @@ def test_bad_lora_values_are_one_line(base, tmp_path, cli, flags, message):
 def test_lora_needs_init(base, tmp_path, cli):
     r = cli("train", base / "tiny.yaml", base / "t.txt", "-o", tmp_path / "o", "--lora", "4")
     assert r.returncode == 2 and "start from it with --init" in r.stderr
+
+
+def test_lora_under_two_processes_matches_one(base, tmp_path, cli):
+    """--lora with --nproc 2 (DDP over gloo): the same losses as one process, and adapters alone in the checkpoint."""
+    runs = {}
+    for n in ("1", "2"):
+        out = tmp_path / f"n{n}"
+        r = cli("train", "--init", base / "pre", base / "t.txt", "-o", out, "--lora", "4", "--max-steps", "4",
+                "--lr", "1e-2", "--nproc", n, "-q")
+        assert r.returncode == 0, r.stderr
+        runs[n] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert sorted(p.name for p in (out / "checkpoint").iterdir()) == [
+            ADAPTER_FILE, "config.json", "optimizer.safetensors", "train_state.json"]
+    assert runs["2"] == pytest.approx(runs["1"], rel=1e-5)
