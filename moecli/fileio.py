@@ -2,7 +2,8 @@
 and the raw bytes of tensors (for token files, safetensors streaming and the hidden-state store).
 
 Files are written to a temporary name beside the target and renamed over it;
-directories are filled under a temporary name and swapped in by rename.
+directories are filled under a temporary name and swapped in by rename. A temporary is
+named .NAME.PID.<random>.tmp: the next writer of NAME removes those of dead processes.
 """
 
 from __future__ import annotations
@@ -44,10 +45,45 @@ def check_output(path: Path, directory: bool) -> None:
         raise UserError(f"{path}: cannot write in {where}: {e.strerror}") from None
 
 
+def temporary_prefix(name: str) -> str:
+    """A writer's temporary beside NAME: .NAME.PID.<random>.tmp, so that a later writer can tell whose it is."""
+    return f".{name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(parent: Path, name: str) -> list[Path]:
+    """Remove the temporaries beside NAME (.NAME.PID.<random>.tmp) whose writer is no longer running (killed
+    mid-write); returns what it removed. Those of a live process, and any other name, are left alone."""
+    removed = []
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        rest = entry.name[len(name) + 2:] if entry.name.startswith(f".{name}.") else ""
+        pid = rest.split(".", 1)[0]
+        if not (rest.endswith(".tmp") and pid.isdigit()) or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            removed.append(entry)
+    return removed
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     check_output(path, directory=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    remove_stale_temporaries(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temporary_prefix(path.name), suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -136,7 +172,8 @@ def atomic_dir(target: Path, overwrite: bool = False):
     in_place = target.exists() and not filled
     tmp_parent = full if in_place else full.parent
     tmp_parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=tmp_parent, prefix=f".{full.name}.", suffix=".tmp"))
+    remove_stale_temporaries(tmp_parent, full.name)  # a writer killed mid-write left its temporary behind
+    tmp = Path(tempfile.mkdtemp(dir=tmp_parent, prefix=temporary_prefix(full.name), suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp

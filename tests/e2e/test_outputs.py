@@ -268,3 +268,27 @@ def test_two_trainings_started_together_on_one_output(tmp_path, tiny_recipe):
     assert any("another moe process" in err for rc, err in results if rc == 2)
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_writer(tmp_path, tiny_recipe):
+    """A writer killed mid-write leaves .NAME.PID.<random>.tmp beside its output; the next command that writes
+    there removes it. A live writer's, and anything not named so, stay."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid no process has now
+    stale_dir = tmp_path / f".out.{dead.pid}.k3j9.tmp"
+    stale_dir.mkdir()
+    (stale_dir / "model.safetensors").write_bytes(b"\0" * 1024)
+    stale_file = tmp_path / f".notes.json.{dead.pid}.x1.tmp"
+    stale_file.write_text("{")
+    live = tmp_path / f".out.{os.getpid()}.a1.tmp"
+    live.mkdir()
+    other = tmp_path / ".out.backup"
+    other.mkdir()
+    build(str(tiny_recipe()), tmp_path / "out")
+    assert not stale_dir.exists() and live.is_dir() and other.is_dir() and (tmp_path / "out").is_dir()
+    atomic_write_text(tmp_path / "notes.json", "{}")
+    assert not stale_file.exists() and (tmp_path / "notes.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted([live.name, other.name])
