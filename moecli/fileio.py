@@ -188,6 +188,13 @@ def atomic_dir(target: Path, overwrite: bool = False):
         raise
 
 
+def copy_files(src: Path, dst: Path, names) -> None:
+    """Copy each of ``names`` that ``src`` holds as a file into ``dst`` (tokenizer files beside converted weights)."""
+    for name in names:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
     """Swap ``tmp`` in as ``target``; the old ``target`` survives under .old until the swap is done."""
     old = target.parent / f".{target.name}.old"

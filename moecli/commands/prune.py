@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from moecli.config import recipe_from_dict
 from moecli.data.corpus import JSONL_FIELD
 from moecli.data.tokens import default_batch, default_window, eval_windows, read_tokens
 from moecli.errors import RunFailed, UserError, check_at_least
-from moecli.fileio import atomic_dir, output_lock, atomic_write_json, read_json_object
+from moecli.fileio import atomic_dir, atomic_write_json, copy_files, output_lock, read_json_object
 from moecli.formats import hf
 from moecli.formats.checkpoint import Checkpoint, open_checkpoint, open_to_run
 from moecli.formats.families import CONTAINERS, FAMILIES
@@ -146,7 +145,8 @@ def prune(checkpoint: str, data: list[str], output: Path | None, o: PruneOptions
         if tail is not None:
             res["loss_before"] = heldout_loss(model, bool(streamed), tail, seq_len, batch, Path(scratch))
         del model
-        kept = select(sal, o.method, keep, recipe.moe.n_groups, o.seed)
+        scores = rank(sal, o.method, o.seed)
+        kept = select(scores, keep, recipe.moe.n_groups)
         with output_lock(Path(output)), atomic_dir(output, overwrite=o.force) as tmp:
             write_pruned(ckpt, tmp, kept, {"method": o.method, "seed": o.seed})
             write_scores(tmp / SCORES_FILE, ckpt, fp, sal, kept, o, seq_len)
@@ -161,7 +161,7 @@ def prune(checkpoint: str, data: list[str], output: Path | None, o: PruneOptions
     if tail is not None:
         res["heldout_tokens"] = int((tail.numel() - 1) // seq_len * seq_len)
         res["loss_increase"] = res["loss_after"] - res["loss_before"]
-    res["layers"] = layer_table(sal, kept, o.method, o.seed)
+    res["layers"] = layer_table(sal, scores, kept)
     return res
 
 
@@ -211,22 +211,24 @@ def heldout_loss(model, streamed: bool, tokens: torch.Tensor, seq_len: int, batc
     return evaluate_loss(model, tokens, seq_len, starts, batch)[0]
 
 
-def select(sal: dict[int, ExpertSaliency], method: str, keep: int, n_groups: int, seed: int) -> dict[int, list[int]]:
-    """{layer: the experts it keeps, in index order}: the best `keep` by ``method``'s scores, within each group."""
+def rank(sal: dict[int, ExpertSaliency], method: str, seed: int) -> dict[int, torch.Tensor]:
+    """{layer: ``method``'s score of each expert} (random: one seeded draw, layer by layer)."""
     gen = torch.Generator().manual_seed(seed)
-    return {i: keep_best(s.scores(method, gen), keep, max(1, n_groups)) for i, s in sorted(sal.items())}
+    return {i: s.scores(method, gen) for i, s in sorted(sal.items())}
 
 
-def layer_table(sal: dict[int, ExpertSaliency], kept: dict[int, list[int]], method: str, seed: int) -> dict:
+def select(scores: dict[int, torch.Tensor], keep: int, n_groups: int) -> dict[int, list[int]]:
+    """{layer: the experts it keeps, in index order}: the best `keep` by their scores, within each group."""
+    return {i: keep_best(s, keep, max(1, n_groups)) for i, s in scores.items()}
+
+
+def layer_table(sal: dict[int, ExpertSaliency], scores: dict[int, torch.Tensor], kept: dict[int, list[int]]) -> dict:
     """Per layer, the experts kept and dropped with the score that ranked them (REAP's too)."""
-    gen = torch.Generator().manual_seed(seed)
     out = {}
     for i, s in sorted(sal.items()):
-        scores = s.scores(method, gen).tolist()
-        reap = s.scores("reap").tolist()
         dropped = [e for e in range(s.E) if e not in set(kept[i])]
-        out[str(i)] = {"kept": kept[i], "dropped": dropped, "scores": scores, "reap": reap,
-                       "tokens_routed": s.sums_4E[0].tolist()}
+        out[str(i)] = {"kept": kept[i], "dropped": dropped, "scores": scores[i].tolist(),
+                       "reap": s.scores("reap").tolist(), "tokens_routed": s.sums_4E[0].tolist()}
     return out
 
 
@@ -291,16 +293,6 @@ def write_pruned(ckpt: Checkpoint, tmp: Path, kept: dict[int, list[int]], how: d
         _write_moecli(ckpt, tmp, kept, n, how)
 
 
-def _sliced(src: LazyTensors, name: str, rows: list[int] | None, E: int) -> torch.Tensor:
-    """The tensor as stored, or its rows (dim 0: the experts) ``rows``; a tensor without E rows is refused."""
-    t = src.get(name)
-    if rows is None:
-        return t
-    if t.dim() == 0 or t.shape[0] != E:
-        raise UserError(f"tensor {name}: shape {tuple(t.shape)}; expected {E} experts along its first dim")
-    return t.index_select(0, torch.tensor(rows))
-
-
 def _write_file(src: LazyTensors, names: list[tuple[str, str, list[int] | None]], path: Path, E: int,
                 metadata: dict | None) -> int:
     """Write ``names`` = [(stored name, written name, rows or None)] of ``src`` into ``path``, one at a time;
@@ -314,8 +306,9 @@ def _write_file(src: LazyTensors, names: list[tuple[str, str, list[int] | None]]
             shape = (len(rows), *shape[1:])
         plan.append((new, dtype, tuple(shape)))
     w = SafetensorsWriter(path, plan, metadata)
-    for name, new, rows in names:
-        w.write(new, _sliced(src, name, rows, E))
+    for name, new, rows in names:  # each shape checked above, from the header
+        t = src.get(name)
+        w.write(new, t if rows is None else t.index_select(0, torch.tensor(rows)))
     w.close()
     return sum(math.prod(s) * d.itemsize for _, d, s in plan)
 
@@ -334,7 +327,7 @@ def _write_moecli(ckpt: Checkpoint, tmp: Path, kept: dict[int, list[int]], n: in
     cfg = {**copy.deepcopy(ckpt.config), "recipe": recipe_from_dict(recipe, "the pruned recipe").to_dict()}
     cfg["source"] = {"path": str(ckpt.directory), "format": "moecli", "prune": {**how, "keep": n}}
     atomic_write_json(tmp / CONFIG_FILE, cfg)
-    _copy_beside(ckpt.directory, tmp, hf.TOKENIZER_FILES)
+    copy_files(ckpt.directory, tmp, hf.TOKENIZER_FILES)
 
 
 def _write_hf(ckpt: Checkpoint, tmp: Path, kept: dict[int, list[int]], n: int) -> None:
@@ -382,7 +375,7 @@ def _write_hf(ckpt: Checkpoint, tmp: Path, kept: dict[int, list[int]], n: int) -
                           {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     atomic_write_json(tmp / "config.json", _pruned_hf_config(ckpt, n))
     skip = {"config.json", "model.safetensors.index.json"}
-    _copy_beside(ckpt.directory, tmp, [p.name for p in ckpt.directory.iterdir() if p.is_file() and p.name not in skip
+    copy_files(ckpt.directory, tmp, [p.name for p in ckpt.directory.iterdir() if p.is_file() and p.name not in skip
                                        and p.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".gguf")])
 
 
@@ -401,8 +394,3 @@ def _pruned_hf_config(ckpt: Checkpoint, n: int) -> dict:
                         f"equal to {E} found to cut")
     return cfg
 
-
-def _copy_beside(src: Path, dst: Path, files) -> None:
-    for f in files:
-        if (src / f).is_file():
-            shutil.copyfile(src / f, dst / f)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from moecli.config import SEED_STRIDE, FieldError, Recipe, read_yaml, recipe_fro
 from moecli.formats.checkpoint import load_with_tokenizer, open_checkpoint
 from moecli.formats.native import CONFIG_FILE, FORMAT, MODEL_FILE, VERSION, dtype_name, model_state
 from moecli.errors import RunFailed, UserError
-from moecli.fileio import atomic_dir, output_lock, atomic_write_json
+from moecli.fileio import atomic_dir, atomic_write_json, copy_files, output_lock
 from moecli.formats.families import FAMILIES
 from moecli.formats.hf import (TOKENIZER_FILES, check_writable, expert_names, hf_config_for, plain_name_map,
                                shard_file_name, write_shard_index)
@@ -594,7 +593,7 @@ def _write_moecli(tmp: Path, plan, prod: Producer, recipe: Recipe, src: DenseSou
     if src.tokenizer_cfg:
         cfg["tokenizer"] = src.tokenizer_cfg
     atomic_write_json(tmp / CONFIG_FILE, cfg)
-    _copy_tokenizer(src.dir, tmp)
+    copy_files(src.dir, tmp, TOKENIZER_FILES)
 
 
 def _write_hf(tmp: Path, shards, prod: Producer, recipe: Recipe, fmt: str, src: DenseSource, progress):
@@ -619,10 +618,5 @@ def _write_hf(tmp: Path, shards, prod: Producer, recipe: Recipe, fmt: str, src: 
     cfg = hf_config_for(recipe, fmt, src.hf_config if src.hf_type else None)
     cfg["torch_dtype"] = cfg["dtype"] = str(prod.dtype).replace("torch.", "")
     atomic_write_json(tmp / "config.json", cfg)
-    _copy_tokenizer(src.dir, tmp)
+    copy_files(src.dir, tmp, TOKENIZER_FILES)
 
-
-def _copy_tokenizer(src_dir: Path, dst: Path) -> None:
-    for f in TOKENIZER_FILES:
-        if (src_dir / f).is_file():
-            shutil.copyfile(src_dir / f, dst / f)
